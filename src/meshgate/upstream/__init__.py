@@ -1,0 +1,2 @@
+"""The upstream layer: clusters of endpoints, load balancers, and a
+keep-alive connection pool per endpoint."""
