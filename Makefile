@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-CONFIG ?= examples/seed.yaml
+CONFIG ?= src/meshgate/demo/seed.yaml
 
 .PHONY: demo test lint fmt bench check clean
 

@@ -1,0 +1,119 @@
+"""The admin listener: `/healthz`, `/readyz`, `/config` and `/upstreams`.
+
+It is a separate listener on loopback so that probes and operators never
+share a port (or a route table) with clients. Requests are tiny and rare, so
+this protocol favours plainness over speed: one request per read, answered
+and closed when the client asks for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, cast
+
+import httptools
+import orjson
+
+from meshgate import __version__
+from meshgate.protocol.headers import status_line
+
+if TYPE_CHECKING:
+    from meshgate.protocol.h1 import ServerState
+
+
+class AdminProtocol(asyncio.Protocol):
+    __slots__ = ("keep_alive", "method", "parser", "state", "transport", "url")
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.method = b""
+        self.keep_alive = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast("asyncio.Transport", transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._send(400, {"error": "malformed request"}, close=True)
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > 4096:
+            raise ValueError("url too long")
+
+    def on_headers_complete(self) -> None:
+        self.method = self.parser.get_method()
+        self.keep_alive = self.parser.should_keep_alive()
+
+    def on_message_complete(self) -> None:
+        path = self.url.partition(b"?")[0]
+        if self.method not in (b"GET", b"HEAD"):
+            self._send(405, {"error": "method not allowed"})
+            return
+        handler = ROUTES.get(path)
+        if handler is None:
+            self._send(404, {"error": "not found", "paths": sorted(p.decode() for p in ROUTES)})
+            return
+        status, doc = handler(self.state)
+        self._send(status, doc)
+
+    def _send(self, status: int, doc: Any, *, close: bool = False) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        body = orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
+        close = close or not self.keep_alive
+        head = [
+            status_line(status),
+            b"content-type: application/json\r\n",
+            b"cache-control: no-store\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n" if close else b"\r\n",
+        ]
+        transport.write(b"".join(head) + (b"" if self.method == b"HEAD" else body))
+        if close:
+            transport.close()
+
+
+def _healthz(state: ServerState) -> tuple[int, Any]:
+    return 200, {"status": "ok", "version": __version__}
+
+
+def _readyz(state: ServerState) -> tuple[int, Any]:
+    if state.draining:
+        return 503, {"status": "draining"}
+    return 200, {"status": "ready", "config": state.runtime.source}
+
+
+def _config(state: ServerState) -> tuple[int, Any]:
+    return 200, state.runtime.config.model_dump(mode="json")
+
+
+def _upstreams(state: ServerState) -> tuple[int, Any]:
+    out: dict[str, Any] = {}
+    for name, cluster in state.runtime.clusters.items():
+        out[name] = {
+            "balancer": cluster.config.balancer,
+            "endpoints": [
+                {**ep.pool.stats(), "active": ep.active, "ewma_ms": round(ep.ewma * 1000, 3)}
+                for ep in cluster.endpoints
+            ],
+        }
+    return 200, out
+
+
+ROUTES = {
+    b"/healthz": _healthz,
+    b"/readyz": _readyz,
+    b"/config": _config,
+    b"/upstreams": _upstreams,
+}

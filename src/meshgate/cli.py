@@ -1,0 +1,188 @@
+"""`meshgate`: run, check, routes, explain, demo.
+
+Exit codes: 0 success, 1 a config that cannot be used, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from meshgate import __version__
+from meshgate.config.loader import ConfigError, load_config
+from meshgate.config.schema import Config
+
+log = logging.getLogger("meshgate")
+
+
+def setup_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s meshgate[%(process)d] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load(path: str) -> Config | None:
+    """The config, or None after printing why it cannot be used."""
+    from meshgate.config.runtime import RouteTarget
+    from meshgate.http.router import Router
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid config\n{exc}", file=sys.stderr)
+        return None
+    try:
+        Router[RouteTarget | None]([(route, None) for route in config.routes])
+    except ValueError as exc:
+        print(f"{path}: invalid config\n{path}: {exc}", file=sys.stderr)
+        return None
+    return config
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from meshgate.config.describe import describe
+    from meshgate.http.router import Router
+
+    config = _load(args.config)
+    if config is None:
+        return 1
+    lines = describe(config)
+    print(f"{args.config}: OK: {lines[0]}")
+    for line in lines[1:]:
+        print(f"  note: {line}")
+    for warning in Router([(r, r.upstream) for r in config.routes]).warnings():
+        print(f"  warning: {warning}")
+    return 0
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    from meshgate.http.router import Router
+
+    config = _load(args.config)
+    if config is None:
+        return 1
+    router = Router([(r, r.upstream) for r in config.routes])
+    sys.stdout.write(router.format_table())
+    warnings = router.warnings()
+    for warning in warnings:
+        print(f"warning: {warning}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from meshgate.http.router import Router, normalize_path
+
+    config = _load(args.config)
+    if config is None:
+        return 1
+    router = Router([(r, r.upstream) for r in config.routes])
+    target: str = args.target
+    headers: list[tuple[bytes, bytes]] = []
+    host = ""
+    for h in args.header:
+        name, sep, value = h.partition(":")
+        if not sep:
+            print(f"-H {h!r}: expected 'name: value'", file=sys.stderr)
+            return 2
+        name_b = name.strip().lower().encode()
+        headers.append((name_b, value.strip().encode()))
+        if name_b == b"host":
+            host = value.strip().lower().partition(":")[0]
+    raw_path, _, query = target.partition("?")
+    path = normalize_path(raw_path)
+    if path is None:
+        print(f"{raw_path!r} is not a valid request path: meshgate answers 400", file=sys.stderr)
+        return 1
+    method = args.method.upper()
+    print(f"{method} {path}" + (f" (host {host})" if host else "") + ":")
+    winner = None
+    for route, matched, reason in router.explain(method, host, path, headers):
+        mark = "=>" if matched and winner is None else "  "
+        if matched and winner is None:
+            winner = route
+        print(
+            f"{mark} routes[{route.index}] {route.config.path} -> {route.config.upstream}: {reason}"
+        )
+    if winner is None:
+        print("no route matches: meshgate answers 404")
+        return 1
+    m = router.match(method, host, path, headers)
+    assert m is not None
+    sent = m.route.upstream_path(path, f"?{query}" if query else "", m.params, m.rest)
+    print(f"sent to upstream {winner.config.upstream} as {method} {sent}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from meshgate.server.supervisor import Supervisor
+    from meshgate.server.worker import WorkerOptions, run_worker
+
+    config = _load(args.config)
+    if config is None:
+        return 1
+    from meshgate.config.describe import describe
+
+    for line in describe(config)[1:]:
+        log.warning("%s", line)
+    workers = args.workers or config.workers
+    path = os.path.abspath(args.config)
+    if workers == 1:
+        return run_worker(config, WorkerOptions(config_path=path))
+    return Supervisor(config, path, workers).run()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from meshgate.demo import run_demo
+
+    return run_demo(port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshgate", description="An API gateway and a service mesh in one data plane."
+    )
+    parser.add_argument("--version", action="version", version=f"meshgate {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("MESHGATE_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="serve the config")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--workers", type=int, default=None, help="processes sharing the port")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="validate a config without starting anything")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("routes", help="print the route table in precedence order")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_routes)
+
+    p = sub.add_parser("explain", help="say which route a request takes, and why")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("method")
+    p.add_argument("target", help="path and query, e.g. /api/orders/7?x=1")
+    p.add_argument("-H", "--header", action="append", default=[], help="'name: value'")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("demo", help="run sample services behind the gateway on :8080")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

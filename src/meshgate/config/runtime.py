@@ -1,0 +1,53 @@
+"""The immutable `Runtime`: a validated `Config` compiled for the hot path.
+
+A runtime is built completely before it is swapped in, and an exchange keeps
+a reference to the objects it started with, so a reload never changes a
+request in flight. What a request needs is resolved here, once: the route
+table, each route's cluster object (never looked up by name per request),
+and the server limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshgate.config.schema import Config, RouteConfig, ServerLimits
+from meshgate.http.router import Router
+from meshgate.upstream.cluster import Cluster, PoolRegistry
+
+
+class RouteTarget:
+    """What a matched route resolves to."""
+
+    __slots__ = ("cluster", "label")
+
+    def __init__(self, cluster: Cluster, label: str) -> None:
+        self.cluster = cluster
+        self.label = label
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    config: Config
+    source: str
+    router: Router[RouteTarget]
+    clusters: dict[str, Cluster]
+    limits: ServerLimits
+
+    @classmethod
+    def build(cls, config: Config, registry: PoolRegistry, *, source: str = "") -> Runtime:
+        clusters = {name: Cluster(name, up, registry) for name, up in config.upstreams.items()}
+        pairs: list[tuple[RouteConfig, RouteTarget]] = []
+        for i, route in enumerate(config.routes):
+            label = route.name or f"routes[{i}]"
+            pairs.append((route, RouteTarget(clusters[route.upstream], label)))
+        return cls(
+            config=config,
+            source=source,
+            router=Router(pairs),
+            clusters=clusters,
+            limits=config.limits,
+        )
+
+    def pool_ids(self) -> set[int]:
+        return {id(p) for c in self.clusters.values() for p in c.pools()}

@@ -1,0 +1,56 @@
+"""RFC 9457 problem details, serialised into complete HTTP/1.1 responses.
+
+Local replies (a refused request, an upstream failure) are rare compared with
+proxied traffic, so they are built on demand rather than cached.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from meshgate.protocol.headers import phrase, status_line
+
+PROBLEM_BASE = "https://meshgate.dev/problems/"
+
+
+def problem_body(
+    status: int, kind: str, detail: str, *, request_id: str | None = None, **extra: object
+) -> bytes:
+    doc: dict[str, object] = {
+        "type": PROBLEM_BASE + kind,
+        "title": phrase(status),
+        "status": status,
+        "detail": detail,
+    }
+    if request_id:
+        doc["request_id"] = request_id
+    doc.update(extra)
+    return orjson.dumps(doc)
+
+
+def problem_response(
+    status: int,
+    kind: str,
+    detail: str,
+    *,
+    request_id: str | None = None,
+    close: bool = False,
+    head_only: bool = False,
+    extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> bytes:
+    """A whole response: status line, headers and an `application/problem+json` body."""
+    body = problem_body(status, kind, detail, request_id=request_id)
+    parts = [
+        status_line(status),
+        b"content-type: application/problem+json\r\n",
+        b"content-length: %d\r\n" % len(body),
+        b"cache-control: no-store\r\n",
+    ]
+    if request_id:
+        parts.append(b"x-request-id: " + request_id.encode("latin-1") + b"\r\n")
+    for name, value in extra_headers:
+        parts.append(name + b": " + value + b"\r\n")
+    parts.append(b"connection: close\r\n\r\n" if close else b"\r\n")
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)

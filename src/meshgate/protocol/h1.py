@@ -1,0 +1,1127 @@
+"""HTTP/1.1 server side of a client connection, and the proxied exchange.
+
+`ServerProtocol` is one `asyncio.Protocol` per client connection, driven by
+httptools (llhttp) callbacks as in uvicorn. It parses, enforces the limits
+and strict-parsing rules, routes the request, and queues one `Exchange` per
+request. Pipelined requests are answered in order: only the head of the
+queue talks to an upstream; the others buffer their (bounded) bodies.
+
+`Exchange` proxies one request. On the common path, a keep-alive connection
+is taken from the endpoint's pool and everything runs in protocol callbacks,
+with no task or coroutine per request. A task is made only to open a new
+upstream connection or to wait for a full pool.
+
+Bodies stream in both directions. Back-pressure is the transports' own:
+when the upstream's write buffer fills, reading from the client pauses, and
+when the client's write buffer fills, reading from the upstream pauses.
+
+Why llhttp's strictness is enough for most refusals: it already rejects
+Content-Length with Transfer-Encoding, duplicate Content-Length, obs-fold,
+whitespace before the colon, bare LF, and a Transfer-Encoding whose final
+coding is not chunked. meshgate adds what it leaves: any coding other than
+plain `chunked` (`gzip, chunked` has no defined meaning for a proxy that
+re-frames bodies), size limits, a missing or repeated Host, and timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from meshgate.http.problem import problem_response
+from meshgate.http.router import normalize_path
+from meshgate.protocol.headers import HOP_BY_HOP, connection_tokens, status_line
+from meshgate.upstream.pool import PoolClosed, PoolTimeout, UpstreamConnection
+
+if TYPE_CHECKING:
+    from meshgate.config.runtime import Runtime
+    from meshgate.upstream.balancer import Endpoint
+    from meshgate.upstream.cluster import Cluster, PoolRegistry
+
+log = logging.getLogger("meshgate.proxy")
+access_log = logging.getLogger("meshgate.access")
+
+# Request body bytes held while no upstream connection is ready (or while a
+# pipelined request waits its turn) before reading from the client pauses.
+BUFFER_LIMIT = 64 * 1024
+# Body bytes kept to replay a request when a reused connection proves stale.
+REPLAY_LIMIT = 64 * 1024
+# Queued pipelined requests on one connection before reading pauses.
+PIPELINE_LIMIT = 16
+
+# Reasons for which reading from the client is paused (a bitmask).
+PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
+PAUSE_BUFFER = 2  # body buffered while waiting for an upstream connection
+PAUSE_PIPELINE = 4  # too many queued pipelined requests
+PAUSE_DONE = 8  # the connection is closing: read nothing more
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+# Request headers that meshgate writes itself instead of copying through.
+REQUEST_OWN = HOP_BY_HOP | {
+    b"host",
+    b"expect",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-request-id",
+    b"via",
+}
+# Request headers looked at while parsing (the forwarded ones among them are
+# copied through as they came).
+REQUEST_SPECIAL = REQUEST_OWN | {b"content-length"}
+# Response headers that meshgate writes itself.
+RESPONSE_OWN = HOP_BY_HOP | {b"x-request-id"}
+
+CRLF = b"\r\n"
+CHUNK_END = b"0\r\n\r\n"
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+VIA_TOKEN = b"1.1 meshgate"
+NO_BODY_STATUS = frozenset({204, 304})
+_ID_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+/=")
+
+
+class ServerState:
+    """What every connection of one worker shares: the current runtime,
+    the open connections (for drain), and the pools."""
+
+    __slots__ = ("access_log", "connections", "draining", "loop", "registry", "runtime", "scheme")
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        registry: PoolRegistry,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        scheme: bytes = b"http",
+    ) -> None:
+        self.runtime = runtime
+        self.registry = registry
+        self.loop = loop
+        self.scheme = scheme
+        self.connections: set[ServerProtocol] = set()
+        self.draining = False
+        self.access_log = runtime.config.access_log
+
+    def drain(self) -> None:
+        """Stop taking requests: idle connections close now, busy ones after
+        their response."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.drain()
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback to stop parsing a refused request."""
+
+    def __init__(self, status: int, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.kind = kind
+        self.detail = detail
+
+
+def _new_request_id() -> bytes:
+    return os.urandom(16).hex().encode()
+
+
+def _split_host(value: bytes) -> str:
+    """The lowercase host of a Host header value, without its port."""
+    host = value.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    return host.partition(":")[0]
+
+
+class ServerProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    __slots__ = (
+        "chunked_in",
+        "client",
+        "current",
+        "expect",
+        "forwarded_for",
+        "has_length",
+        "header_bytes",
+        "headers",
+        "host",
+        "host_count",
+        "limits",
+        "loop",
+        "parser",
+        "pause_reasons",
+        "queue",
+        "refusal",
+        "request_id",
+        "state",
+        "timer",
+        "transport",
+        "url",
+        "via",
+        "write_paused",
+        "xff",
+    )
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.loop = state.loop
+        self.limits = state.runtime.limits
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: collections.deque[Exchange] = collections.deque()
+        self.current: Exchange | None = None
+        self.pause_reasons = 0
+        self.write_paused = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.client = b""
+        self.forwarded_for = b""
+        self.refusal: _Refused | None = None
+        self._reset_head()
+
+    def _reset_head(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0
+        self.host: bytes | None = None
+        self.host_count = 0
+        self.expect: bytes | None = None
+        self.chunked_in = False
+        self.has_length = False
+        self.request_id: bytes | None = None
+        self.xff: bytes | None = None
+        self.via: bytes | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast("asyncio.Transport", transport)
+        self.state.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client = str(peer[0]).encode()
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A new connection must send its request head within header_timeout.
+        self.timer = self.loop.call_later(self.limits.header_timeout, self._on_head_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        queue = self.queue
+        self.queue = collections.deque()
+        for ex in queue:
+            ex.on_client_lost()
+        self.current = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.pause_reasons & PAUSE_DONE:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(
+                _Refused(501, "upgrade-unsupported", "protocol upgrades are not supported")
+            )
+        except httptools.HttpParserError as exc:
+            refusal = self.refusal
+            if refusal is None:
+                if isinstance(exc, httptools.HttpParserCallbackError) and exc.__context__:
+                    log.error("internal error while parsing a request", exc_info=exc.__context__)
+                    refusal = _Refused(500, "internal", "internal error")
+                else:
+                    detail = str(exc) or exc.__class__.__name__
+                    refusal = _Refused(400, "bad-request", f"malformed request: {detail}")
+            self.refusal = None
+            self._refuse(refusal)
+
+    def eof_received(self) -> bool | None:
+        # A half-close from the client: answer what is in flight, then close.
+        # A request whose body is still arriving can never complete.
+        cur = self.current
+        if cur is not None and not cur.request_complete:
+            cur.abort_request(400, "incomplete-body", "the client closed before its body ended")
+        if not self.queue:
+            return None
+        for ex in self.queue:
+            ex.keep_alive = False
+        return True
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.queue:
+            self.queue[0].on_client_pause_writing()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.queue:
+            self.queue[0].on_client_resume_writing()
+
+    # -- reading control ------------------------------------------------------
+
+    def pause_reading(self, reason: int) -> None:
+        if not self.pause_reasons and self.transport is not None:
+            self.transport.pause_reading()
+        self.pause_reasons |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if not self.pause_reasons & reason:
+            return
+        self.pause_reasons &= ~reason
+        if not self.pause_reasons and self.transport is not None:
+            self.transport.resume_reading()
+
+    # -- httptools callbacks ------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(self.limits.header_timeout, self._on_head_timeout)
+        self._reset_head()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.limits.max_request_line:
+            self.refusal = _Refused(
+                414,
+                "uri-too-long",
+                f"the request target is longer than {self.limits.max_request_line} bytes",
+            )
+            raise self.refusal
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > self.limits.max_header_bytes:
+            self.refusal = _Refused(
+                431,
+                "headers-too-large",
+                f"the request headers are larger than {self.limits.max_header_bytes} bytes",
+            )
+            raise self.refusal
+        name = name.lower()
+        self.headers.append((name, value))
+        if name in REQUEST_SPECIAL:
+            self._own_header(name, value)
+
+    def _own_header(self, name: bytes, value: bytes) -> None:
+        if name == b"host":
+            self.host = value
+            self.host_count += 1
+        elif name == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                self.refusal = _Refused(
+                    400,
+                    "bad-transfer-encoding",
+                    "only 'Transfer-Encoding: chunked' is accepted",
+                )
+                raise self.refusal
+            self.chunked_in = True
+        elif name == b"expect":
+            self.expect = value.strip().lower()
+        elif name == b"x-request-id":
+            self.request_id = value
+        elif name == b"x-forwarded-for":
+            self.xff = value if self.xff is None else self.xff + b", " + value
+        elif name == b"via":
+            self.via = value if self.via is None else self.via + b", " + value
+        elif name == b"content-length":
+            self.has_length = value.strip() != b"0"
+
+    def on_headers_complete(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        parser = self.parser
+        method = parser.get_method()
+        http10 = parser.get_http_version() == "1.0"
+        request_id = self.request_id
+        if (
+            request_id is None
+            or len(request_id) > 200
+            or not request_id
+            or not _ID_CHARS.issuperset(request_id)
+        ):
+            request_id = _new_request_id()
+        ex = Exchange(self, method, http10, parser.should_keep_alive(), request_id)
+        self.current = ex
+        self._route(ex)
+        self._enqueue(ex)
+
+    def on_body(self, body: bytes) -> None:
+        cur = self.current
+        if cur is not None:
+            cur.on_request_body(body)
+
+    def on_message_complete(self) -> None:
+        cur = self.current
+        if cur is not None:
+            self.current = None
+            cur.on_request_end()
+            if not cur.keep_alive:
+                # Nothing after a request that ends the connection is read.
+                self.pause_reading(PAUSE_DONE)
+
+    # -- routing ----------------------------------------------------------------
+
+    def _route(self, ex: Exchange) -> None:
+        """Resolve the route and the upstream request target, or a local reply."""
+        if self.host_count > 1:
+            ex.reply_local(400, "bad-host", "more than one Host header", close=True)
+            return
+        url = self.url
+        host = self.host
+        if url[:1] == b"/":
+            path_b, _, query_b = url.partition(b"?")
+        elif url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                ex.reply_local(400, "bad-target", "the request target is not a valid URL")
+                return
+            host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+            path_b = parsed.path or b"/"
+            query_b = parsed.query or b""
+        elif url == b"*" and ex.method == b"OPTIONS":
+            ex.reply_local(
+                200, "", "", extra=((b"allow", b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),)
+            )
+            return
+        else:
+            ex.reply_local(400, "bad-target", "the request target must be a path or a URL")
+            return
+        if host is None:
+            if not ex.http10:
+                ex.reply_local(400, "missing-host", "HTTP/1.1 requests must carry a Host header")
+                return
+            host = b""
+        path = normalize_path(path_b.decode("latin-1"))
+        if path is None:
+            ex.reply_local(400, "bad-path", "the request path is not valid")
+            return
+        method = ex.method.decode("latin-1")
+        host_s = _split_host(host)
+        runtime = self.state.runtime
+        match = runtime.router.match(method, host_s, path, self.headers)
+        if match is None:
+            ex.reply_local(404, "no-route", f"no route for {method} {path}")
+            return
+        if self.expect is not None and self.expect != b"100-continue":
+            ex.reply_local(417, "expectation-failed", "only 'Expect: 100-continue' is supported")
+            return
+        route = match.route
+        query = "?" + query_b.decode("latin-1") if query_b else ""
+        target = route.upstream_path(path, query, match.params, match.rest)
+        ex.set_target(
+            route.target.cluster,
+            route.target.label,
+            target.encode("latin-1"),
+            headers=self.headers,
+            host=host,
+            chunked=self.chunked_in,
+            body=self.chunked_in or self.has_length,
+            expect_continue=self.expect == b"100-continue",
+            xff=self.xff,
+            via=self.via,
+        )
+
+    # -- the queue of exchanges -----------------------------------------------------
+
+    def _enqueue(self, ex: Exchange) -> None:
+        """Queue a routed exchange; it starts now if nothing is ahead of it."""
+        queue = self.queue
+        queue.append(ex)
+        if len(queue) == 1:
+            ex.start()
+        elif len(queue) >= PIPELINE_LIMIT:
+            self.pause_reading(PAUSE_PIPELINE)
+
+    def exchange_done(self, ex: Exchange) -> None:
+        """Called by the head of the queue when its response is complete."""
+        queue = self.queue
+        if not queue or queue[0] is not ex:
+            return
+        queue.popleft()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not ex.keep_alive or self.state.draining:
+            self.pause_reading(PAUSE_DONE)
+            transport.close()
+            return
+        if len(queue) < PIPELINE_LIMIT:
+            self.resume_reading(PAUSE_PIPELINE)
+        if queue:
+            queue[0].start()
+        elif self.timer is None:
+            self.timer = self.loop.call_later(
+                self.limits.keepalive_timeout, self._on_keepalive_timeout
+            )
+
+    def _refuse(self, refusal: _Refused) -> None:
+        """A request that cannot be parsed: answer (in order) and close."""
+        self.pause_reading(PAUSE_DONE)
+        cur = self.current
+        self.current = None
+        if cur is not None and not cur.request_complete:
+            # The body was already streaming: the upstream must never see it
+            # as a complete request.
+            cur.abort_request(refusal.status, refusal.kind, refusal.detail)
+            if not self.queue and self.transport is not None:
+                self.transport.close()
+            return
+        ex = Exchange(self, b"GET", False, False, _new_request_id())
+        ex.reply_local(refusal.status, refusal.kind, refusal.detail, close=True)
+        self._enqueue(ex)
+
+    # -- timers and drain -----------------------------------------------------------
+
+    def _on_head_timeout(self) -> None:
+        self.timer = None
+        if self.queue:
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.pause_reading(PAUSE_DONE)
+            self.transport.write(
+                problem_response(
+                    408, "request-timeout", "the request head did not arrive in time", close=True
+                )
+            )
+            self.transport.close()
+
+    def _on_keepalive_timeout(self) -> None:
+        self.timer = None
+        if not self.queue and self.transport is not None:
+            self.transport.close()
+
+    def drain(self) -> None:
+        if not self.queue:
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            for ex in self.queue:
+                ex.keep_alive = False
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+
+class Exchange:
+    """One request and its response, proxied to an upstream or answered locally."""
+
+    __slots__ = (
+        "body_buf",
+        "body_buffered",
+        "chunked_in",
+        "chunked_out",
+        "cluster",
+        "conn",
+        "deadline",
+        "endpoint",
+        "expect_continue",
+        "finished",
+        "has_body",
+        "head_parts",
+        "host",
+        "http10",
+        "keep_alive",
+        "last_activity",
+        "local_reply",
+        "loop",
+        "method",
+        "proto",
+        "replay",
+        "request_complete",
+        "request_id",
+        "response_started",
+        "retried",
+        "route_label",
+        "sent_body",
+        "started",
+        "status",
+        "target",
+        "task",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        proto: ServerProtocol,
+        method: bytes,
+        http10: bool,
+        keep_alive: bool,
+        request_id: bytes,
+    ) -> None:
+        self.proto = proto
+        self.loop = proto.loop
+        self.method = method
+        self.http10 = http10
+        self.keep_alive = keep_alive
+        self.request_id = request_id
+        self.local_reply: bytes | None = None
+        self.cluster: Cluster | None = None
+        self.route_label = ""
+        self.target = b""
+        self.host = b""
+        self.head_parts: list[bytes] = []
+        self.chunked_in = False
+        self.has_body = False
+        self.expect_continue = False
+        self.body_buf: list[bytes] = []
+        self.body_buffered = 0
+        self.request_complete = False
+        self.conn: UpstreamConnection | None = None
+        self.endpoint: Endpoint | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.response_started = False
+        self.chunked_out = False
+        self.finished = False
+        self.replay: list[bytes] | None = None
+        self.sent_body = 0
+        self.retried = False
+        self.status = 0
+        self.started = 0.0
+        self.deadline = 0.0
+        self.last_activity = 0.0
+
+    # -- set-up (at headers complete) ----------------------------------------------
+
+    def set_target(
+        self,
+        cluster: Cluster,
+        label: str,
+        target: bytes,
+        *,
+        headers: list[tuple[bytes, bytes]],
+        host: bytes,
+        chunked: bool,
+        body: bool,
+        expect_continue: bool,
+        xff: bytes | None,
+        via: bytes | None,
+    ) -> None:
+        self.cluster = cluster
+        self.route_label = label
+        self.target = target
+        self.host = host
+        self.chunked_in = chunked
+        self.has_body = body
+        self.expect_continue = expect_continue and body and not self.http10
+        # Everything but the request line and Host is known now: build it once.
+        parts = self.head_parts
+        drop: frozenset[bytes] | None = None
+        for name, value in headers:
+            if name == b"connection":
+                tokens = connection_tokens(value) - {b"close", b"keep-alive"}
+                if tokens:
+                    drop = tokens if drop is None else drop | tokens
+        for name, value in headers:
+            if name in REQUEST_OWN or (drop is not None and name in drop):
+                continue
+            parts.append(name + b": " + value + CRLF)
+        client = self.proto.client
+        parts.append(
+            b"x-forwarded-for: " + (xff + b", " + client if xff is not None else client) + CRLF
+        )
+        parts.append(b"x-forwarded-proto: " + self.proto.state.scheme + CRLF)
+        if host:
+            parts.append(b"x-forwarded-host: " + host + CRLF)
+        parts.append(b"x-request-id: " + self.request_id + CRLF)
+        parts.append(b"via: " + (via + b", " + VIA_TOKEN if via is not None else VIA_TOKEN) + CRLF)
+        if chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+
+    def reply_local(
+        self,
+        status: int,
+        kind: str,
+        detail: str,
+        *,
+        close: bool = False,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        """Answer from the gateway itself, once this exchange's turn comes."""
+        if close:
+            self.keep_alive = False
+        self.status = status
+        if status < 300 and not kind:
+            head = [status_line(status)]
+            for name, value in extra:
+                head.append(name + b": " + value + CRLF)
+            head.append(b"content-length: 0\r\n")
+            if not self.keep_alive:
+                head.append(b"connection: close\r\n")
+            head.append(CRLF)
+            self.local_reply = b"".join(head)
+        else:
+            self.local_reply = problem_response(
+                status,
+                kind,
+                detail,
+                request_id=self.request_id.decode("latin-1"),
+                close=not self.keep_alive,
+                head_only=self.method == b"HEAD",
+                extra_headers=extra,
+            )
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """This exchange is now the head of its connection's queue."""
+        if self.finished:
+            return
+        if self.local_reply is not None:
+            self._send_local()
+            return
+        cluster = self.cluster
+        assert cluster is not None
+        now = self.started = self.last_activity = self.loop.time()
+        self.deadline = now + cluster.total_timeout
+        self.timer = self.loop.call_at(
+            min(self.deadline, now + cluster.read_timeout), self._on_timer
+        )
+        self._pick_and_attach(fresh=False)
+
+    def _pick_and_attach(self, *, fresh: bool) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        ep = cluster.balancer.pick()
+        if not fresh:
+            conn = ep.pool.take_idle()
+            if conn is not None:
+                self._attach(ep, conn)
+                return
+        self.task = self.loop.create_task(self._connect(ep))
+
+    async def _connect(self, ep: Endpoint) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        pool = ep.pool
+        try:
+            if not pool.has_capacity():
+                wait_until = self.loop.time() + cluster.acquire_timeout
+                while not pool.has_capacity():
+                    remaining = wait_until - self.loop.time()
+                    if remaining <= 0:
+                        raise PoolTimeout
+                    await pool.wait_for_capacity(remaining)
+                    conn = pool.take_idle()
+                    if conn is not None:
+                        self.task = None
+                        if self.finished:
+                            pool.release(conn)
+                        else:
+                            self._attach(ep, conn)
+                        return
+            conn = await pool.connect()
+        except asyncio.CancelledError:
+            raise
+        except PoolTimeout:
+            self.fail(
+                503,
+                "upstream-overloaded",
+                f"no connection to {pool.address} became free in time",
+            )
+            return
+        except PoolClosed:
+            self.fail(503, "upstream-reloaded", "the upstream was removed by a reload")
+            return
+        except TimeoutError:
+            self.fail(504, "upstream-connect-timeout", f"connecting to {pool.address} timed out")
+            return
+        except OSError as exc:
+            reason = exc.strerror or exc.__class__.__name__
+            self.fail(502, "upstream-connect-failed", f"cannot connect to {pool.address}: {reason}")
+            return
+        self.task = None
+        if self.finished:
+            pool.release(conn)
+            return
+        self._attach(ep, conn)
+
+    def _attach(self, ep: Endpoint, conn: UpstreamConnection) -> None:
+        self.endpoint = ep
+        ep.active += 1
+        self.conn = conn
+        conn.bind(self, no_body=self.method == b"HEAD")
+        transport = conn.transport
+        assert transport is not None
+        cluster = self.cluster
+        assert cluster is not None
+        hv = cluster.host_value
+        host = self.host if hv is None else (hv or ep.authority)
+        head = [self.method, b" ", self.target, b" HTTP/1.1\r\nhost: ", host, CRLF]
+        head += self.head_parts
+        head.append(CRLF)
+        # Keep what is needed to replay on a fresh connection if this pooled
+        # one turns out to be stale (closed by the peer while idle).
+        self.replay = [] if conn.reused and self.sent_body == 0 else None
+        if self.body_buf:
+            body = self.body_buf
+            self.body_buf = []
+            self.body_buffered = 0
+            self.proto.resume_reading(PAUSE_BUFFER)
+            if self.chunked_in:
+                for chunk in body:
+                    if chunk is CHUNK_END:
+                        head.append(chunk)
+                    else:
+                        head += (b"%x\r\n" % len(chunk), chunk, CRLF)
+            else:
+                head += body
+            self._note_sent(body)
+        transport.writelines(head)
+        if self.proto.write_paused:
+            transport.pause_reading()
+        if self.expect_continue and not self.request_complete and self.sent_body == 0:
+            self.expect_continue = False
+            self.proto.write(CONTINUE_100)
+
+    def _note_sent(self, chunks: list[bytes]) -> None:
+        n = 0
+        for c in chunks:
+            n += len(c)
+        self.sent_body += n
+        replay = self.replay
+        if replay is not None:
+            if self.sent_body <= REPLAY_LIMIT:
+                replay += chunks
+            else:
+                self.replay = None
+
+    # -- request body (from the client) ----------------------------------------------
+
+    def on_request_body(self, data: bytes) -> None:
+        if self.finished:
+            return
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            if self.chunked_in:
+                conn.transport.writelines((b"%x\r\n" % len(data), data, CRLF))
+            else:
+                conn.transport.write(data)
+            self.sent_body += len(data)
+            if self.replay is not None:
+                if self.sent_body <= REPLAY_LIMIT:
+                    self.replay.append(data)
+                else:
+                    self.replay = None
+            self.last_activity = self.loop.time()
+        elif self.local_reply is None:
+            self.body_buf.append(data)
+            self.body_buffered += len(data)
+            if self.body_buffered > BUFFER_LIMIT:
+                self.proto.pause_reading(PAUSE_BUFFER)
+
+    def on_request_end(self) -> None:
+        self.request_complete = True
+        if self.finished or not self.chunked_in:
+            return
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.write(CHUNK_END)
+            if self.replay is not None:
+                self.replay.append(CHUNK_END)
+        elif self.local_reply is None:
+            self.body_buf.append(CHUNK_END)
+
+    def abort_request(self, status: int, kind: str, detail: str) -> None:
+        """The client's body broke mid-stream: reset the upstream request."""
+        self.keep_alive = False
+        self.request_complete = True
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            self._release_endpoint()
+            conn.abort()
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        if self.response_started:
+            self._abort_client()
+        else:
+            self.reply_local(status, kind, detail, close=True)
+            self.local_reply_now()
+
+    def local_reply_now(self) -> None:
+        queue = self.proto.queue
+        if queue and queue[0] is self and not self.finished:
+            self._send_local()
+
+    # -- response (from the upstream) ------------------------------------------------
+
+    def on_upstream_head(self, conn: UpstreamConnection) -> None:
+        status = self.status = conn.status
+        self.last_activity = self.loop.time()
+        parts = [status_line(status)]
+        drop: frozenset[bytes] | None = None
+        chunked = False
+        length = False
+        headers = conn.headers
+        for name, value in headers:
+            if name == b"connection":
+                tokens = connection_tokens(value)
+                if b"close" in tokens:
+                    conn.keep_alive = False
+                tokens = tokens - {b"close", b"keep-alive"}
+                if tokens:
+                    drop = tokens if drop is None else drop | tokens
+            elif name == b"transfer-encoding":
+                chunked = True
+        for name, value in headers:
+            if name in RESPONSE_OWN or (drop is not None and name in drop):
+                continue
+            if name == b"content-length":
+                length = True
+            parts.append(name + b": " + value + CRLF)
+        if conn.no_body or status in NO_BODY_STATUS:
+            pass
+        elif not length:
+            if not chunked:
+                # Neither length nor chunked: the body ends when the upstream
+                # closes (RFC 9112 section 6.3, rule 8).
+                conn.close_delimited = True
+                conn.keep_alive = False
+            if self.http10:
+                self.keep_alive = False
+            else:
+                self.chunked_out = True
+                parts.append(b"transfer-encoding: chunked\r\n")
+        if not self.request_complete:
+            # The response came before the whole request: the rest of the
+            # body will be read and dropped, so this connection ends here.
+            self.keep_alive = False
+        if self.proto.state.draining:
+            self.keep_alive = False
+        parts.append(b"x-request-id: " + self.request_id + CRLF)
+        parts.append(b"via: " + VIA_TOKEN + CRLF)
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n\r\n")
+        elif self.http10:
+            parts.append(b"connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(CRLF)
+        self.response_started = True
+        self.proto.write(b"".join(parts))
+
+    def on_upstream_body(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        transport = self.proto.transport
+        if transport is None:
+            return
+        if self.chunked_out:
+            transport.writelines((b"%x\r\n" % len(data), data, CRLF))
+        else:
+            transport.write(data)
+
+    def on_upstream_end(self, conn: UpstreamConnection) -> None:
+        if self.chunked_out:
+            self.proto.write(CHUNK_END)
+        self.conn = None
+        self._release_endpoint(observe=True)
+        if not self.request_complete:
+            conn.keep_alive = False
+        if self.proto.write_paused and conn.transport is not None:
+            conn.transport.resume_reading()
+        conn.pool.release(conn)
+        self._finish()
+
+    def on_upstream_error(self, conn: UpstreamConnection, reason: str) -> None:
+        self.conn = None
+        self._release_endpoint()
+        conn.abort()
+        if self.response_started:
+            self._abort_client()
+        else:
+            self.fail(502, "upstream-bad-response", reason)
+
+    def on_upstream_lost(self, conn: UpstreamConnection) -> None:
+        if self.conn is not conn:
+            return
+        self.conn = None
+        self._release_endpoint()
+        if self.response_started:
+            if conn.close_delimited:
+                if self.chunked_out:
+                    self.proto.write(CHUNK_END)
+                self._finish()
+            else:
+                self._abort_client()  # a truncated response must look truncated
+            return
+        if (
+            conn.reused
+            and conn.bytes_in == 0
+            and not self.retried
+            and self.replay is not None
+            and (self.request_complete or not self.has_body)
+            and (self.method in IDEMPOTENT or self.sent_body == 0)
+        ):
+            # A pooled connection the upstream had closed while it sat idle.
+            # Its other idle connections are likely stale as well.
+            self.retried = True
+            replay = self.replay
+            self.replay = None
+            self.body_buf = replay + self.body_buf
+            self.sent_body = 0
+            while conn.pool.idle:
+                conn.pool.idle.popleft().close()
+            self._pick_and_attach(fresh=True)
+            return
+        self.fail(
+            502,
+            "upstream-reset",
+            f"{conn.pool.address} closed the connection before answering",
+        )
+
+    def on_upstream_pause_writing(self) -> None:
+        self.proto.pause_reading(PAUSE_UPSTREAM)
+
+    def on_upstream_resume_writing(self) -> None:
+        self.proto.resume_reading(PAUSE_UPSTREAM)
+
+    def on_client_pause_writing(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.pause_reading()
+
+    def on_client_resume_writing(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.resume_reading()
+
+    def on_client_lost(self) -> None:
+        """The client went away: stop everything this exchange started."""
+        if self.finished:
+            return
+        self.finished = True
+        self.keep_alive = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            self._release_endpoint()
+            conn.abort()
+
+    # -- timeouts --------------------------------------------------------------------
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.finished:
+            return
+        cluster = self.cluster
+        assert cluster is not None
+        now = self.loop.time()
+        if now >= self.deadline:
+            self._timeout(f"the upstream exchange took longer than {cluster.total_timeout:g}s")
+        elif now - self.last_activity >= cluster.read_timeout:
+            self._timeout(f"the upstream was silent for {cluster.read_timeout:g}s")
+        else:
+            self.timer = self.loop.call_at(
+                min(self.deadline, self.last_activity + cluster.read_timeout), self._on_timer
+            )
+
+    def _timeout(self, detail: str) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            self._release_endpoint()
+            conn.abort()
+        if self.response_started:
+            self._abort_client()
+        else:
+            self.fail(504, "upstream-timeout", detail)
+
+    # -- endings ---------------------------------------------------------------------
+
+    def _release_endpoint(self, *, observe: bool = False) -> None:
+        ep = self.endpoint
+        if ep is not None:
+            self.endpoint = None
+            ep.active -= 1
+            if observe:
+                cluster = self.cluster
+                assert cluster is not None
+                balancer = cluster.balancer
+                if balancer.needs_latency:
+                    now = self.loop.time()
+                    balancer.observe(ep, now - self.started, now)
+
+    def fail(self, status: int, kind: str, detail: str) -> None:
+        """Answer with a problem instead of the upstream's response."""
+        if self.finished:
+            return
+        log.warning(
+            "%s %s -> %s: %d %s",
+            self.method.decode("latin-1"),
+            self.target.decode("latin-1"),
+            self.cluster.name if self.cluster else "-",
+            status,
+            detail,
+        )
+        if not self.request_complete:
+            self.keep_alive = False
+        self.reply_local(status, kind, detail)
+        self._send_local()
+
+    def _send_local(self) -> None:
+        reply = self.local_reply
+        assert reply is not None
+        self.response_started = True
+        self.proto.write(reply)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.proto.state.access_log:
+            self._log_access()
+        self.proto.exchange_done(self)
+
+    def _abort_client(self) -> None:
+        self.finished = True
+        self.keep_alive = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        transport = self.proto.transport
+        if transport is not None:
+            transport.abort()
+
+    def _log_access(self) -> None:
+        elapsed = (self.loop.time() - self.started) * 1000 if self.started else 0.0
+        access_log.info(
+            '%s "%s %s" %d %s %.1fms id=%s',
+            self.proto.client.decode(),
+            self.method.decode("latin-1"),
+            self.target.decode("latin-1"),
+            self.status,
+            self.route_label or "-",
+            elapsed,
+            self.request_id.decode("latin-1"),
+        )

@@ -1,0 +1,56 @@
+"""Header tables built once at import, as uvicorn does.
+
+Header names on the hot path are lowercase `bytes`; llhttp has already
+refused malformed names, so a name is compared with plain `in` on a frozenset.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+# RFC 9110 section 7.6.1: hop-by-hop fields a proxy must not forward, plus the
+# de-facto ones (Keep-Alive, Proxy-Connection) every proxy also strips.
+# Transfer-Encoding is hop-by-hop too: meshgate frames each side itself.
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+def _status_line(code: int) -> bytes:
+    try:
+        phrase = HTTPStatus(code).phrase
+    except ValueError:
+        phrase = "Unknown"
+    return f"HTTP/1.1 {code} {phrase}\r\n".encode("latin-1")
+
+
+STATUS_LINES: tuple[bytes, ...] = tuple(_status_line(code) for code in range(600))
+
+
+def status_line(code: int) -> bytes:
+    """The HTTP/1.1 status line for `code`, CRLF included."""
+    if 0 <= code < 600:
+        return STATUS_LINES[code]
+    return _status_line(code)
+
+
+def connection_tokens(value: bytes) -> frozenset[bytes]:
+    """The lowercase option names listed in a Connection header value."""
+    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+
+
+def phrase(code: int) -> str:
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return "Unknown"

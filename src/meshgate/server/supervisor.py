@@ -1,0 +1,155 @@
+"""The supervisor of several workers (`meshgate run --workers N`).
+
+It forks N workers before any event loop exists, forwards signals to them,
+restarts a worker that dies, and watches the config file. It validates a new
+config itself before telling workers to reload, so that a bad file is
+refused once, with one clear log line, and no worker ever sees it.
+
+Port 0 is resolved here: the supervisor binds (without listening) a
+SO_REUSEPORT socket to learn the port, keeps it to hold the port, and gives
+the number to each worker, which binds its own listening socket to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+
+from meshgate.config.loader import ConfigError, load_config
+from meshgate.config.schema import Address, Config
+from meshgate.server.worker import WATCH_INTERVAL, WorkerOptions, file_stamp, run_worker
+
+log = logging.getLogger("meshgate.supervisor")
+
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+RESTART_BACKOFF = 1.0
+
+
+def _reserve_port(address: Address) -> tuple[socket.socket, int]:
+    infos = socket.getaddrinfo(address.host or None, address.port, type=socket.SOCK_STREAM)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(sockaddr)
+    return sock, sock.getsockname()[1]
+
+
+class Supervisor:
+    def __init__(self, config: Config, config_path: str, workers: int) -> None:
+        self.config = config
+        self.path = config_path
+        self.count = workers
+        self.children: dict[int, int] = {}  # pid -> worker id
+        self.stopping = False
+        self.stamp = file_stamp(config_path)
+        self.held: list[socket.socket] = []
+        self.listen_port = config.listen.port
+        self.admin_port = config.admin.port if config.admin else None
+
+    def _spawn(self, worker_id: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+                for sock in self.held:
+                    sock.close()
+                code = run_worker(
+                    self.config,
+                    WorkerOptions(
+                        config_path=self.path,
+                        worker_id=worker_id,
+                        watch=False,
+                        listen_port=self.listen_port,
+                        admin_port=self.admin_port,
+                    ),
+                )
+            except BaseException:
+                log.exception("worker %d crashed", worker_id)
+            finally:
+                os._exit(code)
+        self.children[pid] = worker_id
+
+    def _signal_all(self, sig: int) -> None:
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def _reload(self) -> None:
+        self.stamp = file_stamp(self.path)
+        try:
+            config = load_config(self.path)
+        except ConfigError as exc:
+            log.error("reload refused, still serving the previous config:\n%s", exc)
+            return
+        self.config = config
+        self._signal_all(signal.SIGHUP)
+
+    def _reap(self) -> list[int]:
+        """Collect exited workers; the ids of those that must be restarted."""
+        dead = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            worker_id = self.children.pop(pid, None)
+            if worker_id is None:
+                continue
+            if not self.stopping:
+                log.error(
+                    "worker %d (pid %d) exited with status %d; restarting",
+                    worker_id,
+                    pid,
+                    os.waitstatus_to_exitcode(status),
+                )
+                dead.append(worker_id)
+        return dead
+
+    def run(self) -> int:
+        if self.listen_port == 0:
+            sock, self.listen_port = _reserve_port(self.config.listen)
+            self.held.append(sock)
+        if self.config.admin is not None and self.admin_port == 0:
+            sock, self.admin_port = _reserve_port(self.config.admin)
+            self.held.append(sock)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        log.info("supervisor starting %d workers", self.count)
+        for i in range(self.count):
+            self._spawn(i)
+        deadline = 0.0
+        while self.children:
+            sig = signal.sigtimedwait(_SIGNALS, WATCH_INTERVAL)
+            if sig is None:
+                if not self.stopping and file_stamp(self.path) != self.stamp:
+                    log.info("%s changed on disk", self.path)
+                    self._reload()
+                if self.stopping and time.monotonic() > deadline:
+                    log.warning("workers did not stop in time; killing them")
+                    self._signal_all(signal.SIGKILL)
+                continue
+            signo = sig.si_signo
+            if signo == signal.SIGCHLD:
+                for worker_id in self._reap():
+                    time.sleep(RESTART_BACKOFF)
+                    self._spawn(worker_id)
+            elif signo == signal.SIGHUP:
+                if not self.stopping:
+                    self._reload()
+            elif not self.stopping:
+                self.stopping = True
+                deadline = time.monotonic() + self.config.limits.drain_timeout + 5.0
+                self._signal_all(signal.SIGTERM)
+            if self.stopping:
+                self._reap()
+        for sock in self.held:
+            sock.close()
+        log.info("supervisor stopped")
+        return 0

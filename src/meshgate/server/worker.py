@@ -1,0 +1,190 @@
+"""One worker process: its listeners, its event loop, reload and drain.
+
+Every worker binds its own listening socket with SO_REUSEPORT, so the kernel
+spreads new connections across workers and a crashed worker never takes the
+port down with it.
+
+Reload is atomic per worker: the new file is read and validated, a new
+`Runtime` is built beside the old one, and only then is the reference
+swapped. Connections and exchanges in flight keep the objects they started
+with. A file that fails validation is refused with its file, line and field
+in the log, and the old runtime keeps serving.
+
+Drain (SIGTERM, SIGINT): readiness turns 503, the listener stops accepting,
+idle keep-alive connections close, and busy ones close after their current
+response, for at most `limits.drain_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+import uvloop
+
+from meshgate.admin.server import AdminProtocol
+from meshgate.config.loader import ConfigError, load_config
+from meshgate.config.runtime import Runtime
+from meshgate.config.schema import Address, Config
+from meshgate.protocol.h1 import ServerProtocol, ServerState
+from meshgate.upstream.cluster import PoolRegistry
+
+log = logging.getLogger("meshgate.server")
+
+SWEEP_INTERVAL = 5.0
+WATCH_INTERVAL = 1.0
+
+
+def bind_socket(address: Address, *, reuse_port: bool = True) -> socket.socket:
+    """A listening TCP socket for `address`, shared with SO_REUSEPORT."""
+    infos = socket.getaddrinfo(
+        address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+        sock.listen(4096)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def file_stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+@dataclass
+class WorkerOptions:
+    config_path: str
+    worker_id: int = 0
+    watch: bool = True
+    """Reload when the file changes (the supervisor watches instead when
+    there are several workers)."""
+    listen_port: int | None = None
+    """Overrides the configured port (the supervisor resolves port 0)."""
+    admin_port: int | None = None
+
+
+class Worker:
+    def __init__(self, config: Config, opts: WorkerOptions) -> None:
+        self.opts = opts
+        self.config = config
+        self.loop = asyncio.get_running_loop()
+        self.registry = PoolRegistry(self.loop)
+        runtime = Runtime.build(config, self.registry, source=opts.config_path)
+        self.state = ServerState(runtime, self.registry, loop=self.loop)
+        self.stopping = asyncio.Event()
+        self.servers: list[asyncio.Server] = []
+        self.stamp = file_stamp(opts.config_path)
+
+    async def start(self) -> None:
+        cfg = self.config
+        listen = cfg.listen
+        if self.opts.listen_port is not None:
+            listen = Address(host=listen.host, port=self.opts.listen_port)
+        sock = bind_socket(listen)
+        state = self.state
+        server = await self.loop.create_server(lambda: ServerProtocol(state), sock=sock)
+        self.servers.append(server)
+        port = sock.getsockname()[1]
+        log.info("worker %d listening on %s:%d", self.opts.worker_id, listen.host, port)
+        if cfg.admin is not None:
+            admin = cfg.admin
+            if self.opts.admin_port is not None:
+                admin = Address(host=admin.host, port=self.opts.admin_port)
+            asock = bind_socket(admin)
+            aserver = await self.loop.create_server(lambda: AdminProtocol(state), sock=asock)
+            self.servers.append(aserver)
+            log.info("admin on %s:%d", admin.host, asock.getsockname()[1])
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.stopping.set)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        if self.opts.watch:
+            self.loop.call_later(WATCH_INTERVAL, self._watch)
+
+    def _sweep(self) -> None:
+        self.registry.sweep(self.loop.time())
+        if not self.stopping.is_set():
+            self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _watch(self) -> None:
+        stamp = file_stamp(self.opts.config_path)
+        if stamp is not None and stamp != self.stamp:
+            self.stamp = stamp
+            log.info("%s changed on disk", self.opts.config_path)
+            self.reload()
+        if not self.stopping.is_set():
+            self.loop.call_later(WATCH_INTERVAL, self._watch)
+
+    def reload(self) -> None:
+        path = self.opts.config_path
+        self.stamp = file_stamp(path)
+        try:
+            config = load_config(path)
+            runtime = Runtime.build(config, self.registry, source=path)
+        except ConfigError as exc:
+            log.error("reload refused, still serving the previous config:\n%s", exc)
+            return
+        except Exception as exc:
+            log.error("reload refused, still serving the previous config: %s", exc)
+            return
+        if config.listen != self.config.listen or config.admin != self.config.admin:
+            log.warning("listen and admin addresses change only on restart; kept the old ones")
+        if config.workers != self.config.workers:
+            log.warning("the number of workers changes only on restart")
+        self.state.runtime = runtime
+        self.state.access_log = config.access_log
+        self.config = config
+        self.registry.retain_only(runtime.pool_ids())
+        log.info(
+            "reloaded %s: %d routes, %d upstreams", path, len(config.routes), len(config.upstreams)
+        )
+
+    async def wait_and_drain(self) -> None:
+        await self.stopping.wait()
+        state = self.state
+        log.info("worker %d draining", self.opts.worker_id)
+        for server in self.servers[:1]:
+            server.close()
+        state.drain()
+        deadline = self.loop.time() + state.runtime.limits.drain_timeout
+        while state.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if state.connections:
+            log.warning("drain timeout: closing %d connections", len(state.connections))
+            for conn in list(state.connections):
+                if conn.transport is not None:
+                    conn.transport.abort()
+        for server in self.servers[1:]:
+            server.close()
+        self.registry.close_idle()
+        log.info("worker %d stopped", self.opts.worker_id)
+
+
+async def _worker_main(config: Config, opts: WorkerOptions) -> None:
+    worker = Worker(config, opts)
+    await worker.start()
+    await worker.wait_and_drain()
+
+
+def run_worker(config: Config, opts: WorkerOptions) -> int:
+    """Run one worker until it is told to stop; the process exit code."""
+    uvloop.run(_worker_main(config, opts))
+    return 0

@@ -1,0 +1,131 @@
+"""Load balancers: pick one endpoint of a cluster for each request.
+
+- `RoundRobin` cycles through endpoints in order.
+- `LeastRequest` is power-of-two-choices on requests in flight: two endpoints
+  are drawn at random and the less loaded one wins. It avoids the herd that
+  "pick the global minimum" causes when many requests arrive at once.
+- `PeakEwma` is Linkerd's and Finagle's balancer: power-of-two-choices on
+  cost = peak-EWMA latency x (requests in flight + 1). A slow response moves
+  the average up at once (the peak), and it decays back over `decay` seconds.
+
+Each endpoint keeps its own counters (`Endpoint.active`, `Endpoint.ewma`)
+and the balancer only reads them. A reload builds new endpoints, so the
+counters start afresh while the pools (and their warm connections) are kept.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshgate.upstream.pool import EndpointPool
+
+
+class Endpoint:
+    """One address of a cluster, with its pool and load counters."""
+
+    __slots__ = ("active", "authority", "ewma", "ewma_stamp", "pool")
+
+    def __init__(self, pool: EndpointPool, authority: bytes) -> None:
+        self.pool = pool
+        self.authority = authority
+        self.active = 0
+        self.ewma = 0.0
+        self.ewma_stamp = 0.0
+
+
+class Balancer:
+    """Chooses an endpoint; `observe` is told each request's latency."""
+
+    __slots__ = ("endpoints",)
+
+    needs_latency = False
+
+    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
+        self.endpoints = tuple(endpoints)
+
+    def pick(self) -> Endpoint:
+        raise NotImplementedError
+
+    def observe(self, endpoint: Endpoint, latency: float, now: float) -> None:
+        return None
+
+
+class RoundRobin(Balancer):
+    __slots__ = ("_next",)
+
+    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
+        super().__init__(endpoints)
+        self._next = random.randrange(len(self.endpoints)) if self.endpoints else 0
+
+    def pick(self) -> Endpoint:
+        eps = self.endpoints
+        i = self._next
+        if i >= len(eps):
+            i = 0
+        self._next = i + 1
+        return eps[i]
+
+
+class LeastRequest(Balancer):
+    __slots__ = ()
+
+    def pick(self) -> Endpoint:
+        eps = self.endpoints
+        n = len(eps)
+        if n == 1:
+            return eps[0]
+        a = random.randrange(n)
+        b = random.randrange(n - 1)
+        if b >= a:
+            b += 1
+        ea, eb = eps[a], eps[b]
+        return ea if ea.active <= eb.active else eb
+
+
+class PeakEwma(Balancer):
+    __slots__ = ("decay", "default_rtt")
+
+    needs_latency = True
+
+    def __init__(
+        self, endpoints: Sequence[Endpoint], *, decay: float = 10.0, default_rtt: float = 0.001
+    ) -> None:
+        super().__init__(endpoints)
+        self.decay = decay
+        self.default_rtt = default_rtt
+
+    def _cost(self, ep: Endpoint) -> float:
+        rtt = ep.ewma or self.default_rtt
+        return rtt * (ep.active + 1)
+
+    def pick(self) -> Endpoint:
+        eps = self.endpoints
+        n = len(eps)
+        if n == 1:
+            return eps[0]
+        a = random.randrange(n)
+        b = random.randrange(n - 1)
+        if b >= a:
+            b += 1
+        ea, eb = eps[a], eps[b]
+        return ea if self._cost(ea) <= self._cost(eb) else eb
+
+    def observe(self, endpoint: Endpoint, latency: float, now: float) -> None:
+        if latency > endpoint.ewma:
+            endpoint.ewma = latency  # the peak: react to a slowdown at once
+        else:
+            elapsed = max(now - endpoint.ewma_stamp, 0.0)
+            w = math.exp(-elapsed / self.decay)
+            endpoint.ewma = endpoint.ewma * w + latency * (1.0 - w)
+        endpoint.ewma_stamp = now
+
+
+BALANCERS: dict[str, type[Balancer]] = {
+    "round_robin": RoundRobin,
+    "least_request": LeastRequest,
+    "ewma": PeakEwma,
+}

@@ -1,0 +1,102 @@
+"""A cluster: a named upstream compiled from config.
+
+It owns what the exchange needs per request, resolved at load: the balancer
+over its endpoints, timeouts in seconds, and the Host policy as a ready
+value. Pools are shared between clusters and kept across reloads by
+`PoolRegistry`, so a reload that keeps an endpoint keeps its warm
+connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from meshgate.config.schema import UpstreamConfig
+from meshgate.upstream.balancer import BALANCERS, Balancer, Endpoint
+from meshgate.upstream.pool import EndpointPool
+
+# Host policy, resolved at load: keep the client's Host, or send this value.
+HOST_PRESERVE: bytes | None = None
+
+
+class PoolRegistry:
+    """Pools by (host, port, pool settings), shared across reloads."""
+
+    __slots__ = ("loop", "pools")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop
+        self.pools: dict[tuple[Any, ...], EndpointPool] = {}
+
+    def get(self, host: str, port: int, cfg: UpstreamConfig) -> EndpointPool:
+        p = cfg.pool
+        key = (host, port, p.max_connections, p.max_idle, p.idle_timeout, cfg.timeouts.connect)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = EndpointPool(
+                host=host,
+                port=port,
+                max_connections=p.max_connections,
+                max_idle=p.max_idle,
+                idle_timeout=p.idle_timeout,
+                connect_timeout=cfg.timeouts.connect,
+                loop=self.loop,
+            )
+            self.pools[key] = pool
+        return pool
+
+    def retain_only(self, keep: set[int]) -> None:
+        """Retire every pool whose id is not in `keep` (after a reload)."""
+        for key, pool in list(self.pools.items()):
+            if id(pool) not in keep:
+                pool.retire()
+                del self.pools[key]
+
+    def sweep(self, now: float) -> None:
+        for pool in self.pools.values():
+            pool.sweep(now)
+
+    def close_idle(self) -> None:
+        for pool in self.pools.values():
+            while pool.idle:
+                pool.idle.popleft().close()
+
+
+class Cluster:
+    """A named upstream: endpoints behind a balancer, with timeouts and Host policy."""
+
+    __slots__ = (
+        "acquire_timeout",
+        "balancer",
+        "config",
+        "connect_timeout",
+        "endpoints",
+        "host_value",
+        "name",
+        "read_timeout",
+        "total_timeout",
+    )
+
+    def __init__(self, name: str, cfg: UpstreamConfig, registry: PoolRegistry) -> None:
+        self.name = name
+        self.config = cfg
+        self.endpoints = tuple(
+            Endpoint(registry.get(ep.host, ep.port, cfg), ep.authority.encode("idna"))
+            for ep in cfg.endpoints
+        )
+        self.balancer: Balancer = BALANCERS[cfg.balancer](self.endpoints)
+        self.connect_timeout = cfg.timeouts.connect
+        self.read_timeout = cfg.timeouts.read
+        self.total_timeout = cfg.timeouts.total
+        self.acquire_timeout = cfg.pool.acquire_timeout or cfg.timeouts.connect
+        # "preserve" -> None; "rewrite" -> per endpoint (marked by b""); else literal.
+        if cfg.host == "preserve":
+            self.host_value: bytes | None = HOST_PRESERVE
+        elif cfg.host == "rewrite":
+            self.host_value = b""
+        else:
+            self.host_value = cfg.host.encode("idna")
+
+    def pools(self) -> list[EndpointPool]:
+        return [ep.pool for ep in self.endpoints]

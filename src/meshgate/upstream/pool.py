@@ -1,0 +1,354 @@
+"""Keep-alive connections to one endpoint, and the pool that holds them.
+
+`EndpointPool` keeps idle connections in a deque of most recently used last,
+as aiohttp's connector does: `take_idle()` pops the warmest one and drops
+any that the peer closed or that sat idle past `idle_timeout`. The number of
+open connections is capped by `max_connections`; past it, a request waits on
+`acquire()` (a FIFO of futures) until one is released or closed, for at most
+`acquire_timeout`.
+
+`UpstreamConnection` is an `asyncio.Protocol` that parses responses with
+httptools and hands every event to the exchange currently bound to it (see
+`protocol.h1.Exchange`). It carries no request logic of its own: the
+exchange decides framing, reuse and errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import socket
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import httptools
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+log = logging.getLogger("meshgate.upstream")
+
+
+class ResponseSink(Protocol):
+    """What an `UpstreamConnection` reports to (implemented by the exchange)."""
+
+    def on_upstream_head(self, conn: UpstreamConnection) -> None: ...
+    def on_upstream_body(self, data: bytes) -> None: ...
+    def on_upstream_end(self, conn: UpstreamConnection) -> None: ...
+    def on_upstream_error(self, conn: UpstreamConnection, reason: str) -> None: ...
+    def on_upstream_lost(self, conn: UpstreamConnection) -> None: ...
+    def on_upstream_pause_writing(self) -> None: ...
+    def on_upstream_resume_writing(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One TCP connection to an endpoint, reused for sequential requests."""
+
+    __slots__ = (
+        "bytes_in",
+        "close_delimited",
+        "closed",
+        "headers",
+        "idle_since",
+        "keep_alive",
+        "no_body",
+        "parser",
+        "pool",
+        "reused",
+        "sink",
+        "status",
+        "transport",
+    )
+
+    def __init__(self, pool: EndpointPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.sink: ResponseSink | None = None
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = True
+        self.no_body = False
+        self.close_delimited = False
+        self.bytes_in = 0
+        self.reused = False
+        self.closed = False
+        self.idle_since = 0.0
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast("asyncio.Transport", transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:
+            # Bytes on an idle connection: the peer is out of sync with us
+            # (a late response, or garbage). The connection can't be trusted.
+            self.close()
+            return
+        self.bytes_in += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.keep_alive = False
+            sink.on_upstream_error(self, "the upstream switched protocols unasked")
+        except httptools.HttpParserError as exc:
+            self.keep_alive = False
+            if self.sink is not None:
+                self.sink.on_upstream_error(self, f"invalid response from upstream: {exc}")
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.keep_alive = False
+        self.pool.on_closed(self)
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            sink.on_upstream_lost(self)
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.on_upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.on_upstream_resume_writing()
+
+    # -- httptools callbacks ---------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.status = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self.status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            # Interim responses (103 Early Hints, a 100 we did not ask for)
+            # are not forwarded; llhttp reports them as complete messages.
+            return
+        self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
+        assert self.sink is not None
+        self.sink.on_upstream_head(self)
+        if self.no_body and self.sink is not None:
+            # A response to HEAD has no body whatever its Content-Length says.
+            # llhttp can't be told so through httptools, so this parser is
+            # retired and the next response gets a fresh one.
+            self.parser = httptools.HttpResponseParser(self)
+            self._finish()
+
+    def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None and not self.no_body:
+            sink.on_upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        if 100 <= self.status < 200 or self.no_body:
+            return
+        self._finish()
+
+    def _finish(self) -> None:
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            sink.on_upstream_end(self)
+
+    # -- used by the exchange ------------------------------------------------
+
+    def bind(self, sink: ResponseSink, *, no_body: bool) -> None:
+        self.sink = sink
+        self.no_body = no_body
+        self.close_delimited = False
+        self.bytes_in = 0
+
+    def close(self) -> None:
+        """Close gracefully (buffered request bytes are still flushed)."""
+        self.keep_alive = False
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Reset now: the peer must never see a complete request."""
+        self.keep_alive = False
+        self.sink = None
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+
+class PoolClosed(Exception):
+    """The pool was retired by a reload while a request waited on it."""
+
+
+class PoolTimeout(Exception):
+    """No connection became free within the acquire timeout."""
+
+
+class EndpointPool:
+    """Connections to one endpoint: at most `max_connections` open, up to
+    `max_idle` of them kept alive between requests."""
+
+    __slots__ = (
+        "address",
+        "connect_timeout",
+        "connecting",
+        "factory",
+        "host",
+        "idle",
+        "idle_timeout",
+        "loop",
+        "max_connections",
+        "max_idle",
+        "open_count",
+        "port",
+        "retired",
+        "waiters",
+    )
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        max_connections: int,
+        max_idle: int,
+        idle_timeout: float,
+        connect_timeout: float,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.max_connections = max_connections
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.loop = loop or asyncio.get_event_loop()
+        self.idle: collections.deque[UpstreamConnection] = collections.deque()
+        self.open_count = 0
+        self.connecting = 0
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.retired = False
+        self.factory: Callable[[], UpstreamConnection] = lambda: UpstreamConnection(self)
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """The most recently used live idle connection, or None."""
+        idle = self.idle
+        if not idle:
+            return None
+        expire_before = self.loop.time() - self.idle_timeout
+        while idle:
+            conn = idle.pop()
+            transport = conn.transport
+            if conn.closed or transport is None or transport.is_closing():
+                continue
+            if conn.idle_since < expire_before:
+                # The rest are older still.
+                conn.close()
+                while idle:
+                    idle.popleft().close()
+                return None
+            conn.reused = True
+            return conn
+        return None
+
+    def has_capacity(self) -> bool:
+        return self.open_count < self.max_connections
+
+    async def connect(self) -> UpstreamConnection:
+        """Open a new connection (the caller checked `has_capacity`)."""
+        self.open_count += 1
+        self.connecting += 1
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(self.factory, self.host, self.port),
+                self.connect_timeout,
+            )
+        except BaseException:
+            self.open_count -= 1
+            self._wake_one()
+            raise
+        finally:
+            self.connecting -= 1
+        return conn
+
+    async def wait_for_capacity(self, timeout: float) -> None:
+        """Wait until a connection is released or closed; PoolTimeout past `timeout`."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self.waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise PoolTimeout from None
+        finally:
+            if not fut.done():
+                fut.cancel()
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(fut)
+        if self.retired:
+            raise PoolClosed
+
+    def _wake_one(self) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Give back a connection whose exchange is over."""
+        if (
+            conn.keep_alive
+            and not conn.closed
+            and not self.retired
+            and len(self.idle) < self.max_idle
+            and conn.transport is not None
+            and not conn.transport.is_closing()
+        ):
+            conn.idle_since = self.loop.time()
+            self.idle.append(conn)
+            self._wake_one()
+        else:
+            conn.close()  # on_closed wakes a waiter
+
+    def on_closed(self, conn: UpstreamConnection) -> None:
+        self.open_count -= 1
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+        self._wake_one()
+
+    def sweep(self, now: float) -> None:
+        """Close connections idle for longer than `idle_timeout`."""
+        expire_before = now - self.idle_timeout
+        idle = self.idle
+        while idle and idle[0].idle_since < expire_before:
+            idle.popleft().close()
+
+    def retire(self) -> None:
+        """No new requests will come: close idle connections and fail waiters."""
+        self.retired = True
+        while self.idle:
+            self.idle.popleft().close()
+        for fut in self.waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "open": self.open_count,
+            "idle": len(self.idle),
+            "connecting": self.connecting,
+            "waiting": len(self.waiters),
+        }
