@@ -29,8 +29,8 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import socket
+from random import getrandbits as _getrandbits
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -55,6 +55,10 @@ BUFFER_LIMIT = 64 * 1024
 REPLAY_LIMIT = 64 * 1024
 # Queued pipelined requests on one connection before reading pauses.
 PIPELINE_LIMIT = 16
+
+# What ServerProtocol.deadline is for.
+DEADLINE_HEAD = 1  # the request head must arrive by then (408)
+DEADLINE_KEEPALIVE = 2  # an idle keep-alive connection closes then
 
 # Reasons for which reading from the client is paused (a bitmask).
 PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
@@ -110,6 +114,12 @@ class ServerState:
         self.draining = False
         self.access_log = runtime.config.access_log
 
+    def check_timeouts(self) -> None:
+        """One tick of the timeout sweep (see `Worker`)."""
+        now = self.loop.time()
+        for conn in list(self.connections):
+            conn.check_timeouts(now)
+
     def drain(self) -> None:
         """Stop taking requests: idle connections close now, busy ones after
         their response."""
@@ -129,7 +139,9 @@ class _Refused(Exception):
 
 
 def _new_request_id() -> bytes:
-    return os.urandom(16).hex().encode()
+    # 128 random bits from the Mersenne Twister: unique enough for tracing,
+    # and no syscall per request (random reseeds itself in forked workers).
+    return b"%032x" % _getrandbits(128)
 
 
 def _split_host(value: bytes) -> str:
@@ -148,6 +160,8 @@ class ServerProtocol(asyncio.Protocol):
         "chunked_in",
         "client",
         "current",
+        "deadline",
+        "deadline_kind",
         "expect",
         "forwarded_for",
         "has_length",
@@ -163,7 +177,6 @@ class ServerProtocol(asyncio.Protocol):
         "refusal",
         "request_id",
         "state",
-        "timer",
         "transport",
         "url",
         "via",
@@ -181,7 +194,11 @@ class ServerProtocol(asyncio.Protocol):
         self.current: Exchange | None = None
         self.pause_reasons = 0
         self.write_paused = False
-        self.timer: asyncio.TimerHandle | None = None
+        # Timeouts are deadlines checked by `ServerState.check_timeouts` on a
+        # coarse tick, not timer handles: a uvloop TimerHandle costs about
+        # 4 us to create and cancel, and a request would need three.
+        self.deadline = 0.0
+        self.deadline_kind = 0
         self.client = b""
         self.forwarded_for = b""
         self.refusal: _Refused | None = None
@@ -214,13 +231,12 @@ class ServerProtocol(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # A new connection must send its request head within header_timeout.
-        self.timer = self.loop.call_later(self.limits.header_timeout, self._on_head_timeout)
+        self.deadline = self.loop.time() + self.limits.header_timeout
+        self.deadline_kind = DEADLINE_HEAD
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
         queue = self.queue
         self.queue = collections.deque()
         for ex in queue:
@@ -287,9 +303,8 @@ class ServerProtocol(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_later(self.limits.header_timeout, self._on_head_timeout)
+        self.deadline = self.loop.time() + self.limits.header_timeout
+        self.deadline_kind = DEADLINE_HEAD
         self._reset_head()
 
     def on_url(self, url: bytes) -> None:
@@ -341,9 +356,7 @@ class ServerProtocol(asyncio.Protocol):
             self.has_length = value.strip() != b"0"
 
     def on_headers_complete(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
         parser = self.parser
         method = parser.get_method()
         http10 = parser.get_http_version() == "1.0"
@@ -465,10 +478,9 @@ class ServerProtocol(asyncio.Protocol):
             self.resume_reading(PAUSE_PIPELINE)
         if queue:
             queue[0].start()
-        elif self.timer is None:
-            self.timer = self.loop.call_later(
-                self.limits.keepalive_timeout, self._on_keepalive_timeout
-            )
+        elif not self.deadline:
+            self.deadline = self.loop.time() + self.limits.keepalive_timeout
+            self.deadline_kind = DEADLINE_KEEPALIVE
 
     def _refuse(self, refusal: _Refused) -> None:
         """A request that cannot be parsed: answer (in order) and close."""
@@ -486,10 +498,21 @@ class ServerProtocol(asyncio.Protocol):
         ex.reply_local(refusal.status, refusal.kind, refusal.detail, close=True)
         self._enqueue(ex)
 
-    # -- timers and drain -----------------------------------------------------------
+    # -- timeouts and drain -----------------------------------------------------------
+
+    def check_timeouts(self, now: float) -> None:
+        """Called on every tick of the worker's timeout sweep."""
+        deadline = self.deadline
+        if deadline and now >= deadline:
+            self.deadline = 0.0
+            if self.deadline_kind == DEADLINE_HEAD:
+                self._on_head_timeout()
+            else:
+                self._on_keepalive_timeout()
+        if self.queue:
+            self.queue[0].check_timeout(now)
 
     def _on_head_timeout(self) -> None:
-        self.timer = None
         if self.queue:
             return
         if self.transport is not None and not self.transport.is_closing():
@@ -502,7 +525,6 @@ class ServerProtocol(asyncio.Protocol):
             self.transport.close()
 
     def _on_keepalive_timeout(self) -> None:
-        self.timer = None
         if not self.queue and self.transport is not None:
             self.transport.close()
 
@@ -542,6 +564,7 @@ class Exchange:
         "local_reply",
         "loop",
         "method",
+        "out",
         "proto",
         "replay",
         "request_complete",
@@ -554,7 +577,6 @@ class Exchange:
         "status",
         "target",
         "task",
-        "timer",
     )
 
     def __init__(
@@ -586,8 +608,8 @@ class Exchange:
         self.conn: UpstreamConnection | None = None
         self.endpoint: Endpoint | None = None
         self.task: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.response_started = False
+        self.out: list[bytes] = []
         self.chunked_out = False
         self.finished = False
         self.replay: list[bytes] | None = None
@@ -691,9 +713,6 @@ class Exchange:
         assert cluster is not None
         now = self.started = self.last_activity = self.loop.time()
         self.deadline = now + cluster.total_timeout
-        self.timer = self.loop.call_at(
-            min(self.deadline, now + cluster.read_timeout), self._on_timer
-        )
         self._pick_and_attach(fresh=False)
 
     def _pick_and_attach(self, *, fresh: bool) -> None:
@@ -784,7 +803,7 @@ class Exchange:
             else:
                 head += body
             self._note_sent(body)
-        transport.writelines(head)
+        transport.write(b"".join(head))
         if self.proto.write_paused:
             transport.pause_reading()
         if self.expect_continue and not self.request_complete and self.sent_body == 0:
@@ -916,21 +935,33 @@ class Exchange:
         else:
             parts.append(CRLF)
         self.response_started = True
-        self.proto.write(b"".join(parts))
+        # Held until the end of this read, so that the head and the first
+        # body bytes leave in one write (one syscall for a small response).
+        self.out.append(b"".join(parts))
 
     def on_upstream_body(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
-        transport = self.proto.transport
-        if transport is None:
-            return
         if self.chunked_out:
-            transport.writelines((b"%x\r\n" % len(data), data, CRLF))
+            self.out += (b"%x\r\n" % len(data), data, CRLF)
         else:
-            transport.write(data)
+            self.out.append(data)
+
+    def flush_out(self) -> None:
+        """Write what this read of the upstream produced for the client."""
+        out = self.out
+        if out:
+            self.out = []
+            transport = self.proto.transport
+            if transport is not None:
+                if len(out) == 1:
+                    transport.write(out[0])
+                else:
+                    transport.writelines(out)
 
     def on_upstream_end(self, conn: UpstreamConnection) -> None:
         if self.chunked_out:
-            self.proto.write(CHUNK_END)
+            self.out.append(CHUNK_END)
+        self.flush_out()
         self.conn = None
         self._release_endpoint(observe=True)
         if not self.request_complete:
@@ -957,7 +988,8 @@ class Exchange:
         if self.response_started:
             if conn.close_delimited:
                 if self.chunked_out:
-                    self.proto.write(CHUNK_END)
+                    self.out.append(CHUNK_END)
+                self.flush_out()
                 self._finish()
             else:
                 self._abort_client()  # a truncated response must look truncated
@@ -1009,9 +1041,6 @@ class Exchange:
             return
         self.finished = True
         self.keep_alive = False
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if self.task is not None:
             self.task.cancel()
             self.task = None
@@ -1023,21 +1052,15 @@ class Exchange:
 
     # -- timeouts --------------------------------------------------------------------
 
-    def _on_timer(self) -> None:
-        self.timer = None
-        if self.finished:
-            return
+    def check_timeout(self, now: float) -> None:
+        """The total and read-idle timeouts, checked on the sweep's tick."""
         cluster = self.cluster
-        assert cluster is not None
-        now = self.loop.time()
+        if self.finished or not self.started or cluster is None:
+            return
         if now >= self.deadline:
             self._timeout(f"the upstream exchange took longer than {cluster.total_timeout:g}s")
         elif now - self.last_activity >= cluster.read_timeout:
             self._timeout(f"the upstream was silent for {cluster.read_timeout:g}s")
-        else:
-            self.timer = self.loop.call_at(
-                min(self.deadline, self.last_activity + cluster.read_timeout), self._on_timer
-            )
 
     def _timeout(self, detail: str) -> None:
         if self.task is not None:
@@ -1096,9 +1119,6 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if self.proto.state.access_log:
             self._log_access()
         self.proto.exchange_done(self)
@@ -1106,9 +1126,6 @@ class Exchange:
     def _abort_client(self) -> None:
         self.finished = True
         self.keep_alive = False
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         transport = self.proto.transport
         if transport is not None:
             transport.abort()

@@ -44,8 +44,19 @@ def status_line(code: int) -> bytes:
     return _status_line(code)
 
 
+_COMMON_TOKENS = {
+    b"keep-alive": frozenset({b"keep-alive"}),
+    b"Keep-Alive": frozenset({b"keep-alive"}),
+    b"close": frozenset({b"close"}),
+    b"Close": frozenset({b"close"}),
+}
+
+
 def connection_tokens(value: bytes) -> frozenset[bytes]:
     """The lowercase option names listed in a Connection header value."""
+    known = _COMMON_TOKENS.get(value)
+    if known is not None:
+        return known
     return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
 
 

@@ -116,6 +116,7 @@ class Worker:
             self.loop.add_signal_handler(sig, self.stopping.set)
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        self.loop.call_later(self.state.runtime.tick, self._tick)
         if self.opts.watch:
             self.loop.call_later(WATCH_INTERVAL, self._watch)
 
@@ -123,6 +124,10 @@ class Worker:
         self.registry.sweep(self.loop.time())
         if not self.stopping.is_set():
             self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _tick(self) -> None:
+        self.state.check_timeouts()
+        self.loop.call_later(self.state.runtime.tick, self._tick)
 
     def _watch(self) -> None:
         stamp = file_stamp(self.opts.config_path)
