@@ -97,16 +97,23 @@ class UpstreamConnection(asyncio.Protocol):
         self.bytes_in += len(data)
         try:
             self.parser.feed_data(data)
-            sink = self.sink
-            if sink is not None:
-                sink.flush_out()
-        except httptools.HttpParserUpgrade:
-            self.keep_alive = False
-            sink.on_upstream_error(self, "the upstream switched protocols unasked")
         except httptools.HttpParserError as exc:
             self.keep_alive = False
-            if self.sink is not None:
-                self.sink.on_upstream_error(self, f"invalid response from upstream: {exc}")
+            if isinstance(exc, httptools.HttpParserUpgrade):
+                reason = "the upstream switched protocols unasked"
+            elif isinstance(exc, httptools.HttpParserCallbackError) and exc.__context__:
+                log.error("internal error on an upstream response", exc_info=exc.__context__)
+                reason = "internal error while reading the upstream's response"
+            else:
+                reason = f"invalid response from upstream: {exc}"
+            sink = self.sink
+            if sink is not None:
+                self.sink = None
+                sink.on_upstream_error(self, reason)
+            return
+        sink = self.sink
+        if sink is not None:
+            sink.flush_out()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
