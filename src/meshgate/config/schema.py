@@ -10,6 +10,7 @@ a bare number of bytes. Validation here is about shape; cross references
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -24,7 +25,8 @@ from pydantic import (
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.IGNORECASE)
+# re.ASCII: with plain IGNORECASE, "KİB" matches and its .lower() is not a key.
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.IGNORECASE | re.ASCII)
 _SIZE_UNITS = {
     None: 1,
     "b": 1,
@@ -50,6 +52,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
         raise ValueError("expected a duration such as 250ms, 2s or 1m")
+    if not math.isfinite(seconds):
+        raise ValueError("a duration must be a finite number")
     if seconds <= 0:
         raise ValueError("a duration must be greater than zero")
     return seconds
@@ -210,7 +214,7 @@ class RateLimitShort(_Model):
     """`rate_limit: 100/min`, parsed; enforced by the edge-security filters."""
 
     limit: int = Field(ge=1)
-    period: float
+    period: float = Field(gt=0, allow_inf_nan=False)
 
 
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$")

@@ -1,0 +1,677 @@
+"""The config loader: values, and errors that name file, line and field."""
+
+from __future__ import annotations
+
+import pickle
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshgate.config.describe import describe
+from meshgate.config.loader import (
+    ConfigError,
+    ConfigProblem,
+    load_config,
+    load_config_text,
+)
+from meshgate.config.schema import Config
+
+SEED = Path(__file__).resolve().parents[2] / "examples" / "seed.yaml"
+
+BASE = """\
+upstreams:
+  orders:
+    endpoints: [127.0.0.1:9001]
+routes:
+- path: /api/**
+  upstream: orders
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "meshgate.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def problems_of(path: Path, env: dict[str, str] | None = None) -> list[ConfigProblem]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env=env or {})
+    assert info.value.problems
+    return info.value.problems
+
+
+def only_problem(path: Path, env: dict[str, str] | None = None) -> ConfigProblem:
+    problems = problems_of(path, env)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+# --- valid files ------------------------------------------------------------------------
+
+
+def test_seed_example_loads() -> None:
+    config = load_config(SEED, env={})
+    assert isinstance(config, Config)
+    assert [r.path for r in config.routes] == ["/api/orders/**", "/api/customers/**"]
+    rate = config.routes[0].rate_limit
+    assert rate is not None
+    assert rate.limit == 100
+    assert rate.period == 60
+    assert config.routes[0].auth == "jwt"
+    assert [str(e.host) for e in config.upstreams["order-service"].endpoints] == [
+        "127.0.0.1",
+        "127.0.0.1",
+    ]
+    assert [e.port for e in config.upstreams["order-service"].endpoints] == [9001, 9003]
+    assert str(config.listen) == "0.0.0.0:8080"
+    assert str(config.admin) == "127.0.0.1:9901"
+
+
+def test_load_config_accepts_str_path_and_text(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    assert load_config(str(path), env={}) == load_config_text(BASE, env={})
+
+
+def test_scalars_keep_their_yaml_types(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        workers: 4
+        access_log: true
+        limits: {header_timeout: 1.5, max_header_bytes: 16KiB}
+        upstreams:
+          orders:
+            endpoints: [127.0.0.1:9001]
+        routes:
+        - path: /a
+          upstream: orders
+          rate_limit: 10/s
+          headers: {x-debug: true, x-env: prod}
+        """,
+    )
+    config = load_config(path, env={})
+    assert config.workers == 4
+    assert config.access_log is True
+    assert config.limits.header_timeout == 1.5
+    assert config.limits.max_header_bytes == 16 * 1024
+    assert config.routes[0].headers == {"x-debug": True, "x-env": "prod"}
+    rate = config.routes[0].rate_limit
+    assert rate is not None and (rate.limit, rate.period) == (10, 1.0)
+
+
+def test_merge_keys_and_aliases(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        upstreams:
+          a: &defaults
+            endpoints: [127.0.0.1:9001]
+            balancer: ewma
+          b:
+            <<: *defaults
+            balancer: least_request
+        routes:
+        - {path: /a, upstream: a}
+        - {path: /b, upstream: b}
+        """,
+    )
+    config = load_config(path, env={})
+    assert config.upstreams["a"].balancer == "ewma"
+    assert config.upstreams["b"].balancer == "least_request"
+    assert config.upstreams["b"].endpoints == config.upstreams["a"].endpoints
+
+
+# --- errors: schema -----------------------------------------------------------------------
+
+
+def test_unknown_upstream_names_file_line_and_field(tmp_path: Path) -> None:
+    text = SEED.read_text().replace("upstream: customer-service", "upstream: customer-svc")
+    path = write(tmp_path, text)
+    problem = only_problem(path)
+    line = text.splitlines().index("  upstream: customer-svc") + 1
+    assert line == 16
+    assert problem.file == str(path)
+    assert (problem.line, problem.column) == (16, 13)
+    assert problem.field == "routes[1].upstream"
+    assert "'customer-svc' is not defined" in problem.message
+    assert "customer-service, order-service" in problem.message
+    assert str(problem).startswith(f"{path}:16:13: field 'routes[1].upstream': upstream ")
+
+
+def test_error_string_has_one_line_per_problem(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        workers: 0
+        routes:
+        - path: /a
+          upstream: nowhere
+        - path: b
+          upstream: nowhere
+        """,
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    lines = str(info.value).splitlines()
+    assert lines == [str(p) for p in info.value.problems]
+    assert lines[0] == (
+        f"{path}:1:10: field 'workers': Input should be greater than or equal to 1 (found: 0)"
+    )
+    assert lines[1].startswith(f"{path}:5:9: field 'routes[1].path': a route path starts with '/'")
+    # The error survives pickling (multiprocessing workers, say).
+    again = pickle.loads(pickle.dumps(info.value))
+    assert again.problems == info.value.problems
+
+
+def test_bad_duration(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        upstreams:
+          orders:
+            endpoints: [127.0.0.1:9001]
+            timeouts:
+              connect: 2s
+              read: 5 minutes
+        """,
+    )
+    problem = only_problem(path)
+    assert (problem.line, problem.column) == (6, 13)
+    assert problem.field == "upstreams.orders.timeouts.read"
+    assert problem.message.startswith("expected a duration such as 250ms, 2s or 1m")
+    assert "'5 minutes'" in problem.message
+    assert "Value error" not in problem.message
+
+
+def test_bad_endpoint(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        upstreams:
+          orders:
+            endpoints:
+            - 127.0.0.1:9001
+            - https://orders.internal
+        """,
+    )
+    problem = only_problem(path)
+    assert (problem.line, problem.column) == (5, 7)
+    assert problem.field == "upstreams.orders.endpoints[1]"
+    assert "expected an http:// URL or host:port" in problem.message
+
+
+def test_endpoint_of_the_wrong_type_says_what_was_found(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        upstreams:
+          orders:
+            endpoints: [9001]
+        """,
+    )
+    problem = only_problem(path)
+    assert (problem.line, problem.field) == (3, "upstreams.orders.endpoints[0]")
+    assert problem.message.endswith("(found: 9001)")
+
+
+def test_unknown_field_suggests_the_close_one(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        upstreams:
+          orders:
+            endpoint:
+            - 127.0.0.1:9001
+        """,
+    )
+    problems = problems_of(path)
+    by_field = {p.field: p for p in problems}
+    unknown = by_field["upstreams.orders.endpoint"]
+    assert (unknown.line, unknown.column) == (3, 5)
+    assert "unknown field 'endpoint'" in unknown.message
+    assert "did you mean 'endpoints'?" in unknown.message
+    assert "endpoints, balancer, timeouts, pool, host" in unknown.message
+    missing = by_field["upstreams.orders.endpoints"]
+    assert (missing.line, missing.column) == (2, 3)
+    assert missing.message == "required field 'endpoints' is missing"
+
+
+def test_unknown_top_level_field(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "rout:\n- path: /b\n")
+    problem = only_problem(path)
+    assert (problem.line, problem.field) == (7, "rout")
+    assert "did you mean 'routes'?" in problem.message
+
+
+def test_missing_field_points_at_its_mapping(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "- path: /b\n  strip_prefix: true\n")
+    problem = only_problem(path)
+    assert (problem.line, problem.column) == (7, 3)
+    assert problem.field == "routes[1].upstream"
+    assert problem.message == "required field 'upstream' is missing"
+
+
+def test_union_errors_are_reported_once(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "  strip_prefix: [1, 2]\n")
+    problem = only_problem(path)
+    assert (problem.line, problem.field) == (7, "routes[0].strip_prefix")
+    assert problem.message == ("Input should be a valid boolean or a valid string (found: [1, 2])")
+
+
+def test_value_rewritten_by_a_validator_is_shown_as_written(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "  rate_limit: 0/min\n")
+    problem = only_problem(path)
+    assert (problem.line, problem.field) == (7, "routes[0].rate_limit")
+    assert problem.message == ("limit: Input should be greater than or equal to 1 (found: '0/min')")
+
+
+def test_problems_are_in_file_order(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        routes:
+        - path: nope
+          upstream: a
+        workers: many
+        """,
+    )
+    lines = [p.line or 0 for p in problems_of(path)]
+    assert lines == sorted(lines)
+    assert lines[0] == 2
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        # These three were accepted (or crashed with KeyError) before schema.py's fixes.
+        ("limits: {max_header_bytes: 1KİB}", "expected a size"),
+        ("limits: {header_timeout: .inf}", "a duration must be a finite number"),
+        ("routes: [{path: /a, upstream: orders, rate_limit: 5/0s}]", "period: Input should be"),
+    ],
+)
+def test_schema_edge_values_are_config_errors(tmp_path: Path, line: str, message: str) -> None:
+    path = write(tmp_path, "upstreams: {orders: {endpoints: [a:1]}}\n" + line + "\n")
+    problem = only_problem(path)
+    assert problem.line == 2
+    assert message in problem.message
+
+
+# --- errors: YAML ---------------------------------------------------------------------------
+
+
+def test_duplicate_key_names_both_lines(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        upstreams:
+          orders:
+            endpoints: [127.0.0.1:9001]
+            balancer: ewma
+            balancer: round_robin
+        """,
+    )
+    problem = only_problem(path)
+    assert (problem.line, problem.column) == (5, 5)
+    assert problem.field == "upstreams.orders.balancer"
+    assert "duplicate key 'balancer'" in problem.message
+    assert "first defined at line 4" in problem.message
+
+
+def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        listen: 0.0.0.0:8080
+        upstreams:
+          orders:
+            endpoints: [127.0.0.1:9001
+        routes: []
+        """,
+    )
+    problem = only_problem(path)
+    assert problem.file == str(path)
+    assert problem.line == 5
+    assert problem.message.startswith("invalid YAML: ")
+    assert "flow sequence at line 4" in problem.message
+
+
+def test_yaml_bad_indentation(tmp_path: Path) -> None:
+    path = write(tmp_path, "listen: x\n  workers: 2\n")
+    problem = only_problem(path)
+    assert problem.line == 2
+    assert "mapping values are not allowed here" in problem.message
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    for text in ("", "# only a comment\n", "---\n"):
+        problem = only_problem(write(tmp_path, text))
+        assert problem.message.startswith("the file is empty")
+        assert "ConfigProblem" not in str(problem)
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path, "- listen: x\n- workers: 1\n"))
+    assert problem.line == 1
+    assert "expected a mapping at the top level" in problem.message
+    assert "found: a list" in problem.message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    problem = only_problem(path)
+    assert problem == ConfigProblem(str(path), None, None, "", "no such file")
+    assert str(problem) == f"{path}: no such file"
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"workers: 1\nlisten: caf\xe9\n")
+    problem = only_problem(path)
+    assert (problem.line, problem.column) == (2, 12)
+    assert "UTF-8" in problem.message
+
+
+def test_non_string_keys_and_unsafe_tags_are_refused(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        upstreams:
+          8080:
+            endpoints: [127.0.0.1:9001]
+        limits: !!python/object:os.system {}
+        """,
+    )
+    first, second = problems_of(path)
+    assert first.line == 2
+    assert "a key must be a string, found the integer '8080'" in first.message
+    assert second.line == 4
+    assert second.field == "limits"
+    assert "unsupported YAML tag" in second.message
+
+
+def test_recursive_alias_is_an_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config_text("routes: &r [*r]\n", env={})
+    assert "recursion" in str(info.value)
+
+
+def test_alias_bomb_is_refused() -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 8):
+        refs = ", ".join([f"*a{i - 1}"] * 10)
+        lines.append(f"a{i}: &a{i} [{refs}]")
+    with pytest.raises(ConfigError) as info:
+        load_config_text("\n".join(lines) + "\n", env={})
+    assert "too large" in str(info.value)
+
+
+# --- environment interpolation --------------------------------------------------------------
+
+
+ENV_TEXT = """\
+listen: ${LISTEN}
+admin: 127.0.0.1:${ADMIN_PORT:-9901}
+workers: ${WORKERS}
+upstreams:
+  orders:
+    endpoints: ["${ORDERS_HOST:-127.0.0.1}:9001"]
+    host: price$$tag
+routes:
+- path: /api/**
+  upstream: orders
+"""
+
+
+def test_env_present(tmp_path: Path) -> None:
+    path = write(tmp_path, ENV_TEXT)
+    config = load_config(
+        path, env={"LISTEN": ":8088", "WORKERS": "3", "ORDERS_HOST": "orders", "ADMIN_PORT": "7"}
+    )
+    assert str(config.listen) == "0.0.0.0:8088"
+    assert str(config.admin) == "127.0.0.1:7"
+    assert config.workers == 3
+    assert config.upstreams["orders"].endpoints[0].host == "orders"
+    assert config.upstreams["orders"].host == "price$tag"
+
+
+def test_env_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, ENV_TEXT)
+    # An empty variable takes the default too, as in the shell.
+    config = load_config(path, env={"LISTEN": "8080", "WORKERS": "2", "ORDERS_HOST": ""})
+    assert str(config.admin) == "127.0.0.1:9901"
+    assert config.upstreams["orders"].endpoints[0].host == "127.0.0.1"
+
+
+def test_env_whole_value_is_read_as_yaml_scalar(tmp_path: Path) -> None:
+    path = write(tmp_path, "workers: ${W}\naccess_log: ${LOG:-true}\n")
+    config = load_config(path, env={"W": "8"})
+    assert config.workers == 8
+    assert config.access_log is True
+    # Quoted, it stays a string (which pydantic then converts for an int field).
+    raw = write(tmp_path, "listen: '${PORT}'\n", name="quoted.yaml")
+    assert load_config(raw, env={"PORT": "8081"}).listen.port == 8081
+
+
+def test_env_whole_value_type_errors_point_at_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "listen: :8080\nworkers: ${W}\n")
+    problem = only_problem(path, env={"W": "lots"})
+    assert (problem.line, problem.field) == (2, "workers")
+    assert "(found: 'lots')" in problem.message
+
+
+def test_env_missing_is_an_error_with_line(tmp_path: Path) -> None:
+    path = write(tmp_path, ENV_TEXT)
+    problems = problems_of(path, env={"WORKERS": "2"})
+    assert [(p.line, p.field) for p in problems] == [(1, "listen")]
+    assert "environment variable 'LISTEN' is not set" in problems[0].message
+    problems = problems_of(path, env={})
+    assert [(p.line, p.field) for p in problems] == [(1, "listen"), (3, "workers")]
+    assert "'WORKERS'" in problems[1].message
+
+
+def test_env_defaults_to_os_environ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHGATE_TEST_WORKERS", "5")
+    path = write(tmp_path, "workers: ${MESHGATE_TEST_WORKERS}\n")
+    assert load_config(path).workers == 5
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("${BAD-NAME}", "invalid reference '${BAD-NAME}'"),
+        ("${}", "invalid reference '${}'"),
+        ("x${OPEN", "unterminated '${'"),
+    ],
+)
+def test_env_malformed_reference(tmp_path: Path, value: str, expected: str) -> None:
+    path = write(tmp_path, f"workers: 1\nlisten: '{value}'\n")
+    problem = only_problem(path)
+    assert problem.line == 2
+    assert expected in problem.message
+
+
+def test_lone_dollar_is_kept() -> None:
+    text = BASE.replace("path: /api/**", "path: /price$")
+    assert load_config_text(text, env={}).routes[0].path == "/price$"
+
+
+# --- describe ------------------------------------------------------------------------------
+
+
+def test_describe_seed() -> None:
+    lines = describe(load_config(SEED, env={}))
+    assert lines == [
+        "2 upstreams, 2 routes, listening on 0.0.0.0:8080, admin on 127.0.0.1:9901",
+        "routes[0] (/api/orders/**): `auth: jwt` is accepted but NOT enforced yet: "
+        "edge security (JWT, API keys) arrives in a later release; "
+        "the route is served without authentication",
+        "routes[0] (/api/orders/**): `rate_limit: 100/min` is accepted but NOT enforced yet: "
+        "rate limiting arrives in a later release; requests are not limited",
+    ]
+
+
+def test_describe_minimal_and_unused() -> None:
+    config = load_config_text(
+        """\
+listen: 9000
+workers: 2
+upstreams:
+  orders: {endpoints: [a:1]}
+  spare: {endpoints: [b:1]}
+routes:
+- {path: /x, name: x, upstream: orders, auth: [jwt, key], rate_limit: 5/h}
+""",
+        env={},
+    )
+    lines = describe(config)
+    assert lines[0] == (
+        "2 upstreams, 1 route, listening on 0.0.0.0:9000, no admin listener, 2 workers"
+    )
+    assert "upstreams.spare is not used by any route" in lines
+    assert any(line.startswith("routes[0] (x, /x): `auth: [jwt, key]`") for line in lines)
+    assert any("`rate_limit: 5/h`" in line for line in lines)
+
+
+def test_describe_no_routes() -> None:
+    lines = describe(Config())
+    assert lines[0] == "0 upstreams, 0 routes, listening on 0.0.0.0:8080, no admin listener"
+    assert any("no routes" in line for line in lines)
+
+
+# --- property: never anything but Config or ConfigError ---------------------------------
+
+
+def _check_total(text: str, env: dict[str, str]) -> None:
+    try:
+        result = load_config_text(text, "fuzz.yaml", env=env)
+    except ConfigError as exc:
+        assert exc.problems
+        n_lines = text.count("\n") + text.count("\r") + 2
+        for problem in exc.problems:
+            assert problem.file == "fuzz.yaml"
+            assert problem.line is None or 1 <= problem.line <= n_lines
+            assert str(problem).startswith("fuzz.yaml")
+        assert str(exc)
+    else:
+        assert isinstance(result, Config)
+
+
+YAML_BITS = st.sampled_from(
+    [
+        ":",
+        ": ",
+        "- ",
+        "\n",
+        "\n  ",
+        "  ",
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        "&a ",
+        "*a",
+        "<<: ",
+        "!!str ",
+        "!x ",
+        "'",
+        '"',
+        "#",
+        "|",
+        ">",
+        "---",
+        "${A}",
+        "${B:-2}",
+        "$$",
+        "${",
+        "~",
+        "null",
+        "yes",
+        "1e3",
+        "0x1F",
+        "100/min",
+        "250ms",
+        "routes",
+        "upstreams",
+        "endpoints",
+        "path",
+        "upstream",
+        "/api/**",
+        "127.0.0.1:9001",
+        "listen",
+        "workers",
+        "rate_limit",
+        "timeouts",
+        "KİB",
+        "\t",
+        "\x00",
+    ]
+)
+
+SEED_TEXT = SEED.read_text(encoding="utf-8")
+
+
+@st.composite
+def mutated_seed(draw: st.DrawFn) -> str:
+    text = SEED_TEXT
+    for _ in range(draw(st.integers(1, 4))):
+        start = draw(st.integers(0, len(text)))
+        end = draw(st.integers(start, min(len(text), start + 20)))
+        insert = "".join(draw(st.lists(YAML_BITS | st.text(max_size=3), max_size=4)))
+        text = text[:start] + insert + text[end:]
+    return text
+
+
+KEYS = st.sampled_from(
+    [
+        *Config.model_fields,
+        "endpoints",
+        "balancer",
+        "path",
+        "upstream",
+        "host",
+        "methods",
+        "headers",
+        "auth",
+        "rate_limit",
+        "connect",
+        "pool",
+        "limit",
+        "period",
+        "orders",
+    ]
+) | st.text(max_size=5)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.sampled_from(["2s", "0s", "100/min", "0/0s", "a:1", "http://x", "/p/**", "orders", "8KiB"])
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=4),
+    max_leaves=12,
+)
+ENVS = st.dictionaries(st.sampled_from(["A", "B", "W"]), st.text(max_size=6), max_size=3)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.text(max_size=200) | mutated_seed(), env=ENVS)
+def test_any_text_gives_config_or_config_error(text: str, env: dict[str, str]) -> None:
+    _check_total(text, env)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=st.dictionaries(KEYS, VALUES, max_size=5), env=ENVS)
+def test_any_yaml_document_gives_config_or_config_error(
+    value: dict[str, Any], env: dict[str, str]
+) -> None:
+    _check_total(yaml.safe_dump(value, allow_unicode=True), env)
