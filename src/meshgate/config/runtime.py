@@ -19,11 +19,13 @@ from meshgate.upstream.cluster import Cluster, PoolRegistry
 class RouteTarget:
     """What a matched route resolves to."""
 
-    __slots__ = ("cluster", "label")
+    __slots__ = ("cluster", "label", "passthrough")
 
-    def __init__(self, cluster: Cluster, label: str) -> None:
+    def __init__(self, cluster: Cluster, label: str, *, passthrough: bool) -> None:
         self.cluster = cluster
         self.label = label
+        # The request target goes upstream byte for byte (no strip or rewrite).
+        self.passthrough = passthrough
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +45,9 @@ class Runtime:
         pairs: list[tuple[RouteConfig, RouteTarget]] = []
         for i, route in enumerate(config.routes):
             label = route.name or f"routes[{i}]"
-            pairs.append((route, RouteTarget(clusters[route.upstream], label)))
+            passthrough = route.rewrite is None and not route.strip_prefix
+            target = RouteTarget(clusters[route.upstream], label, passthrough=passthrough)
+            pairs.append((route, target))
         shortest = min(
             [config.limits.header_timeout, config.limits.keepalive_timeout]
             + [min(u.timeouts.read, u.timeouts.total) for u in config.upstreams.values()]

@@ -138,6 +138,12 @@ class _Refused(Exception):
         self.detail = detail
 
 
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+# Host header value -> lowercase host without port; bounded, cleared when full.
+_HOSTS: dict[bytes, str] = {}
+
+
 def _new_request_id() -> bytes:
     # 128 random bits from the Mersenne Twister: unique enough for tracing,
     # and no syscall per request (random reseeds itself in forked workers).
@@ -162,6 +168,7 @@ class ServerProtocol(asyncio.Protocol):
         "current",
         "deadline",
         "deadline_kind",
+        "drop",
         "expect",
         "forwarded_for",
         "has_length",
@@ -216,6 +223,7 @@ class ServerProtocol(asyncio.Protocol):
         self.request_id: bytes | None = None
         self.xff: bytes | None = None
         self.via: bytes | None = None
+        self.drop: frozenset[bytes] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------
 
@@ -354,6 +362,10 @@ class ServerProtocol(asyncio.Protocol):
             self.via = value if self.via is None else self.via + b", " + value
         elif name == b"content-length":
             self.has_length = value.strip() != b"0"
+        elif name == b"connection":
+            tokens = connection_tokens(value) - _CONNECTION_OPTIONS
+            if tokens:
+                self.drop = tokens if self.drop is None else self.drop | tokens
 
     def on_headers_complete(self) -> None:
         self.deadline = 0.0
@@ -420,12 +432,18 @@ class ServerProtocol(asyncio.Protocol):
                 ex.reply_local(400, "missing-host", "HTTP/1.1 requests must carry a Host header")
                 return
             host = b""
-        path = normalize_path(path_b.decode("latin-1"))
+        raw_path = path_b.decode("latin-1")
+        path = normalize_path(raw_path)
         if path is None:
             ex.reply_local(400, "bad-path", "the request path is not valid")
             return
-        method = ex.method.decode("latin-1")
-        host_s = _split_host(host)
+        method = _METHODS.get(ex.method) or ex.method.decode("latin-1")
+        host_s = _HOSTS.get(host)
+        if host_s is None:
+            host_s = _split_host(host)
+            if len(_HOSTS) >= 1024:
+                _HOSTS.clear()
+            _HOSTS[host] = host_s
         runtime = self.state.runtime
         match = runtime.router.match(method, host_s, path, self.headers)
         if match is None:
@@ -435,13 +453,18 @@ class ServerProtocol(asyncio.Protocol):
             ex.reply_local(417, "expectation-failed", "only 'Expect: 100-continue' is supported")
             return
         route = match.route
-        query = "?" + query_b.decode("latin-1") if query_b else ""
-        target = route.upstream_path(path, query, match.params, match.rest)
+        rt = route.target
+        if rt.passthrough and path is raw_path:
+            target = url if url[:1] == b"/" else path_b + (b"?" + query_b if query_b else b"")
+        else:
+            query = "?" + query_b.decode("latin-1") if query_b else ""
+            target = route.upstream_path(path, query, match.params, match.rest).encode("latin-1")
         ex.set_target(
-            route.target.cluster,
-            route.target.label,
-            target.encode("latin-1"),
+            rt.cluster,
+            rt.label,
+            target,
             headers=self.headers,
+            drop=self.drop,
             host=host,
             chunked=self.chunked_in,
             body=self.chunked_in or self.has_length,
@@ -629,6 +652,7 @@ class Exchange:
         target: bytes,
         *,
         headers: list[tuple[bytes, bytes]],
+        drop: frozenset[bytes] | None,
         host: bytes,
         chunked: bool,
         body: bool,
@@ -645,16 +669,14 @@ class Exchange:
         self.expect_continue = expect_continue and body and not self.http10
         # Everything but the request line and Host is known now: build it once.
         parts = self.head_parts
-        drop: frozenset[bytes] | None = None
-        for name, value in headers:
-            if name == b"connection":
-                tokens = connection_tokens(value) - {b"close", b"keep-alive"}
-                if tokens:
-                    drop = tokens if drop is None else drop | tokens
-        for name, value in headers:
-            if name in REQUEST_OWN or (drop is not None and name in drop):
-                continue
-            parts.append(name + b": " + value + CRLF)
+        if drop is None:
+            for name, value in headers:
+                if name not in REQUEST_OWN:
+                    parts.append(name + b": " + value + CRLF)
+        else:
+            for name, value in headers:
+                if name not in REQUEST_OWN and name not in drop:
+                    parts.append(name + b": " + value + CRLF)
         client = self.proto.client
         parts.append(
             b"x-forwarded-for: " + (xff + b", " + client if xff is not None else client) + CRLF
@@ -887,30 +909,19 @@ class Exchange:
         status = self.status = conn.status
         self.last_activity = self.loop.time()
         parts = [status_line(status)]
-        drop: frozenset[bytes] | None = None
-        chunked = False
-        length = False
-        headers = conn.headers
-        for name, value in headers:
-            if name == b"connection":
-                tokens = connection_tokens(value)
-                if b"close" in tokens:
-                    conn.keep_alive = False
-                tokens = tokens - {b"close", b"keep-alive"}
-                if tokens:
-                    drop = tokens if drop is None else drop | tokens
-            elif name == b"transfer-encoding":
-                chunked = True
-        for name, value in headers:
-            if name in RESPONSE_OWN or (drop is not None and name in drop):
-                continue
-            if name == b"content-length":
-                length = True
-            parts.append(name + b": " + value + CRLF)
+        drop = conn.drop
+        if drop is None:
+            for name, value in conn.headers:
+                if name not in RESPONSE_OWN:
+                    parts.append(name + b": " + value + CRLF)
+        else:
+            for name, value in conn.headers:
+                if name not in RESPONSE_OWN and name not in drop:
+                    parts.append(name + b": " + value + CRLF)
         if conn.no_body or status in NO_BODY_STATUS:
             pass
-        elif not length:
-            if not chunked:
+        elif not conn.has_length:
+            if not conn.chunked:
                 # Neither length nor chunked: the body ends when the upstream
                 # closes (RFC 9112 section 6.3, rule 8).
                 conn.close_delimited = True

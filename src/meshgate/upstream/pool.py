@@ -24,10 +24,16 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
+from meshgate.protocol.headers import connection_tokens
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 log = logging.getLogger("meshgate.upstream")
+
+# Response headers the connection looks at while parsing.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
 
 
 class ResponseSink(Protocol):
@@ -48,8 +54,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "bytes_in",
+        "chunked",
         "close_delimited",
         "closed",
+        "drop",
+        "has_length",
         "headers",
         "idle_since",
         "keep_alive",
@@ -76,6 +85,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.closed = False
         self.idle_since = 0.0
+        self.has_length = False
+        self.chunked = False
+        self.drop: frozenset[bytes] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -140,9 +152,25 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.headers = []
         self.status = 0
+        self.has_length = False
+        self.chunked = False
+        self.drop = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        self.headers.append((name, value))
+        if name in _FRAMING:
+            if name == b"content-length":
+                self.has_length = True
+            elif name == b"transfer-encoding":
+                self.chunked = True
+            else:
+                tokens = connection_tokens(value)
+                if b"close" in tokens:
+                    self.keep_alive = False
+                tokens = tokens - _CONNECTION_OPTIONS
+                if tokens:
+                    self.drop = tokens if self.drop is None else self.drop | tokens
 
     def on_headers_complete(self) -> None:
         status = self.status = self.parser.get_status_code()
