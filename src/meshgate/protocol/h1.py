@@ -414,7 +414,9 @@ class ServerProtocol(asyncio.Protocol):
             try:
                 parsed = httptools.parse_url(url)
             except httptools.HttpParserInvalidURLError:
-                ex.reply_local(400, "bad-target", "the request target is not a valid URL")
+                ex.reply_local(
+                    400, "bad-target", "the request target is not a valid URL", close=True
+                )
                 return
             host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
             path_b = parsed.path or b"/"
@@ -425,17 +427,21 @@ class ServerProtocol(asyncio.Protocol):
             )
             return
         else:
-            ex.reply_local(400, "bad-target", "the request target must be a path or a URL")
+            ex.reply_local(
+                400, "bad-target", "the request target must be a path or a URL", close=True
+            )
             return
         if host is None:
             if not ex.http10:
-                ex.reply_local(400, "missing-host", "HTTP/1.1 requests must carry a Host header")
+                ex.reply_local(
+                    400, "missing-host", "HTTP/1.1 requests must carry a Host header", close=True
+                )
                 return
             host = b""
         raw_path = path_b.decode("latin-1")
         path = normalize_path(raw_path)
         if path is None:
-            ex.reply_local(400, "bad-path", "the request path is not valid")
+            ex.reply_local(400, "bad-path", "the request path is not valid", close=True)
             return
         method = _METHODS.get(ex.method) or ex.method.decode("latin-1")
         host_s = _HOSTS.get(host)
