@@ -137,10 +137,10 @@ async def _handle(
                 q = parse_qs(url.query)
                 size = int(q.get("size", ["0"])[0])
                 chunked = q.get("mode", ["cl"])[0] == "chunked"
-                framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % size
+                length = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % size
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                    b"%s\r\nConnection: %s\r\n\r\n" % (framing, ka)
+                    b"%s\r\nConnection: %s\r\n\r\n" % (length, ka)
                 )
                 left = size
                 while left > 0:
@@ -279,7 +279,7 @@ class RssWatch:
 
 
 CURL_FMT = (
-    '{"http_code": %{http_code}, "size_download": %{size_download}, '
+    '{"http_code": "%{http_code}", "size_download": %{size_download}, '
     '"size_upload": %{size_upload}, "time_total": %{time_total}}\\n'
 )
 
@@ -329,31 +329,45 @@ def run_curl(
             feeder.wait()
     wall = time.perf_counter() - t0
     (workdir / "upload.bin").unlink(missing_ok=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"curl failed ({r.returncode}): {shown}\n{r.stderr}{r.stdout}")
-    stats = json.loads(r.stdout.strip().splitlines()[-1])
-    headers = (workdir / "headers").read_text(errors="replace").lower()
+    lines = r.stdout.strip().splitlines()
+    try:
+        stats = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        stats = {}
+    headers_file = workdir / "headers"
+    headers = headers_file.read_text(errors="replace").lower() if headers_file.exists() else ""
+    headers_file.unlink(missing_ok=True)
     res: dict[str, Any] = {
         "command": shown,
-        "http_code": stats["http_code"],
-        "seconds": stats["time_total"],
+        "http_code": int(stats.get("http_code") or 0),
+        "seconds": stats.get("time_total", wall),
         "wall_seconds": wall,
     }
+    if r.returncode != 0:
+        res["curl_error"] = f"curl exit {r.returncode}: {r.stderr.strip()}"
     if direction == "download":
-        res["bytes"] = stats["size_download"]
+        res["bytes"] = stats.get("size_download", 0)
         res["client_saw"] = (
             "chunked"
             if "transfer-encoding: chunked" in headers
             else "content-length"
             if "content-length:" in headers
             else "close-delimited"
+            if headers
+            else "-"
         )
     else:
-        res["wire_bytes"] = stats["size_upload"]  # chunked: includes the chunk framing
-        body = json.loads((workdir / "response.json").read_text())
-        res["bytes"] = res["upstream_bytes"] = body["bytes"]
-        res["upstream_sha256"] = body["sha256"]
-        res["upstream_saw"] = body["framing"]
+        res["wire_bytes"] = stats.get("size_upload", 0)  # chunked: includes the chunk framing
+        resp = workdir / "response.json"
+        text = resp.read_text(errors="replace") if resp.exists() else ""
+        resp.unlink(missing_ok=True)
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = {"bytes": 0, "sha256": "", "framing": f"(response: {text[:200]!r})"}
+        res["bytes"] = res["upstream_bytes"] = body.get("bytes", 0)
+        res["upstream_sha256"] = body.get("sha256", "")
+        res["upstream_saw"] = body.get("framing", "")
     res["mb_per_s"] = res["bytes"] / res["seconds"] / 1e6 if res["seconds"] else float("nan")
     return res
 
@@ -503,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         res = run_curl(tools["curl"], direction, framing, port, args.size, tmp)
                     res.update(variant=variant, via=via)
-                    problems = []
+                    problems = [res["curl_error"]] if "curl_error" in res else []
                     if res["http_code"] != 200:
                         problems.append(f"HTTP {res['http_code']}")
                     if res["bytes"] != args.size:

@@ -335,9 +335,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="smoke run: 2s per run, 1 round, 1s warm-up, 2s paced runs",
     )
     args = p.parse_args(argv)
-    if args.quick:
-        args.duration, args.rounds, args.warmup, args.paced_duration = 2, 1, 1, 2
-        args.pause = 0.2
+    if args.quick:  # new defaults; options given explicitly still win
+        p.set_defaults(duration=2, rounds=1, warmup=1, paced_duration=2, pause=0.2)
+        args = p.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     bad = [t for t in args.targets if t not in ALL_TARGETS]
     if bad or not args.targets:
