@@ -585,6 +585,7 @@ class Exchange:
         "expect_continue",
         "finished",
         "has_body",
+        "head",
         "head_parts",
         "host",
         "http10",
@@ -627,6 +628,7 @@ class Exchange:
         self.route_label = ""
         self.target = b""
         self.host = b""
+        self.head = b""
         self.head_parts: list[bytes] = []
         self.chunked_in = False
         self.has_body = False
@@ -673,8 +675,16 @@ class Exchange:
         self.chunked_in = chunked
         self.has_body = body
         self.expect_continue = expect_continue and body and not self.http10
-        # Everything but the request line and Host is known now: build it once.
-        parts = self.head_parts
+        # The whole head is built once, here. Only a Host rewritten to the
+        # endpoint's authority waits for the endpoint (`_attach`).
+        parts = [self.method, b" ", target, b" HTTP/1.1\r\n"]
+        hv = cluster.host_value
+        if hv is None:
+            parts.append(b"host: " + host + CRLF)
+        elif hv:
+            parts.append(b"host: " + hv + CRLF)
+        else:
+            parts.append(b"")  # replaced per endpoint
         if drop is None:
             for name, value in headers:
                 if name not in REQUEST_OWN:
@@ -694,6 +704,11 @@ class Exchange:
         parts.append(b"via: " + (via + b", " + VIA_TOKEN if via is not None else VIA_TOKEN) + CRLF)
         if chunked:
             parts.append(b"transfer-encoding: chunked\r\n")
+        parts.append(CRLF)
+        if hv == b"":
+            self.head_parts = parts
+        else:
+            self.head = b"".join(parts)
 
     def reply_local(
         self,
@@ -807,13 +822,11 @@ class Exchange:
         conn.bind(self, no_body=self.method == b"HEAD")
         transport = conn.transport
         assert transport is not None
-        cluster = self.cluster
-        assert cluster is not None
-        hv = cluster.host_value
-        host = self.host if hv is None else (hv or ep.authority)
-        head = [self.method, b" ", self.target, b" HTTP/1.1\r\nhost: ", host, CRLF]
-        head += self.head_parts
-        head.append(CRLF)
+        head = self.head
+        if not head:
+            parts = self.head_parts
+            parts[4] = b"host: " + ep.authority + CRLF
+            head = b"".join(parts)
         # Keep what is needed to replay on a fresh connection if this pooled
         # one turns out to be stale (closed by the peer while idle).
         self.replay = [] if conn.reused and self.sent_body == 0 else None
@@ -822,16 +835,19 @@ class Exchange:
             self.body_buf = []
             self.body_buffered = 0
             self.proto.resume_reading(PAUSE_BUFFER)
+            out = [head]
             if self.chunked_in:
                 for chunk in body:
                     if chunk is CHUNK_END:
-                        head.append(chunk)
+                        out.append(chunk)
                     else:
-                        head += (b"%x\r\n" % len(chunk), chunk, CRLF)
+                        out += (b"%x\r\n" % len(chunk), chunk, CRLF)
             else:
-                head += body
+                out += body
             self._note_sent(body)
-        transport.write(b"".join(head))
+            transport.writelines(out)
+        else:
+            transport.write(head)
         if self.proto.write_paused:
             transport.pause_reading()
         if self.expect_continue and not self.request_complete and self.sent_body == 0:
