@@ -675,3 +675,30 @@ def test_any_yaml_document_gives_config_or_config_error(
     value: dict[str, Any], env: dict[str, str]
 ) -> None:
     _check_total(yaml.safe_dump(value, allow_unicode=True), env)
+
+
+def test_router_pattern_error_names_the_route_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "upstreams:\n"
+        "  a: {endpoints: [127.0.0.1:1]}\n"
+        "routes:\n"
+        "- path: /ok\n"
+        "  upstream: a\n"
+        "- path: /api/**/x\n"
+        "  upstream: a\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    (problem,) = info.value.problems
+    assert problem.line == 6
+    assert problem.field == "routes[1].path"
+    assert "'**'" in problem.message
+
+
+def test_numeric_header_matcher_is_an_exact_value() -> None:
+    config = load_config_text(
+        "upstreams:\n  a: {endpoints: [127.0.0.1:1]}\n"
+        "routes:\n- {path: /x, upstream: a, headers: {x-canary: 1, x-off: false}}\n"
+    )
+    assert config.routes[0].headers == {"x-canary": "1", "x-off": False}

@@ -173,11 +173,42 @@ def load_config_text(
                 ]
             )
         try:
-            return Config.model_validate(data)
+            config = Config.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(_Explainer(filename, data, builder).explain(exc)) from None
+        _check_routes(config, filename, builder)
+        return config
     except RecursionError:
         raise _file_error(filename, "the document is nested too deeply") from None
+
+
+_ROUTE_REF = re.compile(r"routes\[(\d+)\]")
+_ROUTE_FIELDS = ("path", "rewrite", "strip_prefix", "host", "methods", "headers", "name")
+
+
+def _check_routes(config: Config, filename: str, builder: _Builder) -> None:
+    """Compile the route table once, so that a pattern the router refuses
+    (a `**` that is not last, a rewrite naming an unknown segment...) is a
+    config error with its line, like any other."""
+    from meshgate.http.router import Router
+
+    try:
+        Router([(route, None) for route in config.routes])
+    except ValueError as exc:
+        message = str(exc)
+        m = _ROUTE_REF.search(message)
+        path: tuple[str | int, ...] = ()
+        if m is not None:
+            path = ("routes", int(m.group(1)))
+            for name in _ROUTE_FIELDS:
+                if f"'{name}'" in message or f"{name}:" in message or f"{name} " in message:
+                    if (*path, name) in builder.marks:
+                        path = (*path, name)
+                    break
+        line, column = _position(builder.marks.get(path))
+        raise ConfigError(
+            [ConfigProblem(filename, line, column, format_path(path), message)]
+        ) from None
 
 
 def _file_error(filename: str, message: str) -> ConfigError:

@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     field_validator,
     model_validator,
 )
@@ -242,7 +243,15 @@ def _parse_rate_limit(value: Any) -> Any:
     return value
 
 
-HeaderMatchValue = str | bool
+def _header_value(value: Any) -> Any:
+    # YAML reads `x-canary: 1` as the number 1; a header matcher means the
+    # text "1" there, never `true` (present).
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+HeaderMatchValue = Annotated[StrictBool | str, BeforeValidator(_header_value)]
 
 
 class RouteConfig(_Model):
