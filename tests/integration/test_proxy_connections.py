@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,10 @@ def _clear(up: UpstreamServer) -> None:
     up.clear()
 
 
-def test_client_keepalive_and_upstream_connection_reuse(
-    proxy: ProxyProcess, up: UpstreamServer, tmp_path: Path
-) -> None:
+def test_client_keepalive_and_upstream_connection_reuse(stack: Stack, tmp_path: Path) -> None:
+    # Its own upstream and proxy: the upstream's connection count starts at 0.
+    up = stack.upstream("up")
+    proxy = stack.proxy(single_upstream_config(up))
     args = []
     for i in range(4):
         args += ["-o", str(tmp_path / f"{i}"), proxy.url(f"/echo/{i}")]
@@ -193,3 +195,29 @@ def test_idle_client_connection_closed_after_keepalive_timeout(proxy: ProxyProce
         assert conn.read_response().body == FIXED_BODY
         reply = conn.read_until_closed(6)  # keepalive_timeout is 1s
     assert reply.closed and reply == b"", reply.describe()
+
+
+def test_absolute_form_request_target(proxy: ProxyProcess, up: UpstreamServer) -> None:
+    """RFC 9112 3.2.2: a server MUST accept the absolute-form; the upstream
+    gets the origin-form."""
+    reply = raw_request(
+        proxy.port,
+        b"GET http://api.example.com/echo?x=1 HTTP/1.1\r\nHost: api.example.com\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    (resp,) = reply.responses()
+    assert resp.status == 200, reply.describe()
+    (rec,) = up.requests
+    assert rec.target == "/echo?x=1"
+
+
+def test_many_concurrent_client_connections(proxy: ProxyProcess, up: UpstreamServer) -> None:
+    def one(i: int) -> tuple[int, str]:
+        with RawConnection(proxy.port) as conn:
+            conn.send(f"GET /echo?i={i} HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n".encode())
+            resp = conn.read_response(timeout=30)
+            return resp.status, resp.json()["target"]
+
+    with ThreadPoolExecutor(max_workers=100) as pool:
+        results = list(pool.map(one, range(300)))
+    assert results == [(200, f"/echo?i={i}") for i in range(300)]

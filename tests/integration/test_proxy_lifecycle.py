@@ -71,7 +71,7 @@ def test_sigterm_closes_idle_keepalive_connections_promptly(
 def test_sigterm_drains_in_flight_request(stack: Stack, upstream: UpstreamServer) -> None:
     proxy = stack.proxy({**routed_to("a", upstream), "limits": {"drain_timeout": "20s"}})
     slow = curl_popen(
-        "-o", "-", "-w", "\n%{http_code}", proxy.url("/svc/slow?headers_delay=3&chunks=3")
+        "-o", "-", "-w", "\n%{http_code}", proxy.url("/svc/slow?headers_delay=4&chunks=3")
     )
     try:
         upstream.wait_for_requests(1)
@@ -84,7 +84,7 @@ def test_sigterm_drains_in_flight_request(stack: Stack, upstream: UpstreamServer
             except OSError:
                 return None
 
-        wait_until(lambda: readyz() == 503, timeout=2.5, what="/readyz 503 while draining")
+        wait_until(lambda: readyz() == 503, timeout=3, what="/readyz 503 while draining")
 
         def refused() -> bool:
             try:
@@ -93,7 +93,7 @@ def test_sigterm_drains_in_flight_request(stack: Stack, upstream: UpstreamServer
                 return True
             return False
 
-        wait_until(refused, timeout=2.5, what="new connections refused while draining")
+        wait_until(refused, timeout=3, what="new connections refused while draining")
         assert slow.poll() is None, "the in-flight request ended before its answer"
         out, err = slow.communicate(timeout=30)
     finally:
@@ -212,6 +212,23 @@ def test_reload_changes_routing_without_failed_requests(
         first_b = names.index("b")
         assert set(names[:first_b]) == {"a"} and set(names[first_b:]) == {"b"}, names
     assert proxy.alive and proxy.stop() == 0
+
+
+def test_reload_lets_in_flight_request_finish(stack: Stack) -> None:
+    a, b = stack.upstream("a"), stack.upstream("b")
+    proxy = stack.proxy(routed_to("first", a))
+    slow = curl_popen(
+        "-o", "-", "-w", "\n%{http_code}", proxy.url("/svc/slow?headers_delay=1.5&chunks=2")
+    )
+    try:
+        a.wait_for_requests(1)
+        proxy.reload(routed_to("second", b), via="sighup")
+        wait_until(lambda: fetch(proxy.url("/svc/fixed")).header("x-upstream") == "b", timeout=15)
+        out, err = slow.communicate(timeout=30)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    assert out == b"x" * 32 + b"\n200", (out, err)
 
 
 INVALID = {

@@ -131,3 +131,23 @@ def test_round_robin_is_per_request_on_one_client_connection(
     assert sum(int(n) for n in cp.stdout.split()) == 1  # one client connection
     seen = Counter(json.loads((tmp_path / f"{i}.json").read_bytes())["upstream"] for i in range(10))
     assert seen == {"rr1": 5, "rr2": 5}
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/svc/../api/orders/1", ("orders", "/api/orders/1")),
+        ("/svc/%2e%2e/api/orders/1", ("orders", "/api/orders/1")),
+        ("//api//orders/1", ("orders", "/api/orders/1")),
+        ("/api/orders/../../svc/x", ("misc", "/x")),
+        ("/api%2Forders/1", (None, "404")),  # an encoded slash is not a separator
+    ],
+)
+def test_routes_on_the_path_it_forwards(
+    proxy: ProxyProcess, path: str, expected: tuple[str | None, str]
+) -> None:
+    """Dot segments and repeated slashes: the route chosen and the target sent
+    must agree, so that no upstream receives a path its route did not match.
+    Refusing such a path (400) is also acceptable."""
+    got = via(proxy, path, "--path-as-is")
+    assert got == expected or got == (None, "400"), got

@@ -74,6 +74,13 @@ BAD_REQUESTS = {
     "bad-chunk-size": b"POST /echo HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n"
     b"zz\r\nhello\r\n0\r\n\r\n",
     "target-not-origin-form": b"GET echo HTTP/1.1\r\nHost: p\r\n\r\n",
+    "chunk-size-overflow": b"POST /echo HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"10000000000000000005\r\nhello\r\n0\r\n\r\n",
+    "negative-chunk-size": b"POST /echo HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"-5\r\nhello\r\n0\r\n\r\n",
+    "nul-in-header-value": b"GET /echo HTTP/1.1\r\nHost: p\r\nX-Foo: a\x00b\r\n\r\n",
+    "invalid-method-token": b"G@T /echo HTTP/1.1\r\nHost: p\r\n\r\n",
+    "space-in-target": b"GET /echo x HTTP/1.1\r\nHost: p\r\n\r\n",
 }
 
 
@@ -83,7 +90,9 @@ def test_malformed_request_refused_400(proxy: ProxyProcess, up: UpstreamServer, 
     assert_upstream_saw_nothing(up)
 
 
-@pytest.mark.parametrize("te", ["gzip, chunked", "chunked, gzip", "identity", "xchunked"])
+@pytest.mark.parametrize(
+    "te", ["gzip, chunked", "chunked, gzip", "identity", "xchunked", "chunked, chunked"]
+)
 def test_unknown_transfer_coding_refused(proxy: ProxyProcess, up: UpstreamServer, te: str) -> None:
     """RFC 9112 6.1/6.3: a request whose final coding is not chunked cannot be
     framed; one with a coding the server does not know earns 501 (SHOULD)."""

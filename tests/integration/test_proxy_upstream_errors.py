@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from support.client import assert_problem, curl_popen, fetch, free_port
+from support.client import RawConnection, assert_problem, curl_popen, fetch, free_port
 from support.proxy import Stack, single_upstream_config
-from support.upstream import UpstreamServer
+from support.upstream import FIXED_BODY, UpstreamServer
 
 pytestmark = pytest.mark.engine
 
@@ -138,3 +138,62 @@ def test_stale_connection_retried_when_upstream_closes_on_reuse(
     dropped = [rec for rec in upstream.requests if rec.seq > 0]
     assert len(answered) == 4
     assert dropped, "the proxy never reused a pooled connection: nothing was retried"
+
+
+@pytest.mark.parametrize("kind", ["garbage", "dup-cl"])
+def test_malformed_upstream_response_is_502(
+    stack: Stack, upstream: UpstreamServer, kind: str
+) -> None:
+    """RFC 9112 6.3: a proxy that receives a response with an invalid framing
+    MUST close the upstream connection, discard it and answer 502."""
+    proxy = stack.proxy(single_upstream_config(upstream))
+    r = fetch(proxy.url(f"/bad-response?kind={kind}"))
+    assert_problem(r, 502)
+    assert fetch(proxy.url("/fixed")).body == FIXED_BODY
+
+
+def test_upstream_response_with_cl_and_te(stack: Stack, upstream: UpstreamServer) -> None:
+    """Transfer-Encoding wins over Content-Length (RFC 9112 6.3); a proxy may
+    refuse the response (502) or forward it without the Content-Length."""
+    proxy = stack.proxy(single_upstream_config(upstream))
+    r = fetch(proxy.url("/bad-response?kind=cl-te"))
+    if r.status == 502:
+        assert_problem(r, 502)
+    else:
+        assert r.returncode == 0 and r.status == 200 and r.body == b"hello", r.describe()
+        assert r.header("content-length") in (None, "5"), r.headers
+    assert fetch(proxy.url("/fixed")).body == FIXED_BODY
+
+
+def test_bad_chunk_in_upstream_response(stack: Stack, upstream: UpstreamServer) -> None:
+    """Headers may already be on their way to the client when the bad chunk
+    comes: then the client must see the transfer fail, never a clean end."""
+    proxy = stack.proxy(single_upstream_config(upstream))
+    r = fetch(proxy.url("/bad-response?kind=bad-chunk"))
+    if r.status == 502:
+        assert_problem(r, 502)
+    else:
+        assert r.returncode != 0, f"curl saw a complete response: {r.describe()}"
+    assert fetch(proxy.url("/fixed")).body == FIXED_BODY
+
+
+def test_client_abort_mid_download_does_not_poison_the_pool(
+    stack: Stack, upstream: UpstreamServer
+) -> None:
+    """A client that goes away mid-body: the proxy must close the upstream
+    connection (or read the body to its end) rather than leave it hanging or
+    hand it, with body bytes still coming, to the next request."""
+    proxy = stack.proxy(single_upstream_config(upstream))
+    for i in range(3):
+        with RawConnection(proxy.port) as conn:
+            conn.send(f"GET /download?size={20 << 20}&i={i} HTTP/1.1\r\nHost: p\r\n\r\n".encode())
+            assert conn.recv_some(1 << 20).startswith(b"HTTP/1.1 200")
+
+        def settled(s: UpstreamServer) -> bool:
+            open_ids = {c.conn_id for c in s.connections if not c.closed}
+            return all(r.response_complete or r.conn_id not in open_ids for r in s.requests)
+
+        upstream.wait_for(settled, timeout=15, what="the abandoned download to be settled")
+        for _ in range(3):
+            r = fetch(proxy.url("/fixed"))
+            assert r.status == 200 and r.body == FIXED_BODY, r.describe()

@@ -28,6 +28,8 @@ route prefix: `/svc/download`), with parameters in the query:
     status          /status/<code> or code=N; no body for 204 and 304 (cl=N puts
                     a content-length on a 304, which still has no body).
     hop             `echo` plus hop-by-hop response headers a proxy must drop.
+    bad-response    kind=garbage|dup-cl|cl-te|bad-chunk: a malformed response,
+                    then closes.
     expect-reject   417 without reading the body, then closes (echo when the
                     request carries no `expect: 100-continue`).
 
@@ -65,8 +67,17 @@ BEHAVIOURS = frozenset(
         "status",
         "hop",
         "expect-reject",
+        "bad-response",
     }
 )
+# What `bad-response` sends, by kind; the connection is closed after each.
+BAD_RESPONSES = {
+    "garbage": b"THIS IS NOT HTTP\r\n\r\n",
+    "dup-cl": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    "cl-te": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n0\r\n\r\n",
+    "bad-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+}
 # Hop-by-hop headers that the `hop` behaviour sends and a proxy must drop.
 HOP_RESPONSE_HEADERS = (
     ("Connection", "X-Resp-Hop"),
@@ -741,6 +752,11 @@ class UpstreamServer:
         # Reached only without an expectation (a proxy may answer 100 itself
         # and not forward `expect`): then there is nothing to reject.
         return await self._b_echo(out, rec, seq)
+
+    async def _b_bad_response(self, out: _Responder, rec: _LiveRequest, seq: int) -> bool:
+        out.writer.write(BAD_RESPONSES[rec.params.get("kind", "garbage")])
+        await out.writer.drain()
+        return False
 
     async def _b_answer_close(self, out: _Responder, rec: _LiveRequest, seq: int) -> bool:
         body = json.dumps(echo_doc(rec.snapshot())).encode()
