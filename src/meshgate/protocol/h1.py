@@ -85,6 +85,7 @@ REQUEST_SPECIAL = REQUEST_OWN | {b"content-length"}
 RESPONSE_OWN = HOP_BY_HOP | {b"x-request-id"}
 
 CRLF = b"\r\n"
+COLON_SP = b": "
 CHUNK_END = b"0\r\n\r\n"
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 VIA_TOKEN = b"1.1 meshgate"
@@ -688,11 +689,11 @@ class Exchange:
         if drop is None:
             for name, value in headers:
                 if name not in REQUEST_OWN:
-                    parts.append(name + b": " + value + CRLF)
+                    parts += (name, COLON_SP, value, CRLF)
         else:
             for name, value in headers:
                 if name not in REQUEST_OWN and name not in drop:
-                    parts.append(name + b": " + value + CRLF)
+                    parts += (name, COLON_SP, value, CRLF)
         client = self.proto.client
         parts.append(
             b"x-forwarded-for: " + (xff + b", " + client if xff is not None else client) + CRLF
@@ -756,18 +757,12 @@ class Exchange:
         assert cluster is not None
         now = self.started = self.last_activity = self.loop.time()
         self.deadline = now + cluster.total_timeout
-        self._pick_and_attach(fresh=False)
-
-    def _pick_and_attach(self, *, fresh: bool) -> None:
-        cluster = self.cluster
-        assert cluster is not None
         ep = cluster.balancer.pick()
-        if not fresh:
-            conn = ep.pool.take_idle()
-            if conn is not None:
-                self._attach(ep, conn)
-                return
-        self.task = self.loop.create_task(self._connect(ep))
+        conn = ep.pool.take_idle()
+        if conn is not None:
+            self._attach(ep, conn)
+        else:
+            self.task = self.loop.create_task(self._connect(ep))
 
     async def _connect(self, ep: Endpoint) -> None:
         cluster = self.cluster
@@ -935,11 +930,11 @@ class Exchange:
         if drop is None:
             for name, value in conn.headers:
                 if name not in RESPONSE_OWN:
-                    parts.append(name + b": " + value + CRLF)
+                    parts += (name, COLON_SP, value, CRLF)
         else:
             for name, value in conn.headers:
                 if name not in RESPONSE_OWN and name not in drop:
-                    parts.append(name + b": " + value + CRLF)
+                    parts += (name, COLON_SP, value, CRLF)
         if conn.no_body or status in NO_BODY_STATUS:
             pass
         elif not conn.has_length:
@@ -992,25 +987,46 @@ class Exchange:
                     transport.writelines(out)
 
     def on_upstream_end(self, conn: UpstreamConnection) -> None:
+        # The common ending, kept flat: flush, free the endpoint, pool the
+        # connection, finish.
+        out = self.out
         if self.chunked_out:
-            self.out.append(CHUNK_END)
-        self.flush_out()
+            out.append(CHUNK_END)
+        proto = self.proto
+        transport = proto.transport
+        if out and transport is not None:
+            transport.writelines(out)
+        self.out = []
         self.conn = None
-        self._release_endpoint(observe=True)
+        ep = self.endpoint
+        if ep is not None:
+            self.endpoint = None
+            ep.active -= 1
+            balancer = ep.balancer
+            if balancer.needs_latency:
+                now = self.loop.time()
+                balancer.observe(ep, now - self.started, now)
         if not self.request_complete:
             conn.keep_alive = False
-        if self.proto.write_paused and conn.transport is not None:
+        if proto.write_paused and conn.transport is not None:
             conn.transport.resume_reading()
         conn.pool.release(conn)
-        self._finish()
+        self.finished = True
+        if proto.state.access_log:
+            self._log_access()
+        proto.exchange_done(self)
 
     def on_upstream_error(self, conn: UpstreamConnection, reason: str) -> None:
         self.conn = None
         self._release_endpoint()
         conn.abort()
-        if self.response_started:
-            self._abort_client()
+        if self.response_started and not self.out:
+            self._abort_client()  # bytes already reached the client
         else:
+            # Whatever this read produced is still held: a 502 is still possible.
+            self.out = []
+            self.response_started = False
+            self.chunked_out = False
             self.fail(502, "upstream-bad-response", reason)
 
     def on_upstream_lost(self, conn: UpstreamConnection) -> None:
@@ -1044,7 +1060,9 @@ class Exchange:
             self.sent_body = 0
             while conn.pool.idle:
                 conn.pool.idle.popleft().close()
-            self._pick_and_attach(fresh=True)
+            cluster = self.cluster
+            assert cluster is not None
+            self.task = self.loop.create_task(self._connect(cluster.balancer.pick()))
             return
         self.fail(
             502,
@@ -1111,18 +1129,12 @@ class Exchange:
 
     # -- endings ---------------------------------------------------------------------
 
-    def _release_endpoint(self, *, observe: bool = False) -> None:
+    def _release_endpoint(self) -> None:
+        """The exchange no longer loads its endpoint (failures are not timed)."""
         ep = self.endpoint
         if ep is not None:
             self.endpoint = None
             ep.active -= 1
-            if observe:
-                cluster = self.cluster
-                assert cluster is not None
-                balancer = cluster.balancer
-                if balancer.needs_latency:
-                    now = self.loop.time()
-                    balancer.observe(ep, now - self.started, now)
 
     def fail(self, status: int, kind: str, detail: str) -> None:
         """Answer with a problem instead of the upstream's response."""

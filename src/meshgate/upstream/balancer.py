@@ -27,10 +27,11 @@ if TYPE_CHECKING:
 class Endpoint:
     """One address of a cluster, with its pool and load counters."""
 
-    __slots__ = ("active", "authority", "ewma", "ewma_stamp", "pool")
+    __slots__ = ("active", "authority", "balancer", "ewma", "ewma_stamp", "pool")
 
     def __init__(self, pool: EndpointPool, authority: bytes) -> None:
         self.pool = pool
+        self.balancer: Balancer = _NO_BALANCER  # set by the balancer that owns it
         self.authority = authority
         self.active = 0
         self.ewma = 0.0
@@ -46,12 +47,17 @@ class Balancer:
 
     def __init__(self, endpoints: Sequence[Endpoint]) -> None:
         self.endpoints = tuple(endpoints)
+        for ep in self.endpoints:
+            ep.balancer = self
 
     def pick(self) -> Endpoint:
         raise NotImplementedError
 
     def observe(self, endpoint: Endpoint, latency: float, now: float) -> None:
         return None
+
+
+_NO_BALANCER = Balancer(())
 
 
 class RoundRobin(Balancer):

@@ -196,7 +196,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if 100 <= self.status < 200 or self.no_body:
             return
-        self._finish()
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            sink.on_upstream_end(self)
 
     def _finish(self) -> None:
         sink = self.sink
@@ -357,7 +360,8 @@ class EndpointPool:
         ):
             conn.idle_since = self.loop.time()
             self.idle.append(conn)
-            self._wake_one()
+            if self.waiters:
+                self._wake_one()
         else:
             conn.close()  # on_closed wakes a waiter
 
