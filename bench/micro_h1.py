@@ -89,10 +89,14 @@ async def main(n: int, profile: bool) -> None:
     pool.open_count += 1
     pool.release(conn)
 
+    flush = state.batcher.flush  # what the loop does once per turn
+
     def run(count: int) -> None:
         for _ in range(count):
             proto.data_received(REQUEST)
+            flush()
             conn.data_received(RESPONSE)
+            flush()
 
     run(1000)
     prof = cProfile.Profile() if profile else None

@@ -97,7 +97,16 @@ class ServerState:
     """What every connection of one worker shares: the current runtime,
     the open connections (for drain), and the pools."""
 
-    __slots__ = ("access_log", "connections", "draining", "loop", "registry", "runtime", "scheme")
+    __slots__ = (
+        "access_log",
+        "batcher",
+        "connections",
+        "draining",
+        "loop",
+        "registry",
+        "runtime",
+        "scheme",
+    )
 
     def __init__(
         self,
@@ -109,6 +118,7 @@ class ServerState:
     ) -> None:
         self.runtime = runtime
         self.registry = registry
+        self.batcher = registry.batcher
         self.loop = loop
         self.scheme = scheme
         self.connections: set[ServerProtocol] = set()
@@ -164,6 +174,7 @@ class ServerProtocol(asyncio.Protocol):
     """One client connection."""
 
     __slots__ = (
+        "batcher",
         "chunked_in",
         "client",
         "current",
@@ -188,6 +199,7 @@ class ServerProtocol(asyncio.Protocol):
         "transport",
         "url",
         "via",
+        "wbuf",
         "write_paused",
         "xff",
     )
@@ -197,6 +209,8 @@ class ServerProtocol(asyncio.Protocol):
         self.loop = state.loop
         self.limits = state.runtime.limits
         self.transport: asyncio.Transport | None = None
+        self.batcher = state.batcher
+        self.wbuf: list[bytes] = []
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[Exchange] = collections.deque()
         self.current: Exchange | None = None
@@ -502,7 +516,7 @@ class ServerProtocol(asyncio.Protocol):
             return
         if not ex.keep_alive or self.state.draining:
             self.pause_reading(PAUSE_DONE)
-            transport.close()
+            self.close()
             return
         if len(queue) < PIPELINE_LIMIT:
             self.resume_reading(PAUSE_PIPELINE)
@@ -522,7 +536,7 @@ class ServerProtocol(asyncio.Protocol):
             # as a complete request.
             cur.abort_request(refusal.status, refusal.kind, refusal.detail)
             if not self.queue and self.transport is not None:
-                self.transport.close()
+                self.close()
             return
         ex = Exchange(self, b"GET", False, False, _new_request_id())
         ex.reply_local(refusal.status, refusal.kind, refusal.detail, close=True)
@@ -547,28 +561,52 @@ class ServerProtocol(asyncio.Protocol):
             return
         if self.transport is not None and not self.transport.is_closing():
             self.pause_reading(PAUSE_DONE)
-            self.transport.write(
+            self.write(
                 problem_response(
                     408, "request-timeout", "the request head did not arrive in time", close=True
                 )
             )
-            self.transport.close()
+            self.close()
 
     def _on_keepalive_timeout(self) -> None:
         if not self.queue and self.transport is not None:
-            self.transport.close()
+            self.close()
 
     def drain(self) -> None:
         if not self.queue:
             if self.transport is not None:
-                self.transport.close()
+                self.close()
         else:
             for ex in self.queue:
                 ex.keep_alive = False
 
+    # -- writing (batched, see protocol.batch) -------------------------------------
+
     def write(self, data: bytes) -> None:
+        wbuf = self.wbuf
+        if not wbuf:
+            self.batcher.mark(self)
+        wbuf.append(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        wbuf = self.wbuf
+        if not wbuf:
+            self.batcher.mark(self)
+        wbuf += data
+
+    def flush_writes(self) -> None:
+        wbuf = self.wbuf
+        if wbuf:
+            self.wbuf = []
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.writelines(wbuf)
+
+    def close(self) -> None:
+        """Send what is buffered, then close."""
+        self.flush_writes()
         if self.transport is not None:
-            self.transport.write(data)
+            self.transport.close()
 
 
 class Exchange:
@@ -809,9 +847,9 @@ class Exchange:
             else:
                 out += body
             self._note_sent(body)
-            transport.writelines(out)
+            conn.writelines(out)
         else:
-            transport.write(head)
+            conn.write(head)
         if self.proto.write_paused:
             transport.pause_reading()
         if self.expect_continue and not self.request_complete and self.sent_body == 0:
@@ -838,9 +876,9 @@ class Exchange:
         conn = self.conn
         if conn is not None and conn.transport is not None:
             if self.chunked_in:
-                conn.transport.writelines((b"%x\r\n" % len(data), data, CRLF))
+                conn.writelines([b"%x\r\n" % len(data), data, CRLF])
             else:
-                conn.transport.write(data)
+                conn.write(data)
             self.sent_body += len(data)
             if self.replay is not None:
                 if self.sent_body <= REPLAY_LIMIT:
@@ -860,7 +898,7 @@ class Exchange:
             return
         conn = self.conn
         if conn is not None and conn.transport is not None:
-            conn.transport.write(CHUNK_END)
+            conn.write(CHUNK_END)
             if self.replay is not None:
                 self.replay.append(CHUNK_END)
         elif self.local_reply is None:
@@ -948,12 +986,7 @@ class Exchange:
         out = self.out
         if out:
             self.out = []
-            transport = self.proto.transport
-            if transport is not None:
-                if len(out) == 1:
-                    transport.write(out[0])
-                else:
-                    transport.writelines(out)
+            self.proto.writelines(out)
 
     def on_upstream_end(self, conn: UpstreamConnection) -> None:
         # The common ending, kept flat: flush, free the endpoint, pool the
@@ -962,10 +995,9 @@ class Exchange:
         if self.chunked_out:
             out.append(CHUNK_END)
         proto = self.proto
-        transport = proto.transport
-        if out and transport is not None:
-            transport.writelines(out)
-        self.out = []
+        if out:
+            proto.writelines(out)
+            self.out = []
         self.conn = None
         ep = self.endpoint
         if ep is not None:
@@ -1140,9 +1172,10 @@ class Exchange:
     def _abort_client(self) -> None:
         self.finished = True
         self.keep_alive = False
-        transport = self.proto.transport
-        if transport is not None:
-            transport.abort()
+        proto = self.proto
+        proto.wbuf = []
+        if proto.transport is not None:
+            proto.transport.abort()
 
     def _log_access(self) -> None:
         elapsed = (self.loop.time() - self.started) * 1000 if self.started else 0.0

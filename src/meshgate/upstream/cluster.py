@@ -13,6 +13,7 @@ import asyncio
 from typing import Any
 
 from meshgate.config.schema import UpstreamConfig
+from meshgate.protocol.batch import WriteBatcher
 from meshgate.upstream.balancer import BALANCERS, Balancer, Endpoint
 from meshgate.upstream.pool import EndpointPool
 
@@ -23,10 +24,12 @@ HOST_PRESERVE: bytes | None = None
 class PoolRegistry:
     """Pools by (host, port, pool settings), shared across reloads."""
 
-    __slots__ = ("loop", "pools")
+    __slots__ = ("batcher", "loop", "pools")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.loop = loop
+        self.loop = loop or asyncio.get_event_loop()
+        # One write batcher per event loop, shared by clients and upstreams.
+        self.batcher = WriteBatcher(self.loop)
         self.pools: dict[tuple[Any, ...], EndpointPool] = {}
 
     def get(self, host: str, port: int, cfg: UpstreamConfig) -> EndpointPool:
@@ -42,6 +45,7 @@ class PoolRegistry:
                 idle_timeout=p.idle_timeout,
                 connect_timeout=cfg.timeouts.connect,
                 loop=self.loop,
+                batcher=self.batcher,
             )
             self.pools[key] = pool
         return pool

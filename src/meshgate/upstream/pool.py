@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
+from meshgate.protocol.batch import WriteBatcher
 from meshgate.protocol.headers import connection_tokens
 
 if TYPE_CHECKING:
@@ -69,11 +70,13 @@ class UpstreamConnection(asyncio.Protocol):
         "sink",
         "status",
         "transport",
+        "wbuf",
     )
 
     def __init__(self, pool: EndpointPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
+        self.wbuf: list[bytes] = []
         self.parser = httptools.HttpResponseParser(self)
         self.sink: ResponseSink | None = None
         self.status = 0
@@ -215,16 +218,39 @@ class UpstreamConnection(asyncio.Protocol):
         self.close_delimited = False
         self.bytes_in = 0
 
+    def write(self, data: bytes) -> None:
+        """Buffered until the end of this event-loop turn (see protocol.batch)."""
+        wbuf = self.wbuf
+        if not wbuf:
+            self.pool.batcher.mark(self)
+        wbuf.append(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        wbuf = self.wbuf
+        if not wbuf:
+            self.pool.batcher.mark(self)
+        wbuf += data
+
+    def flush_writes(self) -> None:
+        wbuf = self.wbuf
+        if wbuf:
+            self.wbuf = []
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.writelines(wbuf)
+
     def close(self) -> None:
         """Close gracefully (buffered request bytes are still flushed)."""
         self.keep_alive = False
         if self.transport is not None and not self.closed:
+            self.flush_writes()
             self.transport.close()
 
     def abort(self) -> None:
         """Reset now: the peer must never see a complete request."""
         self.keep_alive = False
         self.sink = None
+        self.wbuf = []
         if self.transport is not None and not self.closed:
             self.transport.abort()
 
@@ -243,6 +269,7 @@ class EndpointPool:
 
     __slots__ = (
         "address",
+        "batcher",
         "connect_timeout",
         "connecting",
         "factory",
@@ -268,6 +295,7 @@ class EndpointPool:
         idle_timeout: float,
         connect_timeout: float,
         loop: asyncio.AbstractEventLoop | None = None,
+        batcher: WriteBatcher | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -277,6 +305,7 @@ class EndpointPool:
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.loop = loop or asyncio.get_event_loop()
+        self.batcher = batcher or WriteBatcher(self.loop)
         self.idle: collections.deque[UpstreamConnection] = collections.deque()
         self.open_count = 0
         self.connecting = 0
