@@ -552,7 +552,8 @@ def _check_total(text: str, env: dict[str, str]) -> None:
         result = load_config_text(text, "fuzz.yaml", env=env)
     except ConfigError as exc:
         assert exc.problems
-        n_lines = text.count("\n") + text.count("\r") + 2
+        # YAML also breaks lines at NEL, LS and PS.
+        n_lines = sum(text.count(c) for c in "\n\r\x85\u2028\u2029") + 2
         for problem in exc.problems:
             assert problem.file == "fuzz.yaml"
             assert problem.line is None or 1 <= problem.line <= n_lines

@@ -81,11 +81,18 @@ REQUEST_OWN = HOP_BY_HOP | {
 # Request headers looked at while parsing (the forwarded ones among them are
 # copied through as they came).
 REQUEST_SPECIAL = REQUEST_OWN | {b"content-length"}
-# Response headers that meshgate writes itself.
-RESPONSE_OWN = HOP_BY_HOP | {b"x-request-id"}
 
 CRLF = b"\r\n"
 COLON_SP = b": "
+# What meshgate adds to every forwarded request and response, as one format.
+_REQUEST_TAIL = (
+    b"x-forwarded-for: %s\r\nx-forwarded-proto: %s\r\nx-forwarded-host: %s\r\n"
+    b"x-request-id: %s\r\nvia: %s\r\n%s"
+)
+_REQUEST_TAIL_NO_HOST = (
+    b"x-forwarded-for: %s\r\nx-forwarded-proto: %s\r\n%sx-request-id: %s\r\nvia: %s\r\n%s"
+)
+_RESPONSE_TAIL = b"x-request-id: %s\r\nvia: 1.1 meshgate\r\n%s"
 CHUNK_END = b"0\r\n\r\n"
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 VIA_TOKEN = b"1.1 meshgate"
@@ -184,10 +191,12 @@ class ServerProtocol(asyncio.Protocol):
         "expect",
         "forwarded_for",
         "has_length",
-        "header_bytes",
+        "head_limit",
+        "head_size",
         "headers",
         "host",
         "host_count",
+        "in_head",
         "limits",
         "loop",
         "parser",
@@ -224,12 +233,15 @@ class ServerProtocol(asyncio.Protocol):
         self.client = b""
         self.forwarded_for = b""
         self.refusal: _Refused | None = None
+        # Bytes read since the last request ended, while its head is awaited.
+        self.in_head = True
+        self.head_size = 0
+        self.head_limit = self.limits.max_header_bytes + self.limits.max_request_line + 64
         self._reset_head()
 
     def _reset_head(self) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.header_bytes = 0
         self.host: bytes | None = None
         self.host_count = 0
         self.expect: bytes | None = None
@@ -269,6 +281,10 @@ class ServerProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.pause_reasons & PAUSE_DONE:
             return
+        if self.in_head:
+            # The head's size is counted here, per read, not per header: the
+            # exact sum is taken only when a head crosses the limit.
+            self.head_size += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -286,6 +302,16 @@ class ServerProtocol(asyncio.Protocol):
                     refusal = _Refused(400, "bad-request", f"malformed request: {detail}")
             self.refusal = None
             self._refuse(refusal)
+            return
+        if self.in_head and self.head_size > self.head_limit:
+            self._refuse(self._head_too_large())
+
+    def _head_too_large(self) -> _Refused:
+        return _Refused(
+            431,
+            "headers-too-large",
+            f"the request headers are larger than {self.limits.max_header_bytes} bytes",
+        )
 
     def eof_received(self) -> bool | None:
         # A half-close from the client: answer what is in flight, then close.
@@ -341,14 +367,6 @@ class ServerProtocol(asyncio.Protocol):
             raise self.refusal
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.header_bytes += len(name) + len(value) + 4
-        if self.header_bytes > self.limits.max_header_bytes:
-            self.refusal = _Refused(
-                431,
-                "headers-too-large",
-                f"the request headers are larger than {self.limits.max_header_bytes} bytes",
-            )
-            raise self.refusal
         name = name.lower()
         self.headers.append((name, value))
         if name in REQUEST_SPECIAL:
@@ -384,6 +402,15 @@ class ServerProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.deadline = 0.0
+        self.in_head = False
+        if self.head_size > self.head_limit:
+            # This read held more than a head's worth: count exactly.
+            size = 0
+            for name, value in self.headers:
+                size += len(name) + len(value) + 4
+            if size > self.limits.max_header_bytes:
+                self.refusal = self._head_too_large()
+                raise self.refusal
         parser = self.parser
         method = parser.get_method()
         http10 = parser.get_http_version() == "1.0"
@@ -406,6 +433,8 @@ class ServerProtocol(asyncio.Protocol):
             cur.on_request_body(body)
 
     def on_message_complete(self) -> None:
+        self.in_head = True
+        self.head_size = 0
         cur = self.current
         if cur is not None:
             self.current = None
@@ -700,18 +729,18 @@ class Exchange:
             for name, value in headers:
                 if name not in REQUEST_OWN and name not in drop:
                     parts += (name, COLON_SP, value, CRLF)
-        client = self.proto.client
+        proto = self.proto
         parts.append(
-            b"x-forwarded-for: " + (xff + b", " + client if xff is not None else client) + CRLF
+            (_REQUEST_TAIL if host else _REQUEST_TAIL_NO_HOST)
+            % (
+                proto.client if xff is None else xff + b", " + proto.client,
+                proto.state.scheme,
+                host,
+                self.request_id,
+                VIA_TOKEN if via is None else via + b", " + VIA_TOKEN,
+                b"transfer-encoding: chunked\r\n\r\n" if chunked else CRLF,
+            )
         )
-        parts.append(b"x-forwarded-proto: " + self.proto.state.scheme + CRLF)
-        if host:
-            parts.append(b"x-forwarded-host: " + host + CRLF)
-        parts.append(b"x-request-id: " + self.request_id + CRLF)
-        parts.append(b"via: " + (via + b", " + VIA_TOKEN if via is not None else VIA_TOKEN) + CRLF)
-        if chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
-        parts.append(CRLF)
         if hv == b"":
             self.head_parts = parts
         else:
@@ -932,16 +961,18 @@ class Exchange:
     def on_upstream_head(self, conn: UpstreamConnection) -> None:
         status = self.status = conn.status
         self.last_activity = self.loop.time()
-        parts = [status_line(status)]
+        # The connection collected the forwardable header lines while parsing
+        # (parts[0] is kept for the status line).
+        parts = conn.parts
+        parts[0] = status_line(status)
         drop = conn.drop
-        if drop is None:
-            for name, value in conn.headers:
-                if name not in RESPONSE_OWN:
-                    parts += (name, COLON_SP, value, CRLF)
-        else:
-            for name, value in conn.headers:
-                if name not in RESPONSE_OWN and name not in drop:
-                    parts += (name, COLON_SP, value, CRLF)
+        if drop is not None:
+            # Rare: Connection named more headers to remove.
+            kept = [parts[0]]
+            for i in range(1, len(parts), 4):
+                if parts[i] not in drop:
+                    kept += parts[i : i + 4]
+            parts = kept
         if conn.no_body or status in NO_BODY_STATUS:
             pass
         elif not conn.has_length:
@@ -961,14 +992,17 @@ class Exchange:
             self.keep_alive = False
         if self.proto.state.draining:
             self.keep_alive = False
-        parts.append(b"x-request-id: " + self.request_id + CRLF)
-        parts.append(b"via: " + VIA_TOKEN + CRLF)
-        if not self.keep_alive:
-            parts.append(b"connection: close\r\n\r\n")
-        elif self.http10:
-            parts.append(b"connection: keep-alive\r\n\r\n")
-        else:
-            parts.append(CRLF)
+        parts.append(
+            _RESPONSE_TAIL
+            % (
+                self.request_id,
+                b"connection: close\r\n\r\n"
+                if not self.keep_alive
+                else b"connection: keep-alive\r\n\r\n"
+                if self.http10
+                else CRLF,
+            )
+        )
         self.response_started = True
         # Held until the end of this read, so that the head and the first
         # body bytes leave in one write (one syscall for a small response).

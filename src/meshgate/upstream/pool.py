@@ -25,15 +25,16 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import httptools
 
 from meshgate.protocol.batch import WriteBatcher
-from meshgate.protocol.headers import connection_tokens
+from meshgate.protocol.headers import HOP_BY_HOP, connection_tokens
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 log = logging.getLogger("meshgate.upstream")
 
-# Response headers the connection looks at while parsing.
-_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+# Response headers never copied to the client: hop-by-hop ones, and the
+# request id, which meshgate sets itself.
+_NOT_FORWARDED = HOP_BY_HOP | {b"x-request-id"}
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
 
 
@@ -60,11 +61,11 @@ class UpstreamConnection(asyncio.Protocol):
         "closed",
         "drop",
         "has_length",
-        "headers",
         "idle_since",
         "keep_alive",
         "no_body",
         "parser",
+        "parts",
         "pool",
         "reused",
         "sink",
@@ -80,7 +81,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.sink: ResponseSink | None = None
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.parts: list[bytes] = [b""]
         self.keep_alive = True
         self.no_body = False
         self.close_delimited = False
@@ -153,27 +154,29 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.headers = []
+        self.parts = [b""]
         self.status = 0
         self.has_length = False
         self.chunked = False
         self.drop = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Forwardable lines are collected as they come, ready to be joined;
+        # hop-by-hop headers (RFC 9110 7.6.1) and framing are noted, not kept.
         name = name.lower()
-        self.headers.append((name, value))
-        if name in _FRAMING:
+        if name not in _NOT_FORWARDED:
+            self.parts += (name, b": ", value, b"\r\n")
             if name == b"content-length":
                 self.has_length = True
-            elif name == b"transfer-encoding":
-                self.chunked = True
-            else:
-                tokens = connection_tokens(value)
-                if b"close" in tokens:
-                    self.keep_alive = False
-                tokens = tokens - _CONNECTION_OPTIONS
-                if tokens:
-                    self.drop = tokens if self.drop is None else self.drop | tokens
+        elif name == b"transfer-encoding":
+            self.chunked = True
+        elif name == b"connection":
+            tokens = connection_tokens(value)
+            if b"close" in tokens:
+                self.keep_alive = False
+            tokens = tokens - _CONNECTION_OPTIONS
+            if tokens:
+                self.drop = tokens if self.drop is None else self.drop | tokens
 
     def on_headers_complete(self) -> None:
         status = self.status = self.parser.get_status_code()
