@@ -547,7 +547,7 @@ class ServerProtocol(asyncio.Protocol):
             self.pause_reading(PAUSE_DONE)
             self.close()
             return
-        if len(queue) < PIPELINE_LIMIT:
+        if self.pause_reasons & PAUSE_PIPELINE and len(queue) < PIPELINE_LIMIT:
             self.resume_reading(PAUSE_PIPELINE)
         if queue:
             queue[0].start()
@@ -849,7 +849,10 @@ class Exchange:
         self.endpoint = ep
         ep.active += 1
         self.conn = conn
-        conn.bind(self, no_body=self.method == b"HEAD")
+        conn.sink = self
+        conn.no_body = self.method == b"HEAD"
+        conn.close_delimited = False
+        conn.bytes_in = 0
         transport = conn.transport
         assert transport is not None
         head = self.head

@@ -215,12 +215,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- used by the exchange ------------------------------------------------
 
-    def bind(self, sink: ResponseSink, *, no_body: bool) -> None:
-        self.sink = sink
-        self.no_body = no_body
-        self.close_delimited = False
-        self.bytes_in = 0
-
     def write(self, data: bytes) -> None:
         """Buffered until the end of this event-loop turn (see protocol.batch)."""
         wbuf = self.wbuf
