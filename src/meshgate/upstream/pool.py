@@ -153,13 +153,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self.parts = [b""]
-        self.status = 0
-        self.has_length = False
-        self.chunked = False
-        self.drop = None
-
     def on_header(self, name: bytes, value: bytes) -> None:
         # Forwardable lines are collected as they come, ready to be joined;
         # hop-by-hop headers (RFC 9110 7.6.1) and framing are noted, not kept.
@@ -183,6 +176,11 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200:
             # Interim responses (103 Early Hints, a 100 we did not ask for)
             # are not forwarded; llhttp reports them as complete messages.
+            # (Per-message state is reset by the exchange that binds the
+            # connection, and here after an interim one: no on_message_begin.)
+            self.parts = [b""]
+            self.has_length = self.chunked = False
+            self.drop = None
             return
         self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
         assert self.sink is not None
