@@ -277,6 +277,24 @@ def run_hey(
     return res, argv
 
 
+def run_uniform(port: int, rate: int, duration: int) -> tuple[dict[str, Any], list[str]]:
+    """bench/paced.py: evenly spaced requests, latency from the scheduled instant."""
+    argv = [
+        sys.executable,
+        str(Path(__file__).with_name("paced.py")),
+        f"http://127.0.0.1:{port}{PATH}",
+        "--rate",
+        str(rate),
+        "--duration",
+        str(duration),
+        "--json",
+    ]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    if not r.stdout.strip():
+        raise RuntimeError(f"paced.py failed:\n{r.stderr}")
+    return json.loads(r.stdout), argv
+
+
 def check_target(name: str, port: int) -> None:
     status, body = http_get(port, PATH, timeout=5.0)
     if status != 200 or body != BODY:
@@ -321,6 +339,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paced-workers", type=int, default=10, help="hey -c")
     p.add_argument("--paced-qps", type=int, default=100, help="hey -q, per worker")
     p.add_argument("--no-paced", action="store_true", help="skip the paced latency runs")
+    p.add_argument("--uniform-rate", type=int, default=1000, help="bench/paced.py req/s")
+    p.add_argument("--uniform-duration", type=int, default=10, help="seconds per paced.py run")
+    p.add_argument("--uniform-rounds", type=int, default=3, help="interleaved paced.py rounds")
     p.add_argument(
         "--targets",
         default=",".join(ALL_TARGETS),
@@ -336,7 +357,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     if args.quick:  # new defaults; options given explicitly still win
-        p.set_defaults(duration=2, rounds=1, warmup=1, paced_duration=2, pause=0.2)
+        p.set_defaults(
+            duration=2,
+            rounds=1,
+            warmup=1,
+            paced_duration=2,
+            pause=0.2,
+            uniform_duration=2,
+            uniform_rounds=1,
+        )
         args = p.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     bad = [t for t in args.targets if t not in ALL_TARGETS]
@@ -411,6 +440,25 @@ def report(result: dict[str, Any], args: argparse.Namespace, out: Path) -> str:
                     f"{paced[name]['p99_ms']:.2f} - {paced['direct']['p99_ms']:.2f} = "
                     f"{paced[name]['added_p99_ms']:.2f} ms"
                 )
+    uniform: dict[str, dict[str, Any]] = result.get("uniform", {})
+    if uniform:
+        lines += [
+            "",
+            f"Paced latency, evenly spaced: bench/paced.py at {args.uniform_rate:,} req/s for "
+            f"{args.uniform_duration}s, {args.uniform_rounds} interleaved round(s); latency from "
+            "each request's scheduled instant (no coordinated omission); medians over rounds.",
+            "",
+            "| target | p50 ms | p99 ms | added p99 vs direct ms | p99 per round | errors |",
+            "|---|---:|---:|---:|---|---:|",
+        ]
+        base = uniform.get("direct", {}).get("p99_ms")
+        for name, u in uniform.items():
+            added = None if base is None or name == "direct" else u["p99_ms"] - base
+            rounds = ", ".join(f"{x:.2f}" for x in u["p99_rounds"])
+            lines.append(
+                f"| {name} | {fmt(u['p50_ms'])} | {fmt(u['p99_ms'])} | {fmt(added)} | "
+                f"{rounds} | {u['errors']} |"
+            )
     errors = sum(s["errors"] for s in summary.values())
     if errors:
         lines += ["", f"WARNING: {errors} socket errors / non-2xx responses in wrk runs; see JSON."]
@@ -534,6 +582,32 @@ def main(argv: list[str] | None = None) -> int:
                 if "direct" in paced:
                     for res in paced.values():
                         res["added_p99_ms"] = res["p99_ms"] - paced["direct"]["p99_ms"]
+                uniform_runs: dict[str, list[dict[str, Any]]] = {}
+                names = [t for t in PACED_TARGETS if t in args.targets]
+                for rnd in range(args.uniform_rounds):
+                    for name in names:
+                        ensure_alive(procs)
+                        log(
+                            f"uniform round {rnd + 1}/{args.uniform_rounds} {name}: "
+                            f"{args.uniform_rate} req/s for {args.uniform_duration}s"
+                        )
+                        res, argv = run_uniform(
+                            ports[name], args.uniform_rate, args.uniform_duration
+                        )
+                        result["commands"][f"paced.py {name}"] = shlex.join(argv)
+                        uniform_runs.setdefault(name, []).append(res)
+                        log(f"  {name}: p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms")
+                        time.sleep(args.pause)
+                result["uniform"] = {
+                    name: {
+                        "p50_ms": median([r["p50_ms"] for r in runs]),
+                        "p99_ms": median([r["p99_ms"] for r in runs]),
+                        "p99_rounds": [r["p99_ms"] for r in runs],
+                        "errors": sum(r["errors"] for r in runs),
+                        "runs": runs,
+                    }
+                    for name, runs in uniform_runs.items()
+                }
             result["paced"] = paced
     finally:
         if args.keep_tmp:
