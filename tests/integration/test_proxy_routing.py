@@ -151,3 +151,33 @@ def test_routes_on_the_path_it_forwards(
     Refusing such a path (400) is also acceptable."""
     got = via(proxy, path, "--path-as-is")
     assert got == expected or got == (None, "400"), got
+
+
+def test_repeated_requests_route_the_same_through_the_route_cache(
+    module_stack: Stack,
+) -> None:
+    """With no header matchers, decisions are remembered per (method, Host,
+    target): the same target under another Host or method still routes on
+    its own, and rewrites repeat exactly."""
+    a, b = module_stack.upstream("cache-a"), module_stack.upstream("cache-b")
+    proxy = module_stack.proxy(
+        {
+            "upstreams": {"a": upstream_block(a), "b": upstream_block(b)},
+            "routes": [
+                {"path": "/x/**", "host": "b.example", "upstream": "b"},
+                {"path": "/x/**", "methods": ["POST"], "upstream": "b"},
+                {"path": "/r/{id}", "rewrite": "/v2/{id}", "upstream": "a"},
+                {"path": "/x/**", "upstream": "a"},
+            ],
+        }
+    )
+    for _ in range(3):
+        assert fetch(proxy.url("/x/1?q=1")).status == 200
+        assert fetch(proxy.url("/x/1?q=1"), "-H", "host: b.example").status == 200
+        assert fetch(proxy.url("/x/1?q=1"), "-X", "POST", "--data", "z").status == 200
+        assert fetch(proxy.url("/r/7")).status == 200
+        assert fetch(proxy.url("/r/8")).status == 200
+    got_a = [(r.method, r.target) for r in a.requests]
+    got_b = sorted((r.method, r.target) for r in b.requests)
+    assert got_a == [("GET", "/x/1?q=1"), ("GET", "/v2/7"), ("GET", "/v2/8")] * 3
+    assert got_b == [("GET", "/x/1?q=1")] * 3 + [("POST", "/x/1?q=1")] * 3

@@ -36,6 +36,10 @@ class Runtime:
     clusters: dict[str, Cluster]
     limits: ServerLimits
     tick: float
+    route_cache: dict[tuple[bytes, bytes, bytes], tuple[RouteTarget, bytes]] | None
+    """(method, Host, target) -> (route target, upstream target); None when
+    a route matches on headers. Mutable on purpose, and private to this
+    runtime: a reload starts with an empty one."""
     """How often timeouts are checked: a tenth of the shortest one, so a
     timeout fires at most 10% late (clamped to 20 ms .. 1 s)."""
 
@@ -52,7 +56,9 @@ class Runtime:
             [config.limits.header_timeout, config.limits.keepalive_timeout]
             + [min(u.timeouts.read, u.timeouts.total) for u in config.upstreams.values()]
         )
+        cacheable = not any(route.headers for route in config.routes)
         return cls(
+            route_cache={} if cacheable else None,
             tick=min(max(shortest / 10, 0.02), 1.0),
             config=config,
             source=source,

@@ -41,7 +41,7 @@ from meshgate.protocol.headers import HOP_BY_HOP, connection_tokens, status_line
 from meshgate.upstream.pool import PoolClosed, PoolTimeout, UpstreamConnection
 
 if TYPE_CHECKING:
-    from meshgate.config.runtime import Runtime
+    from meshgate.config.runtime import RouteTarget, Runtime
     from meshgate.upstream.balancer import Endpoint
     from meshgate.upstream.cluster import Cluster, PoolRegistry
 
@@ -53,6 +53,11 @@ access_log = logging.getLogger("meshgate.access")
 BUFFER_LIMIT = 64 * 1024
 # Body bytes kept to replay a request when a reused connection proves stale.
 REPLAY_LIMIT = 64 * 1024
+# Routing decisions remembered per runtime, by (method, Host, request target),
+# as Kong's router cache does; cleared when full. Off when a route matches on
+# headers (the key would not capture them).
+ROUTE_CACHE_SIZE = 4096
+ROUTE_CACHE_MAX_TARGET = 256  # longer targets are routed every time
 # Queued pipelined requests on one connection before reading pauses.
 PIPELINE_LIMIT = 16
 
@@ -453,6 +458,18 @@ class ServerProtocol(asyncio.Protocol):
             return
         url = self.url
         host = self.host
+        runtime = self.state.runtime
+        cache = runtime.route_cache
+        if cache is not None and host is not None:
+            hit = cache.get((ex.method, host, url))
+            if hit is not None:
+                if self.expect is not None and self.expect != b"100-continue":
+                    ex.reply_local(
+                        417, "expectation-failed", "only 'Expect: 100-continue' is supported"
+                    )
+                    return
+                self._set_target(ex, hit[0], hit[1], host)
+                return
         if url[:1] == b"/":
             path_b, _, query_b = url.partition(b"?")
         elif url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
@@ -495,7 +512,6 @@ class ServerProtocol(asyncio.Protocol):
             if len(_HOSTS) >= 1024:
                 _HOSTS.clear()
             _HOSTS[host] = host_s
-        runtime = self.state.runtime
         match = runtime.router.match(method, host_s, path, self.headers)
         if match is None:
             ex.reply_local(404, "no-route", f"no route for {method} {path}")
@@ -510,6 +526,13 @@ class ServerProtocol(asyncio.Protocol):
         else:
             query = "?" + query_b.decode("latin-1") if query_b else ""
             target = route.upstream_path(path, query, match.params, match.rest).encode("latin-1")
+        if cache is not None and url[:1] == b"/" and len(url) <= ROUTE_CACHE_MAX_TARGET:
+            if len(cache) >= ROUTE_CACHE_SIZE:
+                cache.clear()
+            cache[(ex.method, host, url)] = (rt, target)
+        self._set_target(ex, rt, target, host)
+
+    def _set_target(self, ex: Exchange, rt: RouteTarget, target: bytes, host: bytes) -> None:
         ex.set_target(
             rt.cluster,
             rt.label,
