@@ -57,13 +57,14 @@ REPLAY_LIMIT = 64 * 1024
 # as Kong's router cache does; cleared when full. Off when a route matches on
 # headers (the key would not capture them).
 ROUTE_CACHE_SIZE = 4096
-ROUTE_CACHE_MAX_TARGET = 256  # longer targets are routed every time
+ROUTE_CACHE_MAX_TARGET = 256  # longer targets (or Hosts) are routed every time
 # Queued pipelined requests on one connection before reading pauses.
 PIPELINE_LIMIT = 16
 
 # What ServerProtocol.deadline is for.
 DEADLINE_HEAD = 1  # the request head must arrive by then (408)
 DEADLINE_KEEPALIVE = 2  # an idle keep-alive connection closes then
+DEADLINE_CLOSING = 3  # a closing connection whose client stopped reading is reset
 
 # Reasons for which reading from the client is paused (a bitmask).
 PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
@@ -210,7 +211,9 @@ class ServerProtocol(asyncio.Protocol):
         "refusal",
         "request_id",
         "state",
+        "trailer_size",
         "transport",
+        "unmetered",
         "url",
         "via",
         "wbuf",
@@ -241,6 +244,8 @@ class ServerProtocol(asyncio.Protocol):
         # Bytes read since the last request ended, while its head is awaited.
         self.in_head = True
         self.head_size = 0
+        self.unmetered = False
+        self.trailer_size = 0
         self.head_limit = self.limits.max_header_bytes + self.limits.max_request_line + 64
         self._reset_head()
 
@@ -326,6 +331,7 @@ class ServerProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # A half-close from the client: answer what is in flight, then close.
         # A request whose body is still arriving can never complete.
+        self.flush_writes()
         cur = self.current
         if cur is not None and not cur.request_complete:
             cur.abort_request(400, "incomplete-body", "the client closed before its body ended")
@@ -372,6 +378,15 @@ class ServerProtocol(asyncio.Protocol):
             raise self.refusal
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            # Trailer fields of a chunked body (llhttp reports them here too).
+            # The body is re-framed upstream without them; they are counted
+            # against the header limit and dropped.
+            self.trailer_size += len(name) + len(value) + 4
+            if self.trailer_size > self.limits.max_header_bytes:
+                self.refusal = self._head_too_large()
+                raise self.refusal
+            return
         name = name.lower()
         self.headers.append((name, value))
         if name in REQUEST_SPECIAL:
@@ -408,7 +423,21 @@ class ServerProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.deadline = 0.0
         self.in_head = False
-        if self.head_size > self.head_limit:
+        self.trailer_size = 0
+        if self.pause_reasons & PAUSE_DONE:
+            # A request pipelined after one that ends the connection: llhttp
+            # is still parsing the same read. It is never answered or sent.
+            self._reset_head()
+            return
+        if self.parser.should_upgrade():
+            self.refusal = _Refused(
+                501, "upgrade-unsupported", "protocol upgrades (and CONNECT) are not supported"
+            )
+            raise self.refusal
+        if self.head_size > self.head_limit or self.unmetered:
+            # This read held more than a head's worth, or the head followed
+            # another request in one read: count exactly.
+            self.unmetered = False
             # This read held more than a head's worth: count exactly.
             size = 0
             for name, value in self.headers:
@@ -441,6 +470,8 @@ class ServerProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.in_head = True
         self.head_size = 0
+        # Bytes of a next head in this same read were not counted per read.
+        self.unmetered = True
         cur = self.current
         if cur is not None:
             self.current = None
@@ -460,7 +491,7 @@ class ServerProtocol(asyncio.Protocol):
         host = self.host
         runtime = self.state.runtime
         cache = runtime.route_cache
-        if cache is not None and host is not None:
+        if cache is not None and host is not None and len(host) <= ROUTE_CACHE_MAX_TARGET:
             hit = cache.get((ex.method, host, url))
             if hit is not None:
                 if self.expect is not None and self.expect != b"100-continue":
@@ -526,7 +557,12 @@ class ServerProtocol(asyncio.Protocol):
         else:
             query = "?" + query_b.decode("latin-1") if query_b else ""
             target = route.upstream_path(path, query, match.params, match.rest).encode("latin-1")
-        if cache is not None and url[:1] == b"/" and len(url) <= ROUTE_CACHE_MAX_TARGET:
+        if (
+            cache is not None
+            and url[:1] == b"/"
+            and len(url) <= ROUTE_CACHE_MAX_TARGET
+            and len(host) <= ROUTE_CACHE_MAX_TARGET
+        ):
             if len(cache) >= ROUTE_CACHE_SIZE:
                 cache.clear()
             cache[(ex.method, host, url)] = (rt, target)
@@ -553,7 +589,7 @@ class ServerProtocol(asyncio.Protocol):
         """Queue a routed exchange; it starts now if nothing is ahead of it."""
         queue = self.queue
         queue.append(ex)
-        if len(queue) == 1:
+        if len(queue) == 1 and self.transport is not None and not self.transport.is_closing():
             ex.start()
         elif len(queue) >= PIPELINE_LIMIT:
             self.pause_reading(PAUSE_PIPELINE)
@@ -574,7 +610,9 @@ class ServerProtocol(asyncio.Protocol):
         if self.pause_reasons & PAUSE_PIPELINE and len(queue) < PIPELINE_LIMIT:
             self.resume_reading(PAUSE_PIPELINE)
         if queue:
-            queue[0].start()
+            # Not now: this may run inside the upstream parser's callback,
+            # whose connection must not be reused before its read is done.
+            self.loop.call_soon(queue[0].start)
         elif not self.deadline:
             self.deadline = self.loop.time() + self.limits.keepalive_timeout
             self.deadline_kind = DEADLINE_KEEPALIVE
@@ -602,10 +640,13 @@ class ServerProtocol(asyncio.Protocol):
         deadline = self.deadline
         if deadline and now >= deadline:
             self.deadline = 0.0
-            if self.deadline_kind == DEADLINE_HEAD:
+            kind = self.deadline_kind
+            if kind == DEADLINE_HEAD:
                 self._on_head_timeout()
-            else:
+            elif kind == DEADLINE_KEEPALIVE:
                 self._on_keepalive_timeout()
+            elif self.transport is not None:
+                self.transport.abort()  # DEADLINE_CLOSING
         if self.queue:
             self.queue[0].check_timeout(now)
 
@@ -656,10 +697,15 @@ class ServerProtocol(asyncio.Protocol):
                 transport.writelines(wbuf)
 
     def close(self) -> None:
-        """Send what is buffered, then close."""
+        """Send what is buffered, then close; a client that never reads what
+        is left is cut off after keepalive_timeout."""
         self.flush_writes()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+            if transport.get_write_buffer_size():
+                self.deadline = self.loop.time() + self.limits.keepalive_timeout
+                self.deadline_kind = DEADLINE_CLOSING
 
 
 class Exchange:
@@ -684,6 +730,7 @@ class Exchange:
     endpoint: Endpoint | None = None
     task: asyncio.Task[None] | None = None
     response_started = False
+    head_sent = False  # part of the upstream's response was handed to the client
     chunked_out = False
     finished = False
     replay: list[bytes] | None = None
@@ -975,7 +1022,9 @@ class Exchange:
         if self.task is not None:
             self.task.cancel()
             self.task = None
-        if self.response_started:
+        if self.finished:
+            self.proto.close()  # its answer (and earlier ones) may still be buffered
+        elif self.response_started:
             self._abort_client()
         else:
             self.reply_local(status, kind, detail, close=True)
@@ -1050,6 +1099,7 @@ class Exchange:
         out = self.out
         if out:
             self.out = []
+            self.head_sent = True
             self.proto.writelines(out)
 
     def on_upstream_end(self, conn: UpstreamConnection) -> None:
@@ -1077,6 +1127,8 @@ class Exchange:
             conn.transport.resume_reading()
         conn.pool.release(conn)
         self.finished = True
+        if proto.pause_reasons & PAUSE_UPSTREAM:
+            proto.resume_reading(PAUSE_UPSTREAM)
         if proto.state.access_log:
             self._log_access()
         proto.exchange_done(self)
@@ -1085,8 +1137,8 @@ class Exchange:
         self.conn = None
         self._release_endpoint()
         conn.abort()
-        if self.response_started and not self.out:
-            self._abort_client()  # bytes already reached the client
+        if self.head_sent:
+            self._abort_client()  # bytes already went to the client
         else:
             # Whatever this read produced is still held: a 502 is still possible.
             self.out = []
@@ -1100,7 +1152,7 @@ class Exchange:
         self.conn = None
         self._release_endpoint()
         if self.response_started:
-            if conn.close_delimited:
+            if conn.close_delimited and conn.clean_close:
                 if self.chunked_out:
                     self.out.append(CHUNK_END)
                 self.flush_out()
@@ -1229,9 +1281,14 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        if self.proto.state.access_log:
+        proto = self.proto
+        if proto.pause_reasons & (PAUSE_UPSTREAM | PAUSE_BUFFER):
+            # The upstream this exchange was writing to is gone: whatever
+            # paused reading on its behalf no longer holds.
+            proto.resume_reading(PAUSE_UPSTREAM | PAUSE_BUFFER)
+        if proto.state.access_log:
             self._log_access()
-        self.proto.exchange_done(self)
+        proto.exchange_done(self)
 
     def _abort_client(self) -> None:
         self.finished = True

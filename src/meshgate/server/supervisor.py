@@ -56,6 +56,9 @@ class Supervisor:
         if pid == 0:
             code = 1
             try:
+                # A reload asked for before the worker installs its handler
+                # must not kill it (SIGHUP's default action).
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
                 for sock in self.held:
                     sock.close()

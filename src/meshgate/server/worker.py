@@ -63,7 +63,8 @@ def bind_socket(address: Address, *, reuse_port: bool = True) -> socket.socket:
 
 
 def _freeze_heap() -> None:
-    """Move what start-up (or a reload) built out of the collector's way.
+    """Move what start-up built out of the collector's way (once: a frozen
+    object is never collected, so a reload's leftovers are not frozen).
 
     The config, the compiled runtime and the imported modules live as long
     as the worker; left in the collected generations, every full collection
@@ -138,8 +139,12 @@ class Worker:
             self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def _tick(self) -> None:
-        self.state.check_timeouts()
-        self.loop.call_later(self.state.runtime.tick, self._tick)
+        try:
+            self.state.check_timeouts()
+        except Exception:
+            log.exception("timeout sweep failed")
+        finally:
+            self.loop.call_later(self.state.runtime.tick, self._tick)
 
     def _watch(self) -> None:
         stamp = file_stamp(self.opts.config_path)
@@ -170,7 +175,6 @@ class Worker:
         self.state.access_log = config.access_log
         self.config = config
         self.registry.retain_only(runtime.pool_ids())
-        _freeze_heap()
         log.info(
             "reloaded %s: %d routes, %d upstreams", path, len(config.routes), len(config.upstreams)
         )

@@ -28,7 +28,7 @@ from meshgate.protocol.batch import WriteBatcher
 from meshgate.protocol.headers import HOP_BY_HOP, connection_tokens
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    pass
 
 log = logging.getLogger("meshgate.upstream")
 
@@ -57,6 +57,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "bytes_in",
         "chunked",
+        "clean_close",
         "close_delimited",
         "closed",
         "drop",
@@ -88,6 +89,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.bytes_in = 0
         self.reused = False
         self.closed = False
+        self.clean_close = False
         self.idle_since = 0.0
         self.has_length = False
         self.chunked = False
@@ -117,6 +119,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.keep_alive = False
             if isinstance(exc, httptools.HttpParserUpgrade):
                 reason = "the upstream switched protocols unasked"
+            elif isinstance(exc.__context__, UnexpectedResponse):
+                log.warning("%s sent a response nobody asked for; closing", self.pool.address)
+                reason = "unexpected response from upstream"
             elif isinstance(exc, httptools.HttpParserCallbackError) and exc.__context__:
                 log.error("internal error on an upstream response", exc_info=exc.__context__)
                 reason = "internal error while reading the upstream's response"
@@ -126,6 +131,8 @@ class UpstreamConnection(asyncio.Protocol):
             if sink is not None:
                 self.sink = None
                 sink.on_upstream_error(self, reason)
+            else:
+                self.close()  # bytes after a complete response: out of sync
             return
         sink = self.sink
         if sink is not None:
@@ -136,6 +143,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.clean_close = exc is None
         self.keep_alive = False
         self.pool.on_closed(self)
         sink = self.sink
@@ -183,8 +191,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.drop = None
             return
         self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
-        assert self.sink is not None
-        self.sink.on_upstream_head(self)
+        sink = self.sink
+        if sink is None:
+            # A second response in the same read as a complete one: the
+            # upstream is out of step with the requests it was sent.
+            self.keep_alive = False
+            raise UnexpectedResponse
+        sink.on_upstream_head(self)
         if self.no_body and self.sink is not None:
             # A response to HEAD has no body whatever its Content-Length says.
             # llhttp can't be told so through httptools, so this parser is
@@ -250,6 +263,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+class UnexpectedResponse(Exception):
+    """Response bytes arrived with no request waiting for them."""
+
+
 class PoolClosed(Exception):
     """The pool was retired by a reload while a request waited on it."""
 
@@ -267,7 +284,6 @@ class EndpointPool:
         "batcher",
         "connect_timeout",
         "connecting",
-        "factory",
         "host",
         "idle",
         "idle_timeout",
@@ -306,7 +322,6 @@ class EndpointPool:
         self.connecting = 0
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.retired = False
-        self.factory: Callable[[], UpstreamConnection] = lambda: UpstreamConnection(self)
 
     def take_idle(self) -> UpstreamConnection | None:
         """The most recently used live idle connection, or None."""
@@ -317,7 +332,7 @@ class EndpointPool:
         while idle:
             conn = idle.pop()
             transport = conn.transport
-            if conn.closed or transport is None or transport.is_closing():
+            if conn.closed or not conn.keep_alive or transport is None or transport.is_closing():
                 continue
             if conn.idle_since < expire_before:
                 # The rest are older still.
@@ -336,14 +351,24 @@ class EndpointPool:
         """Open a new connection (the caller checked `has_capacity`)."""
         self.open_count += 1
         self.connecting += 1
+        made: list[UpstreamConnection] = []
+
+        def factory() -> UpstreamConnection:
+            conn = UpstreamConnection(self)
+            made.append(conn)
+            return conn
+
         try:
             _, conn = await asyncio.wait_for(
-                self.loop.create_connection(self.factory, self.host, self.port),
+                self.loop.create_connection(factory, self.host, self.port),
                 self.connect_timeout,
             )
         except BaseException:
-            self.open_count -= 1
-            self._wake_one()
+            # A connection that got its transport is counted off by its own
+            # connection_lost (on_closed); only one that never did is undone here.
+            if not made or made[0].transport is None:
+                self.open_count -= 1
+                self._wake_one()
             raise
         finally:
             self.connecting -= 1
