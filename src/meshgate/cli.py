@@ -10,10 +10,14 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from meshgate import __version__
 from meshgate.config.loader import ConfigError, load_config
 from meshgate.config.schema import Config
+
+if TYPE_CHECKING:
+    from meshgate.http.router import Router
 
 log = logging.getLogger("meshgate")
 
@@ -35,29 +39,37 @@ def _load(path: str) -> Config | None:
         return None
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from meshgate.config.describe import describe
+def _load_router(path: str) -> tuple[Config, Router[str]] | None:
+    """The config and its route table (targets are upstream names)."""
     from meshgate.http.router import Router
 
-    config = _load(args.config)
+    config = _load(path)
     if config is None:
+        return None
+    return config, Router([(r, r.upstream) for r in config.routes])
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from meshgate.config.describe import describe
+
+    loaded = _load_router(args.config)
+    if loaded is None:
         return 1
+    config, router = loaded
     lines = describe(config)
     print(f"{args.config}: OK: {lines[0]}")
     for line in lines[1:]:
         print(f"  note: {line}")
-    for warning in Router([(r, r.upstream) for r in config.routes]).warnings():
+    for warning in router.warnings():
         print(f"  warning: {warning}")
     return 0
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
-    from meshgate.http.router import Router
-
-    config = _load(args.config)
-    if config is None:
+    loaded = _load_router(args.config)
+    if loaded is None:
         return 1
-    router = Router([(r, r.upstream) for r in config.routes])
+    router = loaded[1]
     sys.stdout.write(router.format_table())
     warnings = router.warnings()
     for warning in warnings:
@@ -66,12 +78,12 @@ def cmd_routes(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from meshgate.http.router import Router, normalize_path
+    from meshgate.http.router import normalize_path
 
-    config = _load(args.config)
-    if config is None:
+    loaded = _load_router(args.config)
+    if loaded is None:
         return 1
-    router = Router([(r, r.upstream) for r in config.routes])
+    router = loaded[1]
     target: str = args.target
     headers: list[tuple[bytes, bytes]] = []
     host = ""

@@ -23,6 +23,37 @@ class Batched(Protocol):
     def flush_writes(self) -> None: ...
 
 
+class BatchedWriter:
+    """Buffered writes for a protocol that has `transport`, `wbuf` (a list)
+    and `batcher`; they reach the transport at the end of the loop turn."""
+
+    __slots__ = ()
+
+    transport: asyncio.Transport | None
+    wbuf: list[bytes]
+    batcher: WriteBatcher
+
+    def write(self, data: bytes) -> None:
+        wbuf = self.wbuf
+        if not wbuf:
+            self.batcher.mark(self)
+        wbuf.append(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        wbuf = self.wbuf
+        if not wbuf:
+            self.batcher.mark(self)
+        wbuf += data
+
+    def flush_writes(self) -> None:
+        wbuf = self.wbuf
+        if wbuf:
+            self.wbuf = []  # type: ignore[misc]  # the subclass declares the slot
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.writelines(wbuf)
+
+
 class WriteBatcher:
     """One per event loop: the connections with writes waiting."""
 

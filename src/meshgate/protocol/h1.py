@@ -37,6 +37,7 @@ import httptools
 
 from meshgate.http.problem import problem_response
 from meshgate.http.router import normalize_path
+from meshgate.protocol.batch import BatchedWriter
 from meshgate.protocol.headers import HOP_BY_HOP, connection_tokens, status_line
 from meshgate.upstream.pool import PoolClosed, PoolTimeout, UpstreamConnection
 
@@ -183,7 +184,7 @@ def _split_host(value: bytes) -> str:
     return host.partition(":")[0]
 
 
-class ServerProtocol(asyncio.Protocol):
+class ServerProtocol(BatchedWriter, asyncio.Protocol):
     """One client connection."""
 
     __slots__ = (
@@ -318,6 +319,8 @@ class ServerProtocol(asyncio.Protocol):
             self.refusal = None
             self._refuse(refusal)
             return
+        if self.unmetered and not self.url:
+            self.unmetered = False  # no next head began in this read
         if self.in_head and self.head_size > self.head_limit:
             self._refuse(self._head_too_large())
 
@@ -674,27 +677,7 @@ class ServerProtocol(asyncio.Protocol):
             for ex in self.queue:
                 ex.keep_alive = False
 
-    # -- writing (batched, see protocol.batch) -------------------------------------
-
-    def write(self, data: bytes) -> None:
-        wbuf = self.wbuf
-        if not wbuf:
-            self.batcher.mark(self)
-        wbuf.append(data)
-
-    def writelines(self, data: list[bytes]) -> None:
-        wbuf = self.wbuf
-        if not wbuf:
-            self.batcher.mark(self)
-        wbuf += data
-
-    def flush_writes(self) -> None:
-        wbuf = self.wbuf
-        if wbuf:
-            self.wbuf = []
-            transport = self.transport
-            if transport is not None and not transport.is_closing():
-                transport.writelines(wbuf)
+    # -- writing: write/writelines/flush_writes come from BatchedWriter ------------
 
     def close(self) -> None:
         """Send what is buffered, then close; a client that never reads what
@@ -1014,14 +997,7 @@ class Exchange:
         """The client's body broke mid-stream: reset the upstream request."""
         self.keep_alive = False
         self.request_complete = True
-        conn = self.conn
-        if conn is not None:
-            self.conn = None
-            self._release_endpoint()
-            conn.abort()
-        if self.task is not None:
-            self.task.cancel()
-            self.task = None
+        self._drop_upstream()
         if self.finished:
             self.proto.close()  # its answer (and earlier ones) may still be buffered
         elif self.response_started:
@@ -1209,6 +1185,11 @@ class Exchange:
             return
         self.finished = True
         self.keep_alive = False
+        self._drop_upstream()
+
+    def _drop_upstream(self) -> None:
+        """Stop connecting, and reset the upstream connection if one is bound:
+        the upstream must not take a half-sent request as complete."""
         if self.task is not None:
             self.task.cancel()
             self.task = None
@@ -1231,14 +1212,7 @@ class Exchange:
             self._timeout(f"the upstream was silent for {cluster.read_timeout:g}s")
 
     def _timeout(self, detail: str) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            self.task = None
-        conn = self.conn
-        if conn is not None:
-            self.conn = None
-            self._release_endpoint()
-            conn.abort()
+        self._drop_upstream()
         if self.response_started:
             self._abort_client()
         else:

@@ -24,6 +24,16 @@ if TYPE_CHECKING:
     from meshgate.upstream.pool import EndpointPool
 
 
+def _two_of(eps: tuple[Endpoint, ...]) -> tuple[Endpoint, Endpoint]:
+    """Two distinct endpoints drawn at random (power of two choices)."""
+    n = len(eps)
+    a = random.randrange(n)
+    b = random.randrange(n - 1)
+    if b >= a:
+        b += 1
+    return eps[a], eps[b]
+
+
 class Endpoint:
     """One address of a cluster, with its pool and load counters."""
 
@@ -81,14 +91,9 @@ class LeastRequest(Balancer):
 
     def pick(self) -> Endpoint:
         eps = self.endpoints
-        n = len(eps)
-        if n == 1:
+        if len(eps) == 1:
             return eps[0]
-        a = random.randrange(n)
-        b = random.randrange(n - 1)
-        if b >= a:
-            b += 1
-        ea, eb = eps[a], eps[b]
+        ea, eb = _two_of(eps)
         return ea if ea.active <= eb.active else eb
 
 
@@ -110,14 +115,9 @@ class PeakEwma(Balancer):
 
     def pick(self) -> Endpoint:
         eps = self.endpoints
-        n = len(eps)
-        if n == 1:
+        if len(eps) == 1:
             return eps[0]
-        a = random.randrange(n)
-        b = random.randrange(n - 1)
-        if b >= a:
-            b += 1
-        ea, eb = eps[a], eps[b]
+        ea, eb = _two_of(eps)
         return ea if self._cost(ea) <= self._cost(eb) else eb
 
     def observe(self, endpoint: Endpoint, latency: float, now: float) -> None:

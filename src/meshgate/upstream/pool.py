@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
-from meshgate.protocol.batch import WriteBatcher
+from meshgate.protocol.batch import BatchedWriter, WriteBatcher
 from meshgate.protocol.headers import HOP_BY_HOP, connection_tokens
 
 if TYPE_CHECKING:
@@ -51,10 +51,11 @@ class ResponseSink(Protocol):
     def on_upstream_resume_writing(self) -> None: ...
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(BatchedWriter, asyncio.Protocol):
     """One TCP connection to an endpoint, reused for sequential requests."""
 
     __slots__ = (
+        "batcher",
         "bytes_in",
         "chunked",
         "clean_close",
@@ -78,6 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: EndpointPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
+        self.batcher = pool.batcher
         self.wbuf: list[bytes] = []
         self.parser = httptools.HttpResponseParser(self)
         self.sink: ResponseSink | None = None
@@ -225,27 +227,6 @@ class UpstreamConnection(asyncio.Protocol):
             sink.on_upstream_end(self)
 
     # -- used by the exchange ------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        """Buffered until the end of this event-loop turn (see protocol.batch)."""
-        wbuf = self.wbuf
-        if not wbuf:
-            self.pool.batcher.mark(self)
-        wbuf.append(data)
-
-    def writelines(self, data: list[bytes]) -> None:
-        wbuf = self.wbuf
-        if not wbuf:
-            self.pool.batcher.mark(self)
-        wbuf += data
-
-    def flush_writes(self) -> None:
-        wbuf = self.wbuf
-        if wbuf:
-            self.wbuf = []
-            transport = self.transport
-            if transport is not None and not transport.is_closing():
-                transport.writelines(wbuf)
 
     def close(self) -> None:
         """Close gracefully (buffered request bytes are still flushed)."""
