@@ -189,6 +189,9 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
 
     __slots__ = (
         "batcher",
+        "chunk_fresh",
+        "chunk_pending",
+        "chunk_watch",
         "chunked_in",
         "client",
         "current",
@@ -247,6 +250,8 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         self.head_size = 0
         self.unmetered = False
         self.trailer_size = 0
+        self.chunk_watch = self.chunk_fresh = False
+        self.chunk_pending = 0
         self.head_limit = self.limits.max_header_bytes + self.limits.max_request_line + 64
         self._reset_head()
 
@@ -321,6 +326,17 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             return
         if self.unmetered and not self.url:
             self.unmetered = False  # no next head began in this read
+        if self.chunk_watch:
+            # Whole reads after the one with the last chunk header, with no
+            # body data in them: the trailer section. llhttp keeps a partial
+            # trailer line in memory, so it is bounded like a head.
+            if self.chunk_fresh:
+                self.chunk_fresh = False
+            else:
+                self.chunk_pending += len(data)
+                if self.chunk_pending > self.limits.max_header_bytes:
+                    self._refuse(self._head_too_large())
+                    return
         if self.in_head and self.head_size > self.head_limit:
             self._refuse(self._head_too_large())
 
@@ -465,12 +481,18 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         self._reset_head()  # ready for the next request on this connection
         self._enqueue(ex)
 
+    def on_chunk_header(self) -> None:
+        self.chunk_watch = self.chunk_fresh = True
+        self.chunk_pending = 0
+
     def on_body(self, body: bytes) -> None:
+        self.chunk_watch = False
         cur = self.current
         if cur is not None:
             cur.on_request_body(body)
 
     def on_message_complete(self) -> None:
+        self.chunk_watch = False
         self.in_head = True
         self.head_size = 0
         # Bytes of a next head in this same read were not counted per read.
@@ -908,7 +930,7 @@ class Exchange:
         conn.close_delimited = False
         conn.bytes_in = 0
         conn.parts = [b""]
-        conn.has_length = conn.chunked = False
+        conn.has_length = conn.chunked = conn.in_body = False
         conn.drop = None
         transport = conn.transport
         assert transport is not None

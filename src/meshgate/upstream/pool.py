@@ -64,6 +64,7 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
         "drop",
         "has_length",
         "idle_since",
+        "in_body",
         "keep_alive",
         "no_body",
         "parser",
@@ -95,6 +96,7 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
         self.idle_since = 0.0
         self.has_length = False
         self.chunked = False
+        self.in_body = False
         self.drop: frozenset[bytes] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------
@@ -166,6 +168,8 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         # Forwardable lines are collected as they come, ready to be joined;
         # hop-by-hop headers (RFC 9110 7.6.1) and framing are noted, not kept.
+        if self.in_body:
+            return  # trailer fields of a chunked response: not forwarded
         name = name.lower()
         if name not in _NOT_FORWARDED:
             self.parts += (name, b": ", value, b"\r\n")
@@ -183,13 +187,14 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.status = self.parser.get_status_code()
+        self.in_body = True
         if 100 <= status < 200:
             # Interim responses (103 Early Hints, a 100 we did not ask for)
             # are not forwarded; llhttp reports them as complete messages.
             # (Per-message state is reset by the exchange that binds the
             # connection, and here after an interim one: no on_message_begin.)
             self.parts = [b""]
-            self.has_length = self.chunked = False
+            self.has_length = self.chunked = self.in_body = False
             self.drop = None
             return
         self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
