@@ -17,6 +17,7 @@ from importlib import resources
 
 import orjson
 
+from meshgate.config.describe import describe
 from meshgate.config.loader import load_config
 from meshgate.server.worker import Worker, WorkerOptions
 
@@ -110,8 +111,10 @@ async def _demo(port: int) -> int:
         flush=True,
     )
     await _show(port)
+    for line in describe(config)[1:]:
+        print(f"note: {line}", flush=True)
     print(
-        "Also try:\n"
+        "\nAlso try:\n"
         f"  curl -si http://127.0.0.1:{port}/api/customers/42?verbose=1\n"
         "  curl -s http://127.0.0.1:9901/readyz      # admin listener\n"
         "  curl -s http://127.0.0.1:9901/upstreams   # pools and balancer state\n"
