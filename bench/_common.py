@@ -366,3 +366,16 @@ def machine_info() -> dict[str, object]:
 def command_line() -> str:
     """The exact command that ran this script."""
     return shlex.join([sys.executable, *sys.argv])
+
+
+def run_script(main: Callable[[], int]) -> None:
+    """Exit with `main()`'s status; Ctrl-C and setup errors end cleanly
+    (the servers are stopped by `Children` on its way out)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted; servers stopped", file=sys.stderr)
+        sys.exit(130)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -45,6 +45,7 @@ from _common import (
     http_get,
     log,
     machine_info,
+    run_script,
     start_meshgate,
     wait_http,
 )
@@ -625,11 +626,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; servers stopped", file=sys.stderr)
-        sys.exit(130)
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)
