@@ -457,7 +457,6 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             # This read held more than a head's worth, or the head followed
             # another request in one read: count exactly.
             self.unmetered = False
-            # This read held more than a head's worth: count exactly.
             size = 0
             for name, value in self.headers:
                 size += len(name) + len(value) + 4
