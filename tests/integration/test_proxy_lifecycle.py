@@ -326,3 +326,22 @@ def test_refuses_to_start_on_invalid_config(tmp_path: Path) -> None:
     proc = run_meshgate("run", "-c", str(path))
     assert proc.returncode != 0
     assert f"{path}:4" in proc.stderr, proc.stderr
+
+
+def test_reloaded_limits_apply_to_open_keepalive_connections(
+    stack: Stack, upstream: UpstreamServer
+) -> None:
+    """A connection opened before a reload is held to the new limits from
+    its next request on."""
+    from support.client import RawConnection
+
+    proxy = stack.proxy(routed_to("a", upstream))
+    target = b"/svc/" + b"x" * 600
+    request = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    with RawConnection(proxy.port) as conn:
+        conn.send(request)
+        assert conn.read_response().status == 200
+        proxy.reload({**routed_to("a", upstream), "limits": {"max_request_line": 512}})
+        proxy.wait_for_log(r"reloaded")
+        conn.send(request)
+        assert conn.read_response().status == 414

@@ -303,7 +303,13 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             # bytes of a head start its clock (no on_message_begin callback:
             # one C-to-Python call per request saved).
             if not self.head_size:
-                self.deadline = self.loop.time() + self.limits.header_timeout
+                limits = self.state.runtime.limits
+                if limits is not self.limits:
+                    # A reload changed the limits: each request is held to
+                    # those current when its head starts.
+                    self.limits = limits
+                    self.head_limit = limits.max_header_bytes + limits.max_request_line + 64
+                self.deadline = self.loop.time() + limits.header_timeout
                 self.deadline_kind = DEADLINE_HEAD
             self.head_size += len(data)
         try:
