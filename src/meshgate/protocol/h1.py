@@ -339,8 +339,10 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             if self.chunk_fresh:
                 self.chunk_fresh = False
             else:
+                # A memory guard only, loose on purpose: the exact limit is
+                # applied per field in on_header, whatever the reads.
                 self.chunk_pending += len(data)
-                if self.chunk_pending > self.limits.max_header_bytes:
+                if self.chunk_pending > 2 * self.limits.max_header_bytes + 1024:
                     self._refuse(self._head_too_large())
                     return
         if self.in_head and self.head_size > self.head_limit:
@@ -459,9 +461,10 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
                 501, "upgrade-unsupported", "protocol upgrades (and CONNECT) are not supported"
             )
             raise self.refusal
-        if self.head_size > self.head_limit or self.unmetered:
-            # This read held more than a head's worth, or the head followed
-            # another request in one read: count exactly.
+        if self.head_size > self.limits.max_header_bytes or self.unmetered:
+            # The reads so far held more than the limit (body bytes may be
+            # among them), or the head followed another request in one read:
+            # count exactly, so the limit never depends on how bytes arrived.
             self.unmetered = False
             size = 0
             for name, value in self.headers:
