@@ -161,3 +161,20 @@ async def test_batcher_writes_once_per_loop_turn_in_order() -> None:
     conn.write(b"d")
     conn.close()  # close flushes first
     assert transport.written[-1] == b"d"  # type: ignore[union-attr]
+
+
+async def test_retired_pool_keeps_its_waiters_waiting_for_room() -> None:
+    """A reload that changes a pool's settings retires it: requests already
+    waiting on it are served when room frees up, not failed."""
+    pool = _pool(asyncio.get_running_loop(), max_connections=1)
+    busy = _conn(pool)
+    waiter = asyncio.ensure_future(pool.wait_for_capacity(5.0))
+    await asyncio.sleep(0)
+    pool.retire()
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    pool.release(busy)  # a retired pool closes what comes back...
+    assert busy.transport.closing  # type: ignore[union-attr]
+    busy.connection_lost(None)  # ...and the close makes room
+    await asyncio.wait_for(waiter, 1.0)
+    assert pool.has_capacity()

@@ -39,7 +39,7 @@ from meshgate.http.problem import problem_response
 from meshgate.http.router import normalize_path
 from meshgate.protocol.batch import BatchedWriter
 from meshgate.protocol.headers import HOP_BY_HOP, connection_tokens, status_line
-from meshgate.upstream.pool import PoolClosed, PoolTimeout, UpstreamConnection
+from meshgate.upstream.pool import PoolTimeout, UpstreamConnection
 
 if TYPE_CHECKING:
     from meshgate.config.runtime import RouteTarget, Runtime
@@ -912,9 +912,6 @@ class Exchange:
                 "upstream-overloaded",
                 f"no connection to {pool.address} became free in time",
             )
-            return
-        except PoolClosed:
-            self.fail(503, "upstream-reloaded", "the upstream was removed by a reload")
             return
         except TimeoutError:
             self.fail(504, "upstream-connect-timeout", f"connecting to {pool.address} timed out")

@@ -253,10 +253,6 @@ class UnexpectedResponse(Exception):
     """Response bytes arrived with no request waiting for them."""
 
 
-class PoolClosed(Exception):
-    """The pool was retired by a reload while a request waited on it."""
-
-
 class PoolTimeout(Exception):
     """No connection became free within the acquire timeout."""
 
@@ -373,8 +369,6 @@ class EndpointPool:
                 fut.cancel()
             with contextlib.suppress(ValueError):
                 self.waiters.remove(fut)
-        if self.retired:
-            raise PoolClosed
 
     def _wake_one(self) -> None:
         while self.waiters:
@@ -414,13 +408,13 @@ class EndpointPool:
             idle.popleft().close()
 
     def retire(self) -> None:
-        """No new requests will come: close idle connections and fail waiters."""
+        """No new requests will come: close idle connections. Requests already
+        waiting for a connection keep waiting here (as connections in use are
+        released, they are closed and make room) rather than failing because
+        a reload changed the pool's settings."""
         self.retired = True
         while self.idle:
             self.idle.popleft().close()
-        for fut in self.waiters:
-            if not fut.done():
-                fut.set_result(None)
 
     def stats(self) -> dict[str, Any]:
         return {
