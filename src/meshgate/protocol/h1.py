@@ -199,7 +199,6 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         "deadline_kind",
         "drop",
         "expect",
-        "forwarded_for",
         "has_length",
         "head_limit",
         "head_size",
@@ -243,7 +242,6 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         self.deadline = 0.0
         self.deadline_kind = 0
         self.client = b""
-        self.forwarded_for = b""
         self.refusal: _Refused | None = None
         # Bytes read since the last request ended, while its head is awaited.
         self.in_head = True
@@ -731,7 +729,6 @@ class Exchange:
     cluster: Cluster | None = None
     route_label = ""
     target = b""
-    host = b""
     head = b""
     head_parts: list[bytes] | None = None
     chunked_in = False
@@ -791,7 +788,6 @@ class Exchange:
         self.cluster = cluster
         self.route_label = label
         self.target = target
-        self.host = host
         self.chunked_in = chunked
         self.has_body = body
         self.expect_continue = expect_continue and body and not self.http10
@@ -1178,8 +1174,7 @@ class Exchange:
             self.replay = None
             self.body_buf = replay + self.body_buf
             self.sent_body = 0
-            while conn.pool.idle:
-                conn.pool.idle.popleft().close()
+            conn.pool.close_idle()
             cluster = self.cluster
             assert cluster is not None
             self.task = self.loop.create_task(self._connect(cluster.balancer.pick()))

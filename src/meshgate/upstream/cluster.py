@@ -63,8 +63,7 @@ class PoolRegistry:
 
     def close_idle(self) -> None:
         for pool in self.pools.values():
-            while pool.idle:
-                pool.idle.popleft().close()
+            pool.close_idle()
 
 
 class Cluster:

@@ -319,8 +319,7 @@ class EndpointPool:
             if conn.idle_since < expire_before:
                 # The rest are older still.
                 conn.close()
-                while idle:
-                    idle.popleft().close()
+                self.close_idle()
                 return None
             conn.reused = True
             return conn
@@ -413,8 +412,13 @@ class EndpointPool:
         released, they are closed and make room) rather than failing because
         a reload changed the pool's settings."""
         self.retired = True
-        while self.idle:
-            self.idle.popleft().close()
+        self.close_idle()
+
+    def close_idle(self) -> None:
+        """Close every idle connection (each leaves the deque in on_closed)."""
+        idle = self.idle
+        while idle:
+            idle.popleft().close()
 
     def stats(self) -> dict[str, Any]:
         return {
