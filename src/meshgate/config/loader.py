@@ -646,6 +646,9 @@ _FRIENDLIER = {
 def _describe_found(value: Any) -> str:
     if value is None:
         return "null"
+    if isinstance(value, dict):
+        # Never echo a mapping's values: they may hold a secret.
+        return "a mapping with " + (", ".join(map(str, value)) or "no fields")
     return _short.repr(value)
 
 

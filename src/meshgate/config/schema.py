@@ -40,7 +40,7 @@ _SIZE_UNITS = {
 }
 
 
-def parse_duration(value: Any) -> float:
+def parse_duration(value: Any, *, allow_zero: bool = False) -> float:
     """`250ms`, `2s`, `1.5m`, `1h` or a number of seconds -> seconds."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 250ms, 2s or 1m")
@@ -55,9 +55,17 @@ def parse_duration(value: Any) -> float:
         raise ValueError("expected a duration such as 250ms, 2s or 1m")
     if not math.isfinite(seconds):
         raise ValueError("a duration must be a finite number")
-    if seconds <= 0:
-        raise ValueError("a duration must be greater than zero")
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ValueError(
+            "a duration must not be negative"
+            if allow_zero
+            else "a duration must be greater than zero"
+        )
     return seconds
+
+
+def _parse_duration_or_zero(value: Any) -> float:
+    return parse_duration(value, allow_zero=True)
 
 
 def parse_size(value: Any) -> int:
@@ -80,6 +88,7 @@ def parse_size(value: Any) -> int:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+DurationOrZero = Annotated[float, BeforeValidator(_parse_duration_or_zero)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 
 
@@ -211,11 +220,57 @@ class UpstreamConfig(_Model):
     host:port; any other value is sent as the Host verbatim."""
 
 
-class RateLimitShort(_Model):
-    """`rate_limit: 100/min`, parsed; enforced by the edge-security filters."""
+RateLimitKey = str
+"""`consumer`, `api_key`, `ip`, `route`, `header:<name>`, or `default`
+(the consumer, else the API key, else the client IP)."""
+
+_KEY_RE = re.compile(r"^(default|consumer|api_key|ip|route|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$")
+
+
+class RateLimitConfig(_Model):
+    """`rate_limit: 100/min`, or the long form with every option."""
 
     limit: int = Field(ge=1)
-    period: float = Field(gt=0, allow_inf_nan=False)
+    """Requests allowed per `period`."""
+    period: Duration
+    key: RateLimitKey = "default"
+    """What is counted separately: `consumer`, `api_key`, `ip`, `route`
+    (everyone together), `header:<name>`, or `default` (the consumer, else
+    the API key, else the client IP)."""
+    algorithm: Literal["gcra", "sliding_window"] = "gcra"
+    """`gcra`: token bucket semantics, refilling evenly over the period.
+    `sliding_window`: a weighted count over the current and last windows."""
+    burst: int | None = Field(default=None, ge=1)
+    """How many requests may arrive at once (gcra); defaults to `limit`."""
+    policy: Literal["local", "redis"] = "local"
+    """`local`: exact per gateway instance, across its workers. `redis`:
+    exact across every instance sharing the top-level `redis:` server."""
+    on_store_error: Literal["allow", "deny"] = "allow"
+    """What a request gets when Redis cannot answer within its timeout."""
+    headers: bool = True
+    """Send the RateLimit-Policy, RateLimit and X-RateLimit-* fields."""
+    name: str | None = None
+    """The policy's name in the RateLimit fields (defaults to the route's)."""
+
+    @field_validator("key")
+    @classmethod
+    def _check_key(cls, v: str) -> str:
+        if not _KEY_RE.match(v):
+            raise ValueError(
+                f"expected consumer, api_key, ip, route, default or header:<name>, found {v!r}"
+            )
+        return v.lower() if not v.startswith("header:") else "header:" + v[7:].lower()
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_.:/-]{1,64}", v):
+            raise ValueError("a policy name is 1-64 letters, digits, or _.:/-")
+        return v
+
+
+# Kept for callers that only need the rate (`meshgate check`).
+RateLimitShort = RateLimitConfig
 
 
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$")
@@ -243,6 +298,9 @@ def _parse_rate_limit(value: Any) -> Any:
     return value
 
 
+RateLimitSpec = Annotated[RateLimitConfig, BeforeValidator(_parse_rate_limit)]
+
+
 def _header_value(value: Any) -> Any:
     # YAML reads `x-canary: 1` as the number 1; a header matcher means the
     # text "1" there, never `true` (present).
@@ -252,6 +310,203 @@ def _header_value(value: Any) -> Any:
 
 
 HeaderMatchValue = Annotated[StrictBool | str, BeforeValidator(_header_value)]
+
+
+class RouteAuth(_Model):
+    """A route's `auth:`: which entries admit a request, and what it needs."""
+
+    use: list[str] = Field(min_length=1)
+    """Names of top-level `auth:` entries; any one of them admits a request."""
+    scopes: list[str] = Field(default_factory=list)
+    """JWT scopes all required (from a space-separated `scope` or an `scp` array)."""
+    required_claims: list[str] | dict[str, StrictBool | int | str] = Field(default_factory=list)
+    """JWT claims that must be present (a list), or claim -> exact value."""
+
+    @classmethod
+    def parse(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"use": [value]}
+        if isinstance(value, list):
+            return {"use": value}
+        return value
+
+
+JwtAlgorithm = Literal[
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+]
+
+
+class JwtAuthConfig(_Model):
+    """`type: jwt`: a bearer token signed by a key that the config names."""
+
+    type: Literal["jwt"]
+    issuer: str | list[str] | None = None
+    """Accepted `iss` values; when set, a token without `iss` is refused."""
+    audience: str | list[str] | None = None
+    """Accepted `aud` values; when set, a token must name one of them."""
+    algorithms: list[JwtAlgorithm] | None = None
+    """Accepted algorithms. By default: HS256/384/512 with `secret`, every
+    asymmetric algorithm that fits the key otherwise. Never `none`."""
+    secret: str | None = None
+    """HMAC secret (HS*), inline; prefer `${ENV}`."""
+    secret_file: str | None = None
+    public_key: str | None = None
+    """A PEM public key, inline."""
+    public_key_file: str | None = None
+    jwks_url: str | None = None
+    """An http(s) URL serving a JWKS; fetched at start and refreshed."""
+    jwks_refresh: Duration = 300.0
+    """How often the JWKS is refreshed in the background."""
+    jwks_refetch_interval: Duration = 30.0
+    """A token with an unknown `kid` refetches the JWKS at most this often."""
+    jwks_timeout: Duration = 5.0
+    leeway: DurationOrZero = 30.0
+    """Clock skew allowed on `exp`, `nbf` and `iat`."""
+    scopes: list[str] = Field(default_factory=list)
+    required_claims: list[str] | dict[str, StrictBool | int | str] = Field(default_factory=list)
+    forward_claims: dict[str, str] = Field(default_factory=dict)
+    """Claim -> request header sent upstream (client copies are removed)."""
+    strip_authorization: bool = False
+    """Remove the Authorization header before the request goes upstream."""
+    consumer_claim: str = "sub"
+    """The claim matched against each consumer's `jwt_subjects`."""
+    max_token_size: Size = 8192
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> JwtAuthConfig:
+        sources = [
+            name
+            for name in ("secret", "secret_file", "public_key", "public_key_file", "jwks_url")
+            if getattr(self, name) is not None
+        ]
+        if not sources:
+            raise ValueError(
+                "a jwt entry needs a key: jwks_url, public_key, public_key_file, "
+                "secret or secret_file"
+            )
+        hmac = any(s.startswith("secret") for s in sources)
+        if hmac and len(sources) > 1:
+            raise ValueError(
+                "an HMAC secret cannot share an entry with public keys "
+                "(that is how HS/RS key confusion happens); use two entries"
+            )
+        for alg in self.algorithms or ():
+            if alg.startswith("HS") and not hmac:
+                raise ValueError(f"algorithm {alg} needs `secret` or `secret_file`")
+            if not alg.startswith("HS") and hmac:
+                raise ValueError(f"algorithm {alg} needs a public key or jwks_url, not a secret")
+        if self.jwks_url is not None and not re.match(r"^https?://", self.jwks_url):
+            raise ValueError(
+                f"jwks_url must be an http:// or https:// URL, found {self.jwks_url!r}"
+            )
+        for header in self.forward_claims.values():
+            if not _TOKEN_RE.fullmatch(header):
+                raise ValueError(f"forward_claims: {header!r} is not a header name")
+        return self
+
+
+class ApiKeyAuthConfig(_Model):
+    """`type: api_key`: a key that one of the `consumers:` holds."""
+
+    type: Literal["api_key"]
+    header: str = "x-api-key"
+    """The header that carries the key."""
+    authorization_scheme: str | None = "ApiKey"
+    """Also read `Authorization: <scheme> <key>`; null turns it off."""
+    query: str | None = None
+    """Also read the key from this query parameter (off by default). The
+    parameter is always removed before the request goes upstream."""
+    hide_credentials: bool = True
+    """Remove the key's header before the request goes upstream."""
+
+    @field_validator("header")
+    @classmethod
+    def _check_header(cls, v: str) -> str:
+        if not _TOKEN_RE.fullmatch(v):
+            raise ValueError(f"{v!r} is not a header name")
+        return v.lower()
+
+
+AuthEntry = Annotated[JwtAuthConfig | ApiKeyAuthConfig, Field(discriminator="type")]
+
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class ConsumerConfig(_Model):
+    """A named client of the gateway."""
+
+    api_keys: list[str] = Field(default_factory=list)
+    """SHA-256 digests of its keys, `sha256:<64 hex>` (`meshgate hash-key`)."""
+    jwt_subjects: list[str] = Field(default_factory=list)
+    """Token subjects (`sub`, or the entry's consumer_claim) that are this consumer."""
+    rate_limit: RateLimitSpec | None = None
+    """Replaces the limit and period of every route limit keyed on this consumer."""
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, v: list[str]) -> list[str]:
+        for key in v:
+            if not _KEY_HASH_RE.match(key.lower()):
+                raise ValueError(
+                    "an API key is stored as its digest, sha256:<64 hex digits> "
+                    "(make one with `meshgate hash-key`), found "
+                    + repr(key[:12] + "..." if len(key) > 12 else key)
+                )
+        return [key.lower() for key in v]
+
+
+_REDIS_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+sentinel",
+    "rediss+sentinel",
+    "redis+cluster",
+    "rediss+cluster",
+)
+
+
+class RedisConfig(_Model):
+    """The Redis server that `policy: redis` limits share."""
+
+    url: str
+    """`redis://[:password@]host:port/db`, `rediss://...`, `unix:///path`,
+    `redis+sentinel://host:26379,host2:26379/<master>/<db>` or
+    `redis+cluster://host:7000,host:7001`."""
+    timeout: Duration = 0.1
+    """Longest a decision may wait on Redis; past it `on_store_error` decides."""
+    max_connections: int = Field(default=64, ge=1)
+    key_prefix: str = "meshgate:rl:"
+    down_interval: Duration = 1.0
+    """After an error, how long decisions skip Redis before trying it again."""
+
+    @classmethod
+    def parse(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        scheme = v.partition("://")[0].lower()
+        if "://" not in v or scheme not in _REDIS_SCHEMES:
+            raise ValueError(
+                "expected a URL such as redis://127.0.0.1:6379/0 "
+                f"(schemes: {', '.join(_REDIS_SCHEMES)}), found {v!r}"
+            )
+        return v
 
 
 class RouteConfig(_Model):
@@ -274,9 +529,10 @@ class RouteConfig(_Model):
     rewrite: str | None = None
     """Replacement path; `{name}` inserts a captured segment and `{**}` what
     the trailing `**` matched."""
-    auth: str | list[str] | None = None
-    """Names of `auth:` entries; enforced by the edge-security filters."""
-    rate_limit: Annotated[RateLimitShort | None, BeforeValidator(_parse_rate_limit)] = None
+    auth: Annotated[RouteAuth | None, BeforeValidator(RouteAuth.parse)] = None
+    """Name of an `auth:` entry, a list of names (any one of them admits the
+    request), or `{use: [...], scopes: [...], required_claims: [...]}`."""
+    rate_limit: RateLimitSpec | None = None
 
     @field_validator("path")
     @classmethod
@@ -311,6 +567,9 @@ class ServerLimits(_Model):
     """An idle client connection is closed after this."""
     drain_timeout: Duration = 30.0
     """On SIGTERM, how long requests in flight may take to finish."""
+    rate_limit_slots: int = Field(default=65536, ge=64, le=1 << 24)
+    """Keys the shared table of `policy: local` limits holds (32 bytes each);
+    a full table forgets the key closest to being refilled."""
 
 
 class Config(_Model):
@@ -324,6 +583,10 @@ class Config(_Model):
     routes: list[RouteConfig] = Field(default_factory=list)
     access_log: bool = False
     """One line per request on stderr."""
+    redis: Annotated[RedisConfig | None, BeforeValidator(RedisConfig.parse)] = None
+    auth: dict[str, AuthEntry] = Field(default_factory=dict)
+    """Named authentication entries that routes refer to."""
+    consumers: dict[str, ConsumerConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_references(self) -> Config:
@@ -338,9 +601,46 @@ class Config(_Model):
                         f"(known: {known})",
                     )
                 )
+            errors += self._route_refs(i, route)
+        seen: dict[str, str] = {}
+        for name, consumer in self.consumers.items():
+            for j, digest in enumerate(consumer.api_keys):
+                other = seen.setdefault(digest, name)
+                if other != name or consumer.api_keys.index(digest) != j:
+                    errors.append(
+                        (
+                            ("consumers", name, "api_keys", j),
+                            f"this key is already listed for consumer {other!r}",
+                        )
+                    )
         if errors:
             raise CrossReferenceError(errors)
         return self
+
+    def _route_refs(self, i: int, route: RouteConfig) -> list[tuple[tuple[str | int, ...], str]]:
+        errors: list[tuple[tuple[str | int, ...], str]] = []
+        if route.auth is not None:
+            for j, name in enumerate(route.auth.use):
+                if name not in self.auth:
+                    known = ", ".join(sorted(self.auth)) or "none defined"
+                    errors.append(
+                        (
+                            ("routes", i, "auth", "use", j),
+                            f"auth {name!r} is not defined under the top-level auth: "
+                            f"(known: {known}); a route is never served without the "
+                            "authentication it names",
+                        )
+                    )
+        rl = route.rate_limit
+        if rl is not None and rl.policy == "redis" and self.redis is None:
+            errors.append(
+                (
+                    ("routes", i, "rate_limit", "policy"),
+                    "policy: redis needs a top-level `redis:` (for example "
+                    "redis: redis://127.0.0.1:6379/0)",
+                )
+            )
+        return errors
 
 
 class CrossReferenceError(ValueError):
