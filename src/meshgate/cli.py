@@ -1,4 +1,4 @@
-"""`meshgate`: run, check, routes, explain, demo.
+"""`meshgate`: run, check, routes, explain, hash-key, demo.
 
 Exit codes: 0 success, 1 a config that cannot be used, 2 bad arguments.
 """
@@ -56,12 +56,60 @@ def cmd_check(args: argparse.Namespace) -> int:
     if loaded is None:
         return 1
     config, router = loaded
+    problem = _check_keys(config, args.config)
+    if problem:
+        print(f"{args.config}: invalid config\n{problem}", file=sys.stderr)
+        return 1
     lines = describe(config)
     print(f"{args.config}: OK: {lines[0]}")
     for line in lines[1:]:
         print(f"  note: {line}")
     for warning in router.warnings():
         print(f"  warning: {warning}")
+    return 0
+
+
+def _check_keys(config: Config, path: str) -> str | None:
+    """Load every key the auth entries name (no network); the first problem."""
+    import pathlib
+
+    from meshgate.filters.build import FilterServices, compile_filters
+
+    labels = [r.name or f"routes[{i}]" for i, r in enumerate(config.routes)]
+    try:
+        compile_filters(
+            config, FilterServices(), labels, base_dir=pathlib.Path(path).resolve().parent
+        )
+    except ValueError as exc:
+        return f"{path}: {exc}"
+    return None
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    """Print the digest a consumer's `api_keys:` stores for a key."""
+    import hashlib
+    import secrets
+
+    if args.generate:
+        key = "mg_" + secrets.token_urlsafe(32)
+        print(f"key:    {key}")
+        print(f"digest: sha256:{hashlib.sha256(key.encode()).hexdigest()}")
+        return 0
+    if args.key is not None:
+        key = args.key
+    else:
+        if sys.stdin.isatty():
+            print("API key (not echoed): ", end="", file=sys.stderr, flush=True)
+            import getpass
+
+            key = getpass.getpass(prompt="")
+        else:
+            key = sys.stdin.readline()
+        key = key.rstrip("\r\n")
+    if not key.strip():
+        print("hash-key: the key is empty", file=sys.stderr)
+        return 2
+    print(f"sha256:{hashlib.sha256(key.strip().encode()).hexdigest()}")
     return 0
 
 
@@ -172,6 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="path and query, e.g. /api/orders/7?x=1")
     p.add_argument("-H", "--header", action="append", default=[], help="'name: value'")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser(
+        "hash-key",
+        help="print the sha256: digest of an API key, for a consumer's api_keys",
+        description="Reads the key from stdin (or the prompt) unless it is given; "
+        "--generate makes a new random key and prints it with its digest.",
+    )
+    p.add_argument("key", nargs="?", default=None, help="the key (prefer stdin: shell history)")
+    p.add_argument("--generate", action="store_true", help="make a new random key")
+    p.set_defaults(func=cmd_hash_key)
 
     p = sub.add_parser("demo", help="run sample services behind the gateway on :8080")
     p.add_argument("--port", type=int, default=8080)

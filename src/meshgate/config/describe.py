@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshgate.config.schema import Config, RateLimitShort, RouteConfig
+from meshgate.config.schema import Config, RateLimitConfig, RouteConfig
 
 __all__ = ["describe"]
 
@@ -13,7 +13,7 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _rate(rate: RateLimitShort) -> str:
+def _rate(rate: RateLimitConfig) -> str:
     unit = _PERIODS.get(rate.period)
     if unit is not None:
         return f"{rate.limit}/{unit}"
@@ -42,18 +42,16 @@ def describe(config: Config) -> list[str]:
         if name not in used:
             lines.append(f"upstreams.{name} is not used by any route")
     for i, route in enumerate(config.routes):
-        auth = [route.auth] if isinstance(route.auth, str) else list(route.auth or [])
-        if auth:
-            shown = auth[0] if isinstance(route.auth, str) else f"[{', '.join(auth)}]"
+        if route.auth is not None:
+            lines.append(f"{_label(i, route)}: auth by any of {', '.join(route.auth.use)}")
+        rl = route.rate_limit
+        if rl is not None:
             lines.append(
-                f"{_label(i, route)}: `auth: {shown}` is accepted but NOT enforced yet: "
-                "edge security (JWT, API keys) arrives in a later release; "
-                "the route is served without authentication"
+                f"{_label(i, route)}: rate limit {_rate(rl)} per {rl.key} "
+                f"({rl.algorithm}, {rl.policy}"
+                + (f", on Redis errors {rl.on_store_error})" if rl.policy == "redis" else ")")
             )
-        if route.rate_limit is not None:
-            lines.append(
-                f"{_label(i, route)}: `rate_limit: {_rate(route.rate_limit)}` is accepted "
-                "but NOT enforced yet: rate limiting arrives in a later release; "
-                "requests are not limited"
-            )
+    for name, entry in config.auth.items():
+        if entry.type == "api_key" and not any(c.api_keys for c in config.consumers.values()):
+            lines.append(f"auth.{name}: no consumer has an API key, so no key is accepted")
     return lines

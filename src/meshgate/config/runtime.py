@@ -9,9 +9,12 @@ and the server limits.
 
 from __future__ import annotations
 
+import pathlib
 from dataclasses import dataclass
 
 from meshgate.config.schema import Config, RouteConfig, ServerLimits
+from meshgate.filters import Chain
+from meshgate.filters.build import CompiledFilters, FilterServices, compile_filters
 from meshgate.http.router import Router
 from meshgate.upstream.cluster import Cluster, PoolRegistry
 
@@ -19,13 +22,26 @@ from meshgate.upstream.cluster import Cluster, PoolRegistry
 class RouteTarget:
     """What a matched route resolves to."""
 
-    __slots__ = ("cluster", "label", "passthrough")
+    __slots__ = ("chain", "cluster", "drop", "label", "passthrough")
 
-    def __init__(self, cluster: Cluster, label: str, *, passthrough: bool) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        label: str,
+        *,
+        passthrough: bool,
+        chain: Chain | None = None,
+        drop: frozenset[bytes] | None = None,
+    ) -> None:
         self.cluster = cluster
         self.label = label
         # The request target goes upstream byte for byte (no strip or rewrite).
         self.passthrough = passthrough
+        self.chain = chain
+        """The route's filters (auth, rate limit), or None."""
+        self.drop = drop
+        """Request headers never forwarded on this route (identity headers
+        only the gateway may set), or None."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +52,7 @@ class Runtime:
     clusters: dict[str, Cluster]
     limits: ServerLimits
     tick: float
+    filters: CompiledFilters
     route_cache: dict[tuple[bytes, bytes, bytes], tuple[RouteTarget, bytes]] | None
     """(method, Host, target) -> (route target, upstream target); None when
     a route matches on headers. Mutable on purpose, and private to this
@@ -44,13 +61,27 @@ class Runtime:
     timeout fires at most 10% late (clamped to 20 ms .. 1 s)."""
 
     @classmethod
-    def build(cls, config: Config, registry: PoolRegistry, *, source: str = "") -> Runtime:
+    def build(
+        cls,
+        config: Config,
+        registry: PoolRegistry,
+        *,
+        source: str = "",
+        services: FilterServices | None = None,
+    ) -> Runtime:
+        """Compile `config`. A key file that cannot be read or parsed raises
+        ValueError naming its `auth.<name>` entry."""
         clusters = {name: Cluster(name, up, registry) for name, up in config.upstreams.items()}
+        labels = [route.name or f"routes[{i}]" for i, route in enumerate(config.routes)]
+        base_dir = pathlib.Path(source).resolve().parent if source else pathlib.Path.cwd()
+        filters = compile_filters(config, services or FilterServices(), labels, base_dir=base_dir)
+        drop = filters.identity_headers or None
         pairs: list[tuple[RouteConfig, RouteTarget]] = []
-        for i, route in enumerate(config.routes):
-            label = route.name or f"routes[{i}]"
+        for route, label, chain in zip(config.routes, labels, filters.chains, strict=True):
             passthrough = route.rewrite is None and not route.strip_prefix
-            target = RouteTarget(clusters[route.upstream], label, passthrough=passthrough)
+            target = RouteTarget(
+                clusters[route.upstream], label, passthrough=passthrough, chain=chain, drop=drop
+            )
             pairs.append((route, target))
         shortest = min(
             [config.limits.header_timeout, config.limits.keepalive_timeout]
@@ -65,6 +96,7 @@ class Runtime:
             router=Router(pairs),
             clusters=clusters,
             limits=config.limits,
+            filters=filters,
         )
 
     def pool_ids(self) -> set[int]:

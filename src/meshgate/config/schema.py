@@ -269,10 +269,6 @@ class RateLimitConfig(_Model):
         return v
 
 
-# Kept for callers that only need the rate (`meshgate check`).
-RateLimitShort = RateLimitConfig
-
-
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$")
 _RATE_UNITS = {
     "s": 1,

@@ -1,9 +1,12 @@
 """`meshgate demo`: the seed's topology on one machine.
 
 Sample `order-service` (two instances) and `customer-service` backends run
-on loopback, and the gateway serves the seed's config (`seed.yaml`, next to
-this file) on :8080. The demo then sends a few requests itself, prints them
-as curl commands with what came back, and serves until Ctrl-C.
+on loopback, with a small identity provider on :7000 that serves a JWKS
+(a fresh RSA key each run) and signs a token for the demo. The gateway
+serves the seed's config (`seed.yaml`, next to this file) on :8080. The demo
+then sends a few requests itself (no credentials, a JWT, an API key, and
+past a rate limit), prints them as curl commands with what came back, and
+serves until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import urllib.error
 import urllib.request
 from importlib import resources
 
+import jwt
 import orjson
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from meshgate.config.describe import describe
 from meshgate.config.loader import load_config
@@ -24,6 +30,50 @@ from meshgate.server.worker import Worker, WorkerOptions
 log = logging.getLogger("meshgate.demo")
 
 BACKENDS = (("order-service", 9001), ("customer-service", 9002), ("order-service", 9003))
+IDP_PORT = 7000
+ISSUER = "https://id.example.com"
+DEMO_API_KEY = "demo-key-acme"
+
+
+class DemoIdp:
+    """An identity provider for the demo: one RSA key, its JWKS, and tokens."""
+
+    def __init__(self) -> None:
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.kid = f"demo-{int(time.time())}"
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
+        jwk.update(kid=self.kid, use="sig", alg="RS256")
+        self.jwks = orjson.dumps({"keys": [jwk]})
+
+    def token(self, subject: str = "acme-mobile", ttl: int = 3600) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": ISSUER,
+            "aud": "orders",
+            "sub": subject,
+            "scope": "orders:read",
+            "iat": now,
+            "exp": now + ttl,
+        }
+        return jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": self.kid})
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b" ", 2)[1]
+            if path == b"/.well-known/jwks.json":
+                body, status = self.jwks, b"200 OK"
+            else:
+                body, status = b'{"error":"not found"}', b"404 Not Found"
+            writer.write(
+                b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, len(body), body)
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, IndexError):
+            pass
+        finally:
+            writer.close()
 
 
 async def _serve_backend(
@@ -51,7 +101,7 @@ async def _serve_backend(
                     "path": target,
                     "seen_headers": {
                         k: headers[k]
-                        for k in ("host", "x-forwarded-for", "x-request-id", "via")
+                        for k in ("host", "x-forwarded-for", "x-request-id", "via", "x-consumer")
                         if k in headers
                     },
                 }
@@ -67,33 +117,69 @@ async def _serve_backend(
         writer.close()
 
 
-def _fetch(url: str) -> str:
+def _fetch(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], str]:
+    req = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return f"{resp.status} {resp.read().decode()}"
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, dict(resp.headers.items()), resp.read().decode()
     except urllib.error.HTTPError as exc:
-        return f"{exc.code} {exc.read().decode()}"
+        return exc.code, dict(exc.headers.items()), exc.read().decode()
     except OSError as exc:
-        return f"failed: {exc}"
+        return 0, {}, f"failed: {exc}"
 
 
-async def _show(port: int) -> None:
+_SHOWN_HEADERS = ("WWW-Authenticate", "RateLimit", "RateLimit-Policy", "Retry-After")
+
+
+async def _request(
+    base: str, path: str, headers: dict[str, str], shown: dict[str, str], *, quiet: bool = False
+) -> int:
+    status, got, body = await asyncio.to_thread(_fetch, base + path, headers)
+    if quiet:
+        return status
+    flags = "".join(f' -H "{k}: {v}"' for k, v in shown.items())
+    try:
+        text = json.dumps(json.loads(body), indent=None)
+    except ValueError:
+        text = body
+    print(f"$ curl -s{flags} {base}{path}\n  -> {status}", flush=True)
+    lowered = {k.lower(): v for k, v in got.items()}
+    for name in _SHOWN_HEADERS:
+        if name.lower() in lowered:
+            print(f"     {name}: {lowered[name.lower()]}", flush=True)
+    print(f"     {text}\n", flush=True)
+    return status
+
+
+async def _show(port: int, idp: DemoIdp) -> None:
     base = f"http://127.0.0.1:{port}"
-    for path in ("/api/orders/7", "/api/orders/8", "/api/customers/42", "/nowhere"):
-        url = base + path
-        result = await asyncio.to_thread(_fetch, url)
-        status, _, body = result.partition(" ")
-        try:
-            shown = json.dumps(json.loads(body), indent=None)
-        except ValueError:
-            shown = body
-        print(f"$ curl -s {url}\n  -> {status} {shown}\n", flush=True)
+    token = idp.token()
+    print(f"A token the demo's identity provider signed (RS256, valid 1 h):\n\nTOKEN={token}\n")
+    bearer = {"Authorization": f"Bearer {token}"}
+    shown_bearer = {"Authorization": "Bearer $TOKEN"}
+    key = {"X-API-Key": DEMO_API_KEY}
+    await _request(base, "/api/orders/7", {}, {})
+    await _request(base, "/api/orders/7", bearer, shown_bearer)
+    await _request(
+        base,
+        "/api/orders/8",
+        {"Authorization": "Bearer not-a-token"},
+        {"Authorization": "Bearer not-a-token"},
+    )
+    await _request(base, "/api/customers/42", {}, {})
+    await _request(base, "/api/partners/1", key, key)
+    print("(four more with the same key, then the fifth past the 5/min limit)\n", flush=True)
+    for _ in range(4):
+        await _request(base, "/api/partners/1", key, key, quiet=True)
+    await _request(base, "/api/partners/1", key, key)
+    await _request(base, "/nowhere", {}, {})
 
 
 async def _demo(port: int) -> int:
     cfg_path = str(resources.files("meshgate.demo").joinpath("seed.yaml"))
     config = load_config(cfg_path)
-    servers = []
+    idp = DemoIdp()
+    servers = [await asyncio.start_server(idp.serve, "127.0.0.1", IDP_PORT)]
     for name, bport in BACKENDS:
 
         async def handler(
@@ -107,15 +193,18 @@ async def _demo(port: int) -> int:
     print(
         f"\nmeshgate demo: the gateway listens on :{port} with the seed's config ({cfg_path}).\n"
         "order-service runs on 127.0.0.1:9001 and :9003 (least_request), customer-service on "
-        ":9002.\nRequests the demo just sent, as curl commands:\n",
+        f":9002, and an identity provider (JWKS) on :{IDP_PORT}.\n"
+        "Requests the demo just sent, as curl commands:\n",
         flush=True,
     )
-    await _show(port)
+    await _show(port, idp)
     for line in describe(config)[1:]:
         print(f"note: {line}", flush=True)
     print(
         "\nAlso try:\n"
-        f"  curl -si http://127.0.0.1:{port}/api/customers/42?verbose=1\n"
+        f'  curl -si -H "Authorization: Bearer $TOKEN" http://127.0.0.1:{port}/api/orders/7\n'
+        f'  curl -si -H "X-API-Key: {DEMO_API_KEY}" http://127.0.0.1:{port}/api/partners/1\n'
+        f"  echo -n {DEMO_API_KEY} | meshgate hash-key   # the digest seed.yaml stores\n"
         "  curl -s http://127.0.0.1:9901/readyz      # admin listener\n"
         "  curl -s http://127.0.0.1:9901/upstreams   # pools and balancer state\n"
         "  meshgate explain -c examples/seed.yaml GET /api/orders/7\n"

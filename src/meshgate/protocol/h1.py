@@ -30,11 +30,13 @@ import collections
 import contextlib
 import logging
 import socket
+from collections.abc import Coroutine
 from random import getrandbits as _getrandbits
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
+from meshgate.filters import FilterRequest, LocalReply
 from meshgate.http.problem import problem_response
 from meshgate.http.router import normalize_path
 from meshgate.protocol.batch import BatchedWriter
@@ -600,19 +602,52 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         self._set_target(ex, rt, target, host)
 
     def _set_target(self, ex: Exchange, rt: RouteTarget, target: bytes, host: bytes) -> None:
-        ex.set_target(
-            rt.cluster,
-            rt.label,
-            target,
-            headers=self.headers,
-            drop=self.drop,
-            host=host,
-            chunked=self.chunked_in,
-            body=self.chunked_in or self.has_length,
-            expect_continue=self.expect == b"100-continue",
-            xff=self.xff,
-            via=self.via,
+        drop = self.drop
+        if rt.drop is not None:
+            drop = rt.drop if drop is None else drop | rt.drop
+        chain = rt.chain
+        if chain is None:
+            ex.set_target(
+                rt.cluster,
+                rt.label,
+                target,
+                headers=self.headers,
+                drop=drop,
+                host=host,
+                chunked=self.chunked_in,
+                body=self.chunked_in or self.has_length,
+                expect_continue=self.expect == b"100-continue",
+                xff=self.xff,
+                via=self.via,
+            )
+            return
+        req = FilterRequest(ex.method, target, self.headers, self.client)
+        ex.route_label = rt.label
+        head = _Head(
+            rt,
+            host,
+            self.headers,
+            drop,
+            self.chunked_in,
+            self.has_length,
+            self.expect,
+            self.xff,
+            self.via,
         )
+        try:
+            result = chain.run(req)
+        except Exception:
+            log.exception("route %s: a filter failed", rt.label)
+            ex.reply_local(500, "filter-error", "the gateway failed to process this request")
+            return
+        if result is None:
+            head.apply(ex, req)
+        elif isinstance(result, LocalReply):
+            ex.reply_local(
+                result.status, result.kind, result.detail, close=result.close, extra=result.headers
+            )
+        else:
+            ex.pending = self.loop.create_task(ex.await_filters(result, head, req))
 
     # -- the queue of exchanges -----------------------------------------------------
 
@@ -719,6 +754,65 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
                 self.deadline_kind = DEADLINE_CLOSING
 
 
+class _Head:
+    """What `Exchange.set_target` needs from a request head, kept while the
+    route's filters wait (the protocol object moves on to the next head)."""
+
+    __slots__ = ("chunked", "drop", "expect", "has_length", "headers", "host", "rt", "via", "xff")
+
+    def __init__(
+        self,
+        rt: RouteTarget,
+        host: bytes,
+        headers: list[tuple[bytes, bytes]],
+        drop: frozenset[bytes] | None,
+        chunked: bool,
+        has_length: bool,
+        expect: bytes | None,
+        xff: bytes | None,
+        via: bytes | None,
+    ) -> None:
+        self.rt = rt
+        self.host = host
+        self.headers = headers
+        self.drop = drop
+        self.chunked = chunked
+        self.has_length = has_length
+        self.expect = expect
+        self.xff = xff
+        self.via = via
+
+    def apply(self, ex: Exchange, req: FilterRequest) -> None:
+        """Build the upstream request head with what the filters decided."""
+        headers = self.headers
+        drop: frozenset[bytes] | set[bytes] | None = self.drop
+        if req.drop:
+            drop = req.drop if drop is None else req.drop | drop
+        if drop is not None:
+            headers = [h for h in headers if h[0] not in drop]
+        if req.add:
+            headers = headers + req.add
+        if req.response_headers:
+            parts: list[bytes] = []
+            for name, value in req.response_headers:
+                parts += (name, COLON_SP, value, CRLF)
+            ex.response_extra = b"".join(parts)
+        rt = self.rt
+        ex.set_target(
+            rt.cluster,
+            rt.label,
+            req.target,
+            headers=headers,
+            drop=None,
+            host=self.host,
+            chunked=self.chunked,
+            body=self.chunked or self.has_length,
+            expect_continue=self.expect == b"100-continue",
+            xff=self.xff,
+            via=self.via,
+        )
+
+
 class Exchange:
     """One request and its response, proxied to an upstream or answered locally."""
 
@@ -739,6 +833,8 @@ class Exchange:
     conn: UpstreamConnection | None = None
     endpoint: Endpoint | None = None
     task: asyncio.Task[None] | None = None
+    pending: asyncio.Task[None] | None = None  # the route's filters are waiting
+    response_extra = b""  # header lines the filters add to the response
     response_started = False
     head_sent = False  # part of the upstream's response was handed to the client
     chunked_out = False
@@ -859,11 +955,44 @@ class Exchange:
                 extra_headers=extra,
             )
 
+    async def await_filters(
+        self,
+        pending: Coroutine[Any, Any, LocalReply | None],
+        head: _Head,
+        req: FilterRequest,
+    ) -> None:
+        """The route's filters had to wait; go on once they have decided."""
+        try:
+            reply = await pending
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("route %s: a filter failed", head.rt.label)
+            reply = LocalReply(500, "filter-error", "the gateway failed to process this request")
+        self.pending = None
+        if self.finished:
+            return
+        if reply is None:
+            head.apply(self, req)
+        else:
+            # Body bytes that arrived meanwhile are not going anywhere.
+            self.body_buf = []
+            self.body_buffered = 0
+            self.reply_local(
+                reply.status, reply.kind, reply.detail, close=reply.close, extra=reply.headers
+            )
+            proto = self.proto
+            if proto.pause_reasons & PAUSE_BUFFER:
+                proto.resume_reading(PAUSE_BUFFER)
+        queue = self.proto.queue
+        if queue and queue[0] is self:
+            self.start()
+
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         """This exchange is now the head of its connection's queue."""
-        if self.finished:
+        if self.finished or self.pending is not None:
             return
         if self.local_reply is not None:
             self._send_local()
@@ -1070,6 +1199,8 @@ class Exchange:
             self.keep_alive = False
         if self.proto.state.draining:
             self.keep_alive = False
+        if self.response_extra:
+            parts.append(self.response_extra)
         parts.append(
             _RESPONSE_TAIL
             % (
@@ -1215,6 +1346,9 @@ class Exchange:
         if self.task is not None:
             self.task.cancel()
             self.task = None
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
         conn = self.conn
         if conn is not None:
             self.conn = None

@@ -21,6 +21,7 @@ import time
 
 from meshgate.config.loader import ConfigError, load_config
 from meshgate.config.schema import Address, Config
+from meshgate.ratelimit.local import SharedTable
 from meshgate.server.worker import WATCH_INTERVAL, WorkerOptions, file_stamp, run_worker
 
 log = logging.getLogger("meshgate.supervisor")
@@ -50,6 +51,10 @@ class Supervisor:
         self.held: list[socket.socket] = []
         self.listen_port = config.listen.port
         self.admin_port = config.admin.port if config.admin else None
+        # Made before any fork, so that every worker maps the same memory:
+        # `policy: local` limits are exact per instance, not per worker.
+        # Its size changes only on restart.
+        self.rate_table = SharedTable(config.limits.rate_limit_slots)
 
     def _spawn(self, worker_id: int) -> None:
         pid = os.fork()
@@ -70,6 +75,7 @@ class Supervisor:
                         watch=False,
                         listen_port=self.listen_port,
                         admin_port=self.admin_port,
+                        rate_table=self.rate_table,
                     ),
                 )
             except BaseException:

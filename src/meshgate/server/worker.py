@@ -31,7 +31,9 @@ from meshgate.admin.server import AdminProtocol
 from meshgate.config.loader import ConfigError, load_config
 from meshgate.config.runtime import Runtime
 from meshgate.config.schema import Address, Config
+from meshgate.filters.build import FilterServices
 from meshgate.protocol.h1 import ServerProtocol, ServerState
+from meshgate.ratelimit.local import SharedTable
 from meshgate.upstream.cluster import PoolRegistry
 
 log = logging.getLogger("meshgate.server")
@@ -91,6 +93,9 @@ class WorkerOptions:
     listen_port: int | None = None
     """Overrides the configured port (the supervisor resolves port 0)."""
     admin_port: int | None = None
+    rate_table: SharedTable | None = None
+    """The table `policy: local` limits share with the other workers (made by
+    the supervisor before it forks); None for a single process."""
 
 
 class Worker:
@@ -99,13 +104,19 @@ class Worker:
         self.config = config
         self.loop = asyncio.get_running_loop()
         self.registry = PoolRegistry(self.loop)
-        runtime = Runtime.build(config, self.registry, source=opts.config_path)
+        self.services = FilterServices(opts.rate_table)
+        runtime = Runtime.build(
+            config, self.registry, source=opts.config_path, services=self.services
+        )
         self.state = ServerState(runtime, self.registry, loop=self.loop)
         self.stopping = asyncio.Event()
         self.servers: list[asyncio.Server] = []
         self.stamp = file_stamp(opts.config_path)
+        self.tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        # JWKS are fetched before the first request is accepted.
+        await self.services.activate(self.state.runtime.filters)
         cfg = self.config
         listen = cfg.listen
         if self.opts.listen_port is not None:
@@ -156,11 +167,16 @@ class Worker:
             self.loop.call_later(WATCH_INTERVAL, self._watch)
 
     def reload(self) -> None:
+        task = self.loop.create_task(self._reload())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _reload(self) -> None:
         path = self.opts.config_path
         self.stamp = file_stamp(path)
         try:
             config = load_config(path)
-            runtime = Runtime.build(config, self.registry, source=path)
+            runtime = Runtime.build(config, self.registry, source=path, services=self.services)
         except ConfigError as exc:
             log.error("reload refused, still serving the previous config:\n%s", exc)
             return
@@ -171,7 +187,11 @@ class Worker:
             log.warning("listen and admin addresses change only on restart; kept the old ones")
         if config.workers != self.config.workers:
             log.warning("the number of workers changes only on restart")
+        # New JWKS are fetched before the new runtime takes requests; what
+        # only the old runtime used is closed once it is swapped out.
+        await self.services.prepare(runtime.filters)
         self.state.runtime = runtime
+        await self.services.activate(runtime.filters)
         self.state.access_log = config.access_log
         self.config = config
         self.registry.retain_only(runtime.pool_ids())
@@ -197,6 +217,7 @@ class Worker:
         for server in self.servers[1:]:
             server.close()
         self.registry.close_idle()
+        await self.services.close()
         log.info("worker %d stopped", self.opts.worker_id)
 
 

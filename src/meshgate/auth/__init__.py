@@ -1,0 +1,1 @@
+"""Credential verification used by the auth filter (see `meshgate.auth.jwt`)."""

@@ -1,0 +1,157 @@
+"""The filter chain a route runs before its request goes upstream.
+
+Each route holds a tuple of filters, compiled at config load (DESIGN.md,
+"FilterManager"). A filter is called with the request's `FilterRequest` and
+returns one of three things:
+
+- `None`: carry on with the next filter;
+- a `LocalReply`: answer from the gateway, nothing goes upstream;
+- a coroutine: the filter must wait (Redis, a JWKS refetch); the chain goes
+  on once it resolves.
+
+Unlike a fixed "sync or async" flag per filter, the choice is made per
+request: a JWT filter with a JWKS verifies synchronously from its cached
+keys, and awaits only for a token whose key id it has never seen. A request
+on a route whose filters all answer synchronously never touches the event
+loop's task machinery.
+
+What filters change is collected on the request (headers to add and remove,
+a new request target, response headers) and applied once, when the chain is
+done, by the protocol layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+__all__ = ["Chain", "Filter", "FilterRequest", "FilterResult", "LocalReply"]
+
+
+class LocalReply:
+    """An answer from the gateway itself (a problem+json body unless `kind` is empty)."""
+
+    __slots__ = ("close", "detail", "headers", "kind", "status")
+
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        detail: str,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        *,
+        close: bool = False,
+    ) -> None:
+        self.status = status
+        self.kind = kind
+        self.detail = detail
+        self.headers = tuple(headers)
+        self.close = close
+
+    def __repr__(self) -> str:
+        return f"LocalReply({self.status}, {self.kind!r})"
+
+
+class FilterRequest:
+    """One request as filters see it, and what they decided about it."""
+
+    __slots__ = (
+        "add",
+        "api_key",
+        "claims",
+        "client",
+        "consumer",
+        "drop",
+        "headers",
+        "method",
+        "response_headers",
+        "subject",
+        "target",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        client: bytes,
+    ) -> None:
+        self.method = method
+        self.target = target
+        """The upstream request target; a filter may replace it."""
+        self.headers = headers
+        """The client's header lines, names lower-cased (read only)."""
+        self.client = client
+        """The client's address, as sent in X-Forwarded-For."""
+        self.consumer: str | None = None
+        """The name of the authenticated consumer, when one is known."""
+        self.subject: str | None = None
+        """The authenticated token's subject (its consumer claim)."""
+        self.api_key: str | None = None
+        """The digest of the API key that authenticated the request."""
+        self.claims: dict[str, Any] | None = None
+        self.add: list[tuple[bytes, bytes]] = []
+        """Header lines to send upstream, after `drop` is applied."""
+        self.drop: set[bytes] = set()
+        """Lower-cased header names removed before the request goes upstream."""
+        self.response_headers: list[tuple[bytes, bytes]] = []
+        """Header lines added to the upstream's response."""
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a (lower-case) header, or None."""
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return None
+
+    def header_count(self, name: bytes) -> int:
+        n = 0
+        for h, _ in self.headers:
+            if h == name:
+                n += 1
+        return n
+
+
+FilterResult = LocalReply | None | Coroutine[Any, Any, LocalReply | None]
+Filter = Callable[[FilterRequest], FilterResult]
+
+
+class Chain:
+    """A route's filters, in order."""
+
+    __slots__ = ("filters", "names")
+
+    def __init__(self, filters: Sequence[tuple[str, Filter]]) -> None:
+        self.names = tuple(name for name, _ in filters)
+        self.filters = tuple(f for _, f in filters)
+
+    def run(self, req: FilterRequest) -> FilterResult:
+        filters = self.filters
+        for i, f in enumerate(filters):
+            result = f(req)
+            if result is None:
+                continue
+            if isinstance(result, LocalReply):
+                return result
+            return self._resume(req, result, i + 1)
+        return None
+
+    async def _resume(
+        self,
+        req: FilterRequest,
+        pending: Coroutine[Any, Any, LocalReply | None],
+        start: int,
+    ) -> LocalReply | None:
+        reply = await pending
+        if reply is not None:
+            return reply
+        for f in self.filters[start:]:
+            result = f(req)
+            if result is None:
+                continue
+            if isinstance(result, LocalReply):
+                return result
+            reply = await result
+            if reply is not None:
+                return reply
+        return None

@@ -1,0 +1,167 @@
+"""Compile a config's `auth:`, `consumers:` and `rate_limit:` into route filter chains.
+
+`FilterServices` holds what outlives one runtime: the JWT verifiers (with
+their JWKS refresh tasks), the Redis clients, and the table that `policy:
+local` limits share across workers. A reload reuses an object whose config
+did not change, so a JWKS is not refetched and counts are not reset, and the
+worker closes the ones the new runtime no longer uses once it is swapped in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from meshgate.auth.jwt import JwtVerifier
+from meshgate.config.schema import (
+    ApiKeyAuthConfig,
+    Config,
+    JwtAuthConfig,
+    RedisConfig,
+    RouteConfig,
+)
+from meshgate.filters import Chain, Filter
+from meshgate.filters.auth import (
+    CONSUMER_HEADER,
+    ApiKeyAuthenticator,
+    Authenticator,
+    AuthFilter,
+    JwtAuthenticator,
+)
+from meshgate.filters.ratelimit import RateLimitFilter
+from meshgate.ratelimit.local import SharedTable
+from meshgate.ratelimit.redis import RedisLimiter
+
+__all__ = ["CompiledFilters", "FilterServices", "compile_filters"]
+
+log = logging.getLogger("meshgate.filters")
+
+
+class FilterServices:
+    """Long-lived objects that route filters share, one set per worker."""
+
+    def __init__(self, table: SharedTable | None = None) -> None:
+        self.table = table
+        self.verifiers: dict[tuple[str, str, str], JwtVerifier] = {}
+        self.limiters: dict[str, RedisLimiter] = {}
+        self.started: set[int] = set()
+
+    def shared_table(self, slots: int) -> SharedTable:
+        if self.table is None:
+            # One process: a private table (the supervisor makes a shared
+            # one before it forks workers).
+            self.table = SharedTable(slots)
+        return self.table
+
+    def verifier(self, name: str, cfg: JwtAuthConfig, base_dir: pathlib.Path) -> JwtVerifier:
+        key = (name, cfg.model_dump_json(), str(base_dir))
+        verifier = self.verifiers.get(key)
+        if verifier is None:
+            try:
+                verifier = JwtVerifier(name, cfg, base_dir=base_dir)
+            except (ValueError, OSError) as exc:
+                raise ValueError(f"auth.{name}: {exc}") from exc
+            self.verifiers[key] = verifier
+        return verifier
+
+    def redis_limiter(self, cfg: RedisConfig) -> RedisLimiter:
+        key = cfg.model_dump_json()
+        limiter = self.limiters.get(key)
+        if limiter is None:
+            limiter = self.limiters[key] = RedisLimiter(cfg)
+        return limiter
+
+    async def prepare(self, used: CompiledFilters) -> None:
+        """Start what `used` needs and is not started yet (a first JWKS fetch)."""
+        starting = [v.start() for v in used.verifiers if id(v) not in self.started]
+        self.started.update(id(v) for v in used.verifiers)
+        if starting:
+            await asyncio.gather(*starting)
+
+    async def activate(self, used: CompiledFilters) -> None:
+        """`prepare`, then close what `used` does not use."""
+        await self.prepare(used)
+        keep = {id(v) for v in used.verifiers} | {id(r) for r in used.limiters}
+        closing = []
+        for key, verifier in list(self.verifiers.items()):
+            if id(verifier) not in keep:
+                del self.verifiers[key]
+                self.started.discard(id(verifier))
+                closing.append(verifier.close())
+        for rkey, limiter in list(self.limiters.items()):
+            if id(limiter) not in keep:
+                del self.limiters[rkey]
+                closing.append(limiter.close())
+        if closing:
+            await asyncio.gather(*closing, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.activate(CompiledFilters())
+
+
+@dataclass
+class CompiledFilters:
+    chains: list[Chain | None] = field(default_factory=list)
+    """One per route, in order; None for a route without filters."""
+    identity_headers: frozenset[bytes] = frozenset()
+    """Headers only the gateway sets; a client's copies are removed everywhere."""
+    verifiers: list[JwtVerifier] = field(default_factory=list)
+    limiters: list[RedisLimiter] = field(default_factory=list)
+
+
+def compile_filters(
+    config: Config,
+    services: FilterServices,
+    labels: Iterable[str],
+    *,
+    base_dir: pathlib.Path,
+) -> CompiledFilters:
+    out = CompiledFilters()
+    authenticators: dict[str, Authenticator] = {}
+    identity = {CONSUMER_HEADER} if (config.auth or config.consumers) else set()
+    for name, entry in config.auth.items():
+        if isinstance(entry, JwtAuthConfig):
+            verifier = services.verifier(name, entry, base_dir)
+            out.verifiers.append(verifier)
+            authenticators[name] = JwtAuthenticator(name, entry, verifier, config.consumers)
+            identity.update(h.lower().encode("latin-1") for h in entry.forward_claims.values())
+        elif isinstance(entry, ApiKeyAuthConfig):
+            authenticators[name] = ApiKeyAuthenticator(name, entry, config.consumers)
+    out.identity_headers = frozenset(identity)
+    limiter = services.redis_limiter(config.redis) if config.redis is not None else None
+    if limiter is not None:
+        out.limiters.append(limiter)
+    for route, label in zip(config.routes, labels, strict=True):
+        out.chains.append(_chain(config, route, label, authenticators, services, limiter))
+    return out
+
+
+def _chain(
+    config: Config,
+    route: RouteConfig,
+    label: str,
+    authenticators: dict[str, Authenticator],
+    services: FilterServices,
+    limiter: RedisLimiter | None,
+) -> Chain | None:
+    filters: list[tuple[str, Filter]] = []
+    if route.auth is not None:
+        auth = AuthFilter(
+            [authenticators[name] for name in route.auth.use],
+            scopes=route.auth.scopes,
+            required_claims=route.auth.required_claims,
+        )
+        filters.append(("auth", auth))
+    rl = route.rate_limit
+    if rl is not None:
+        table = (
+            services.shared_table(config.limits.rate_limit_slots) if rl.policy == "local" else None
+        )
+        redis = limiter if rl.policy == "redis" else None
+        filters.append(
+            ("rate_limit", RateLimitFilter(label, rl, config.consumers, table=table, redis=redis))
+        )
+    return Chain(filters) if filters else None

@@ -1,0 +1,186 @@
+"""A route's `rate_limit:` as a filter.
+
+The key is chosen at config load (`consumer`, `api_key`, `ip`, `route`,
+`header:<name>`, or the default ladder consumer -> API key -> token
+subject -> client IP), and so is everything in the response fields but the
+two numbers that change per request.
+
+`policy: local` decides synchronously against the worker-shared table;
+`policy: redis` awaits one script call, bounded by the Redis timeout, and
+applies `on_store_error` when Redis cannot answer.
+
+Fields (draft-ietf-httpapi-ratelimit-headers-09/10, and the older ones):
+
+    RateLimit-Policy: "orders";q=100;w=60
+    RateLimit: "orders";r=57;t=26
+    X-RateLimit-Limit: 100
+    X-RateLimit-Remaining: 57
+    X-RateLimit-Reset: 26
+    Retry-After: 1                      (429 only)
+
+`t` and `X-RateLimit-Reset` are delta-seconds until the quota is whole again
+(not an epoch time, so clocks need not agree).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+from meshgate.config.schema import ConsumerConfig, RateLimitConfig
+from meshgate.filters import FilterRequest, LocalReply
+from meshgate.ratelimit import Decision, LimitSpec
+from meshgate.ratelimit.local import SharedTable
+from meshgate.ratelimit.redis import RedisLimiter
+
+__all__ = ["RateLimitFilter", "limit_id"]
+
+log = logging.getLogger("meshgate.ratelimit")
+
+_KINDS_BY_CONSUMER = ("default", "consumer", "api_key")
+
+
+def limit_id(route_label: str, cfg: RateLimitConfig) -> str:
+    """A short id for one route's limit. It stays the same across reloads while
+    the route and its limit do, so that counts carry over."""
+    text = f"{route_label}\0{cfg.limit}\0{cfg.period}\0{cfg.key}\0{cfg.algorithm}\0{cfg.burst}"
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+def _seconds(value: float) -> bytes:
+    return b"%d" % max(0, math.ceil(value))
+
+
+class RateLimitFilter:
+    def __init__(
+        self,
+        route_label: str,
+        cfg: RateLimitConfig,
+        consumers: Mapping[str, ConsumerConfig],
+        *,
+        table: SharedTable | None,
+        redis: RedisLimiter | None,
+    ) -> None:
+        self.cfg = cfg
+        self.id = limit_id(route_label, cfg)
+        self.prefix = self.id.encode() + b":"
+        self.spec = LimitSpec.from_config(cfg)
+        self.kind = cfg.key
+        self.header = cfg.key[7:].encode("latin-1") if cfg.key.startswith("header:") else None
+        self.table = table
+        self.redis = redis
+        if cfg.policy == "redis":
+            assert redis is not None
+        else:
+            assert table is not None
+        self.deny_on_error = cfg.on_store_error == "deny"
+        self.headers = cfg.headers
+        # Consumers with their own limit, where the key identifies a consumer.
+        self.consumer_specs: dict[str, LimitSpec] = {}
+        if cfg.key in _KINDS_BY_CONSUMER:
+            for name, consumer in consumers.items():
+                own = consumer.rate_limit
+                if own is not None:
+                    self.consumer_specs[name] = LimitSpec.from_config(
+                        cfg, limit=own.limit, period=own.period
+                    )
+        name = cfg.name or route_label
+        self.policy_name = b'"' + name.replace('"', "").encode("latin-1") + b'"'
+        self.redis_timeout = redis.cfg.timeout if redis is not None else 0.0
+
+    # -- the key ---------------------------------------------------------------
+
+    def key(self, req: FilterRequest) -> bytes:
+        kind = self.kind
+        if kind == "default":
+            if req.consumer is not None:
+                return b"c:" + req.consumer.encode()
+            if req.api_key is not None:
+                return b"k:" + req.api_key.encode()
+            if req.subject is not None:
+                return b"s:" + req.subject.encode()
+        elif kind == "consumer":
+            if req.consumer is not None:
+                return b"c:" + req.consumer.encode()
+            if req.subject is not None:
+                return b"s:" + req.subject.encode()
+        elif kind == "api_key":
+            if req.api_key is not None:
+                return b"k:" + req.api_key.encode()
+        elif kind == "route":
+            return b"r:"
+        elif self.header is not None:
+            value = req.header(self.header)
+            if value is not None:
+                if len(value) > 64:
+                    value = hashlib.blake2b(value, digest_size=16).hexdigest().encode()
+                return b"h:" + value
+        return b"i:" + req.client
+
+    def spec_for(self, req: FilterRequest) -> LimitSpec:
+        if self.consumer_specs and req.consumer is not None:
+            return self.consumer_specs.get(req.consumer, self.spec)
+        return self.spec
+
+    # -- the decision ------------------------------------------------------------
+
+    def __call__(
+        self, req: FilterRequest
+    ) -> LocalReply | Coroutine[Any, Any, LocalReply | None] | None:
+        key = self.prefix + self.key(req)
+        spec = self.spec_for(req)
+        table = self.table
+        if table is not None:
+            return self.apply(req, table.decide(key, spec), spec)
+        return self._decide_redis(req, key.decode("latin-1"), spec)
+
+    async def _decide_redis(
+        self, req: FilterRequest, key: str, spec: LimitSpec
+    ) -> LocalReply | None:
+        redis = self.redis
+        assert redis is not None
+        decision = await redis.decide(key, spec)
+        if decision is None:
+            if self.deny_on_error:
+                retry = max(1.0, redis.cfg.down_interval)
+                return LocalReply(
+                    429,
+                    "rate-limit-unavailable",
+                    "the rate limit store is unavailable and this route denies requests "
+                    "it cannot count",
+                    [(b"retry-after", _seconds(retry))],
+                )
+            return None
+        return self.apply(req, decision, spec)
+
+    def fields(self, d: Decision, spec: LimitSpec) -> list[tuple[bytes, bytes]]:
+        limit = b"%d" % spec.limit
+        window = b"%d" % max(1, spec.period_us // 1_000_000)
+        remaining = b"%d" % max(0, d.remaining)
+        reset = _seconds(d.reset)
+        return [
+            (b"ratelimit-policy", self.policy_name + b";q=" + limit + b";w=" + window),
+            (b"ratelimit", self.policy_name + b";r=" + remaining + b";t=" + reset),
+            (b"x-ratelimit-limit", limit),
+            (b"x-ratelimit-remaining", remaining),
+            (b"x-ratelimit-reset", reset),
+        ]
+
+    def apply(self, req: FilterRequest, d: Decision, spec: LimitSpec) -> LocalReply | None:
+        if d.allowed:
+            if self.headers:
+                req.response_headers += self.fields(d, spec)
+            return None
+        headers = self.fields(d, spec) if self.headers else []
+        retry = max(1, math.ceil(d.retry_after))
+        headers.append((b"retry-after", b"%d" % retry))
+        period = spec.period_us / 1_000_000
+        return LocalReply(
+            429,
+            "rate-limited",
+            f"the limit of {spec.limit} requests per {period:g}s is reached; retry in {retry}s",
+            headers,
+        )
