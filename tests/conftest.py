@@ -73,3 +73,8 @@ def make_proxy(stack: Stack) -> Callable[..., ProxyProcess]:
         return stack.proxy(config, **kwargs)
 
     return make
+
+
+# A real redis-server per test or per module (fails under CI=true when it is
+# not installed, skips with the reason elsewhere).
+from support.redis_fixtures import module_redis, redis_server  # noqa: E402, F401

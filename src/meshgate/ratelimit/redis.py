@@ -1,0 +1,391 @@
+"""`policy: redis`: exact limits across every gateway sharing one Redis.
+
+Each decision is one Lua script on one key (so it works on Redis Cluster),
+mirroring `meshgate.ratelimit.gcra` / `sliding_window` exactly, on the
+server's clock (`TIME`, so gateways need no synchronised clocks). The read,
+the decision and the write are one atomic script: there is no
+read-modify-write race between gateways. Keys expire (`PEXPIREAT`, the
+instant their state stops mattering) and vanish once they are back to a
+full quota.
+
+Redis is never allowed to slow a request down: a decision waits at most
+`RedisConfig.timeout`, then `decide` returns None and the caller applies
+`on_store_error`. After a failure, decisions skip Redis (None at once) for
+`down_interval`; then a single request probes it again while the others
+keep skipping, so a dead Redis costs one timeout per interval, not one per
+request. Going down logs one warning, coming back one info line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import unquote
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import InvalidResponse, RedisClusterException, RedisError
+
+from meshgate.config.schema import RedisConfig
+from meshgate.ratelimit import Decision, LimitSpec
+
+__all__ = ["GCRA_LUA", "SLIDING_WINDOW_LUA", "RedisLimiter", "RedisTarget", "parse_redis_url"]
+
+log = logging.getLogger("meshgate.ratelimit")
+
+# Shared by both scripts. Lua 5.1 numbers are doubles: integers below 2**53
+# are exact, and `LimitSpec` keeps every value under that. `idiv` is floor
+# division made exact (a / b rounds before math.floor sees it);
+# `string.format('%d')` writes an integer without the exponent `tostring`
+# would use past 1e14.
+_LUA_PRELUDE = """
+pcall(redis.replicate_commands)
+local function idiv(a, b)
+  local q = math.floor(a / b)
+  if q * b > a then
+    q = q - 1
+  elseif (q + 1) * b <= a then
+    q = q + 1
+  end
+  return q
+end
+local function clock(arg)
+  if arg then
+    return tonumber(arg)
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+"""
+
+GCRA_LUA = (
+    _LUA_PRELUDE
+    + """
+-- KEYS[1]: the key. ARGV: interval_us, burst, [now_us (tests only)].
+-- Stored: the TAT in microseconds, expiring when it is reached.
+-- Expiries are absolute (PEXPIREAT, on the same clock as TIME), so they also
+-- hold when a test passes its own now_us.
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2]) * interval
+local now = clock(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if tat < now then
+  tat = now
+end
+local new_tat = tat + interval
+local allow_at = new_tat - tolerance
+if now < allow_at then
+  return {0, 0, tat - now, allow_at - now}
+end
+redis.call('SET', KEYS[1], string.format('%d', new_tat))
+redis.call('PEXPIREAT', KEYS[1], string.format('%d', idiv(new_tat + 999, 1000)))
+return {1, idiv(now + tolerance - new_tat, interval), new_tat - now, 0}
+"""
+)
+
+SLIDING_WINDOW_LUA = (
+    _LUA_PRELUDE
+    + """
+-- KEYS[1]: the key. ARGV: tick_us, period_ticks, limit, [now_us (tests only)].
+-- Stored: "window_start_us prev cur", expiring at window_start + 2 * period.
+local tick = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local now_us = clock(ARGV[4])
+local now = idiv(now_us, tick)
+local start = idiv(now, period) * period
+local stored, prev, cur = 0, 0, 0
+local value = redis.call('GET', KEYS[1])
+if value then
+  local s, p, c = string.match(value, '^(%d+) (%d+) (%d+)$')
+  if s then
+    stored = idiv(tonumber(s), tick)
+    prev = tonumber(p)
+    cur = tonumber(c)
+  end
+end
+if stored ~= start then
+  if stored + period == start then
+    prev = cur
+    cur = 0
+  else
+    prev = 0
+    cur = 0
+  end
+end
+local elapsed = now - start
+local estimate = idiv(prev * (period - elapsed), period) + cur
+local reset = (start + period) * tick - now_us
+if estimate < limit then
+  redis.call('SET', KEYS[1], string.format('%d %d %d', start * tick, prev, cur + 1))
+  local expiry_us = (start + 2 * period) * tick
+  redis.call('PEXPIREAT', KEYS[1], string.format('%d', idiv(expiry_us + 999, 1000)))
+  return {1, limit - estimate - 1, reset, 0}
+end
+local room = limit - 1 - cur
+local allow_at
+if room >= 0 then
+  allow_at = start + period - idiv((room + 1) * period - 1, prev)
+else
+  allow_at = start + 2 * period - idiv(limit * period - 1, cur)
+end
+return {0, 0, reset, allow_at * tick - now_us}
+"""
+)
+
+_DEFAULT_PORTS = {"sentinel": 26379, "cluster": 6379}
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """What `parse_redis_url` found in a `redis:` URL.
+
+    `kind` is "url" for `redis://`, `rediss://` and `unix://`, which
+    `Redis.from_url` understands itself (only `url` is set then).
+    """
+
+    kind: Literal["url", "sentinel", "cluster"]
+    url: str
+    hosts: tuple[tuple[str, int], ...] = ()
+    master: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    ssl: bool = False
+
+
+def _parse_host(text: str, default_port: int, url: str) -> tuple[str, int]:
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad host {text!r} in {url!r}")
+        port_text = rest[1:]
+    else:
+        host, _, port_text = text.partition(":")
+    if not host:
+        raise ValueError(f"a host is missing in {url!r}")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port {port_text!r} in {url!r}")
+    return host, int(port_text)
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """Parse a `RedisConfig.url`.
+
+    `redis[s]+sentinel://[user:password@]h1:26379,h2:26379/<master>[/<db>]`
+    and `redis[s]+cluster://[user:password@]h1:7000,h2:7001` are parsed here
+    (the password is the Redis servers', not the sentinels'); the other
+    schemes are left to redis-py. Raises ValueError for a malformed URL.
+    """
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise ValueError(f"expected a redis URL, found {url!r}")
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisTarget(kind="url", url=url)
+    base, plus, kind = scheme.partition("+")
+    if not plus or base not in ("redis", "rediss") or kind not in ("sentinel", "cluster"):
+        raise ValueError(f"unsupported redis URL scheme {scheme!r} in {url!r}")
+    if "?" in rest or "#" in rest:
+        raise ValueError(f"a {scheme} URL takes no query or fragment: {url!r}")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    if not at:
+        hostlist = netloc
+    username: str | None = None
+    password: str | None = None
+    if userinfo:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    hosts = tuple(
+        _parse_host(part.strip(), _DEFAULT_PORTS[kind], url)
+        for part in hostlist.split(",")
+        if part.strip()
+    )
+    if not hosts:
+        raise ValueError(f"no host in {url!r}")
+    segments = [unquote(s) for s in path.split("/") if s]
+    ssl = base == "rediss"
+    if kind == "cluster":
+        if segments and segments != ["0"]:
+            raise ValueError(f"a cluster has no database to select: {url!r}")
+        return RedisTarget(
+            kind="cluster", url=url, hosts=hosts, username=username, password=password, ssl=ssl
+        )
+    if not segments or len(segments) > 2:
+        raise ValueError(f"expected redis+sentinel://host:port,.../<master>/<db>, found {url!r}")
+    db = 0
+    if len(segments) == 2:
+        if not segments[1].isdigit():
+            raise ValueError(f"bad database number {segments[1]!r} in {url!r}")
+        db = int(segments[1])
+    return RedisTarget(
+        kind="sentinel",
+        url=url,
+        hosts=hosts,
+        master=segments[0],
+        db=db,
+        username=username,
+        password=password,
+        ssl=ssl,
+    )
+
+
+# What "Redis could not answer" looks like. RedisClusterException is not a
+# RedisError; TimeoutError is asyncio.timeout's.
+_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+
+def _reply(raw: Any) -> tuple[int, int, int, int]:
+    if (
+        not isinstance(raw, list)
+        or len(raw) != 4
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in raw)
+    ):
+        raise InvalidResponse(f"unexpected rate limit script reply {raw!r}")
+    return raw[0], raw[1], raw[2], raw[3]
+
+
+class RedisLimiter:
+    """Rate limit decisions in Redis, for every gateway sharing it."""
+
+    def __init__(self, cfg: RedisConfig) -> None:
+        self.cfg = cfg
+        self.errors = 0
+        """Decisions Redis failed to answer (error or timeout)."""
+        self.skipped = 0
+        """Decisions that did not ask Redis because it was down."""
+        self._timeout = cfg.timeout
+        self._prefix = cfg.key_prefix
+        self._sentinel: Sentinel | None = None
+        self._client = self._build_client(cfg)
+        self._gcra: AsyncScript = self._client.register_script(GCRA_LUA)
+        self._sliding: AsyncScript = self._client.register_script(SLIDING_WINDOW_LUA)
+        # At most max_connections calls in flight: a busy pool then waits (up
+        # to the timeout) rather than failing with "Too many connections",
+        # whichever client kind this is.
+        self._slots = asyncio.Semaphore(cfg.max_connections)
+        self._down = False
+        self._epoch = 0
+        self._retry_at = 0.0
+        self._probing = False
+
+    def _build_client(self, cfg: RedisConfig) -> Redis | RedisCluster:
+        target = parse_redis_url(cfg.url)
+        # No retries: a retried script may have run already (and counted),
+        # and the deadline leaves no time for one anyway. The pool checks a
+        # connection before handing it out, so a restarted server is no error.
+        common: dict[str, Any] = {
+            "socket_timeout": cfg.timeout,
+            "socket_connect_timeout": cfg.timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if target.kind == "url":
+            return Redis.from_url(cfg.url, max_connections=cfg.max_connections, **common)
+        auth: dict[str, Any] = {"username": target.username, "password": target.password}
+        if target.kind == "cluster":
+            return RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
+                max_connections=cfg.max_connections,
+                ssl=target.ssl,
+                **auth,
+                **common,
+            )
+        assert target.master is not None
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_timeout": cfg.timeout,
+            "socket_connect_timeout": cfg.timeout,
+        }
+        if target.ssl:
+            sentinel_kwargs["ssl"] = True
+        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.hosts), sentinel_kwargs=sentinel_kwargs
+        )
+        client: Redis = self._sentinel.master_for(
+            target.master,
+            db=target.db,
+            max_connections=cfg.max_connections,
+            ssl=target.ssl,
+            **auth,
+            **common,
+        )
+        return client
+
+    async def evaluate(
+        self, key: str, spec: LimitSpec, now_us: int | None = None
+    ) -> tuple[int, int, int, int]:
+        """Run the script for `spec.algorithm` on `key_prefix + key`:
+        (allowed, remaining, reset_us, retry_us). No deadline and no error
+        handling (that is `decide`). `now_us` replaces the server's clock
+        (for tests comparing the script with the Python functions)."""
+        name = self._prefix + key
+        extra = [] if now_us is None else [now_us]
+        if spec.algorithm == "gcra":
+            raw = await self._gcra(keys=[name], args=[spec.interval_us, spec.burst, *extra])
+        else:
+            raw = await self._sliding(
+                keys=[name], args=[spec.tick_us, spec.period_ticks, spec.limit, *extra]
+            )
+        return _reply(raw)
+
+    async def decide(self, key: str, spec: LimitSpec) -> Decision | None:
+        """The decision for `key`, or None when Redis could not answer
+        within `cfg.timeout` (or is being skipped after a failure)."""
+        probe = False
+        if self._down:
+            if self._probing or time.monotonic() < self._retry_at:
+                self.skipped += 1
+                return None
+            self._probing = probe = True
+        epoch = self._epoch
+        try:
+            async with asyncio.timeout(self._timeout), self._slots:
+                allowed, remaining, reset_us, retry_us = await self.evaluate(key, spec)
+        except _FAILURES as exc:
+            self.errors += 1
+            self._failed(exc, epoch)
+            return None
+        finally:
+            if probe:
+                self._probing = False
+        if probe and self._down and self._epoch == epoch:
+            self._down = False
+            self._epoch += 1
+            log.info("rate limit store redis answers again; redis limits are enforced again")
+        return Decision(bool(allowed), remaining, reset_us / 1e6, retry_us / 1e6, spec.limit)
+
+    def _failed(self, exc: BaseException, epoch: int) -> None:
+        if self._epoch != epoch:
+            return  # started before the last up/down change; says nothing new
+        self._retry_at = time.monotonic() + self.cfg.down_interval
+        if self._down:
+            return
+        self._down = True
+        self._epoch += 1
+        if isinstance(exc, TimeoutError) and not isinstance(exc, RedisError):
+            reason = f"no answer within {self._timeout:g}s"
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+        log.warning(
+            "rate limit store redis is down (%s); redis limits apply on_store_error "
+            "and redis is retried every %gs",
+            reason,
+            self.cfg.down_interval,
+        )
+
+    async def close(self) -> None:
+        """Close the connections (and the sentinels')."""
+        await self._client.aclose()
+        if self._sentinel is not None:
+            for sentinel in self._sentinel.sentinels:
+                await sentinel.aclose()
