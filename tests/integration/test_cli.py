@@ -18,13 +18,25 @@ pytestmark = pytest.mark.engine
 SEED = REPO / "examples" / "seed.yaml"
 
 
-def test_check_seed_ok_and_says_auth_and_rate_limit_not_enforced() -> None:
+def test_check_seed_ok_and_describes_auth_and_rate_limits() -> None:
     proc = run_meshgate("check", "-c", str(SEED))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    lowered = out.lower()
-    assert "not enforced" in lowered, out
-    assert "auth" in lowered and "rate_limit" in lowered, out
+    assert "routes[0] (/api/orders/**): auth by any of jwt" in out, out
+    assert "rate limit 100/min per default (gcra, local)" in out, out
+    assert "not enforced" not in out.lower(), out
+
+
+def test_check_refuses_an_unreadable_key_file(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        "auth:\n  jwt: {type: jwt, public_key_file: missing.pem}\n"
+        "upstreams:\n  a: {endpoints: [127.0.0.1:1]}\n"
+        "routes:\n- {path: /x, upstream: a, auth: jwt}\n"
+    )
+    proc = run_meshgate("check", "-c", str(path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "auth.jwt" in proc.stderr and "missing.pem" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -58,12 +58,15 @@ def only_problem(path: Path, env: dict[str, str] | None = None) -> ConfigProblem
 def test_seed_example_loads() -> None:
     config = load_config(SEED, env={})
     assert isinstance(config, Config)
-    assert [r.path for r in config.routes] == ["/api/orders/**", "/api/customers/**"]
+    assert [r.path for r in config.routes][:2] == ["/api/orders/**", "/api/customers/**"]
     rate = config.routes[0].rate_limit
     assert rate is not None
     assert rate.limit == 100
     assert rate.period == 60
-    assert config.routes[0].auth == "jwt"
+    assert (rate.key, rate.algorithm, rate.policy) == ("default", "gcra", "local")
+    auth = config.routes[0].auth
+    assert auth is not None and auth.use == ["jwt"]
+    assert config.auth["jwt"].type == "jwt"
     assert [str(e.host) for e in config.upstreams["order-service"].endpoints] == [
         "127.0.0.1",
         "127.0.0.1",
@@ -135,13 +138,13 @@ def test_unknown_upstream_names_file_line_and_field(tmp_path: Path) -> None:
     path = write(tmp_path, text)
     problem = only_problem(path)
     line = text.splitlines().index("  upstream: customer-svc") + 1
-    assert line == 16
+    assert line == 31
     assert problem.file == str(path)
-    assert (problem.line, problem.column) == (16, 13)
+    assert (problem.line, problem.column) == (31, 13)
     assert problem.field == "routes[1].upstream"
     assert "'customer-svc' is not defined" in problem.message
     assert "customer-service, order-service" in problem.message
-    assert str(problem).startswith(f"{path}:16:13: field 'routes[1].upstream': upstream ")
+    assert str(problem).startswith(f"{path}:31:13: field 'routes[1].upstream': upstream ")
 
 
 def test_error_string_has_one_line_per_problem(tmp_path: Path) -> None:
@@ -292,7 +295,7 @@ def test_problems_are_in_file_order(tmp_path: Path) -> None:
         # These three were accepted (or crashed with KeyError) before schema.py's fixes.
         ("limits: {max_header_bytes: 1KİB}", "expected a size"),
         ("limits: {header_timeout: .inf}", "a duration must be a finite number"),
-        ("routes: [{path: /a, upstream: orders, rate_limit: 5/0s}]", "period: Input should be"),
+        ("routes: [{path: /a, upstream: orders, rate_limit: 5/0s}]", "greater than zero"),
     ],
 )
 def test_schema_edge_values_are_config_errors(tmp_path: Path, line: str, message: str) -> None:
@@ -507,12 +510,11 @@ def test_lone_dollar_is_kept() -> None:
 def test_describe_seed() -> None:
     lines = describe(load_config(SEED, env={}))
     assert lines == [
-        "2 upstreams, 2 routes, listening on 0.0.0.0:8080, admin on 127.0.0.1:9901",
-        "routes[0] (/api/orders/**): `auth: jwt` is accepted but NOT enforced yet: "
-        "edge security (JWT, API keys) arrives in a later release; "
-        "the route is served without authentication",
-        "routes[0] (/api/orders/**): `rate_limit: 100/min` is accepted but NOT enforced yet: "
-        "rate limiting arrives in a later release; requests are not limited",
+        "2 upstreams, 3 routes, listening on 0.0.0.0:8080, admin on 127.0.0.1:9901",
+        "routes[0] (/api/orders/**): auth by any of jwt",
+        "routes[0] (/api/orders/**): rate limit 100/min per default (gcra, local)",
+        "routes[2] (/api/partners/**): auth by any of jwt, keys",
+        "routes[2] (/api/partners/**): rate limit 5/min per consumer (gcra, local)",
     ]
 
 
@@ -524,6 +526,9 @@ workers: 2
 upstreams:
   orders: {endpoints: [a:1]}
   spare: {endpoints: [b:1]}
+auth:
+  jwt: {type: jwt, secret: "0123456789abcdef0123456789abcdef"}
+  key: {type: api_key}
 routes:
 - {path: /x, name: x, upstream: orders, auth: [jwt, key], rate_limit: 5/h}
 """,
@@ -534,8 +539,9 @@ routes:
         "2 upstreams, 1 route, listening on 0.0.0.0:9000, no admin listener, 2 workers"
     )
     assert "upstreams.spare is not used by any route" in lines
-    assert any(line.startswith("routes[0] (x, /x): `auth: [jwt, key]`") for line in lines)
-    assert any("`rate_limit: 5/h`" in line for line in lines)
+    assert "routes[0] (x, /x): auth by any of jwt, key" in lines
+    assert "routes[0] (x, /x): rate limit 5/h per default (gcra, local)" in lines
+    assert "auth.key: no consumer has an API key, so no key is accepted" in lines
 
 
 def test_describe_no_routes() -> None:
