@@ -1,4 +1,4 @@
-"""The admin listener: `/healthz`, `/readyz`, `/config` and `/upstreams`.
+"""The admin listener: `/healthz`, `/readyz`, `/config`, `/upstreams` and `/metrics`.
 
 It is a separate listener on loopback so that probes and operators never
 share a port (or a route table) with clients. Requests are tiny and rare, so
@@ -15,6 +15,7 @@ import httptools
 import orjson
 
 from meshgate import __version__
+from meshgate.observability.metrics import render
 from meshgate.protocol.headers import status_line
 
 if TYPE_CHECKING:
@@ -70,11 +71,16 @@ class AdminProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        body = orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
+        if isinstance(doc, str):
+            body = doc.encode()
+            ctype = b"text/plain; version=0.0.4; charset=utf-8"
+        else:
+            body = orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
+            ctype = b"application/json"
         close = close or not self.keep_alive
         head = [
             status_line(status),
-            b"content-type: application/json\r\n",
+            b"content-type: " + ctype + b"\r\n",
             b"cache-control: no-store\r\n",
             b"content-length: %d\r\n" % len(body),
             b"connection: close\r\n\r\n" if close else b"\r\n",
@@ -94,8 +100,33 @@ def _readyz(state: ServerState) -> tuple[int, Any]:
     return 200, {"status": "ready", "config": state.runtime.source}
 
 
+_SECRET_FIELDS = frozenset({"secret", "password"})
+
+
+def _redact(doc: Any) -> Any:
+    """The config without its secrets: HMAC secrets, passwords in Redis URLs."""
+    if isinstance(doc, dict):
+        out = {}
+        for k, v in doc.items():
+            if k in _SECRET_FIELDS and v is not None:
+                out[k] = "<redacted>"
+            elif k == "url" and isinstance(v, str) and "@" in v:
+                scheme, _, rest = v.partition("://")
+                out[k] = f"{scheme}://<redacted>@{rest.rpartition('@')[2]}"
+            else:
+                out[k] = _redact(v)
+        return out
+    if isinstance(doc, list):
+        return [_redact(v) for v in doc]
+    return doc
+
+
 def _config(state: ServerState) -> tuple[int, Any]:
-    return 200, state.runtime.config.model_dump(mode="json")
+    return 200, _redact(state.runtime.config.model_dump(mode="json"))
+
+
+def _metrics(state: ServerState) -> tuple[int, Any]:
+    return 200, render(state)
 
 
 def _upstreams(state: ServerState) -> tuple[int, Any]:
@@ -116,4 +147,5 @@ ROUTES = {
     b"/readyz": _readyz,
     b"/config": _config,
     b"/upstreams": _upstreams,
+    b"/metrics": _metrics,
 }

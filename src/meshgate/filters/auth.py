@@ -221,6 +221,8 @@ class AuthFilter:
         required_claims: Sequence[str] | Mapping[str, Any] = (),
     ) -> None:
         self.authenticators = tuple(authenticators)
+        # Outcomes, for /metrics: admitted, no credentials, refused (401/400), forbidden (403).
+        self.admitted = self.missing = self.refused = self.forbidden = 0
         self.scopes = tuple(scopes)
         self.required = required_claims
         self.route_checks = bool(scopes) or bool(required_claims)
@@ -267,6 +269,7 @@ class AuthFilter:
         return self._refuse(refusal)
 
     def _admitted(self, req: FilterRequest) -> LocalReply | None:
+        self.admitted += 1
         if self.route_checks:
             claims = req.claims
             if claims is None:
@@ -290,6 +293,7 @@ class AuthFilter:
 
     def _refuse(self, refusal: _Refusal | None) -> LocalReply:
         if refusal is None:
+            self.missing += 1
             return LocalReply(
                 401,
                 "missing-credentials",
@@ -301,6 +305,11 @@ class AuthFilter:
 
     def _reply(self, refusal: _Refusal) -> LocalReply:
         exc, scheme = refusal
+        if exc.status == 403:
+            self.forbidden += 1
+            self.admitted -= 1  # counted when the credentials were accepted
+        else:
+            self.refused += 1
         challenge = (
             scheme
             + b" "

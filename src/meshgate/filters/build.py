@@ -110,6 +110,8 @@ class CompiledFilters:
     """Headers only the gateway sets; a client's copies are removed everywhere."""
     verifiers: list[JwtVerifier] = field(default_factory=list)
     limiters: list[RedisLimiter] = field(default_factory=list)
+    auth_filters: list[tuple[str, AuthFilter]] = field(default_factory=list)
+    limit_filters: list[tuple[str, RateLimitFilter]] = field(default_factory=list)
 
 
 def compile_filters(
@@ -135,7 +137,7 @@ def compile_filters(
     if limiter is not None:
         out.limiters.append(limiter)
     for route, label in zip(config.routes, labels, strict=True):
-        out.chains.append(_chain(config, route, label, authenticators, services, limiter))
+        out.chains.append(_chain(config, route, label, authenticators, services, limiter, out))
     return out
 
 
@@ -146,6 +148,7 @@ def _chain(
     authenticators: dict[str, Authenticator],
     services: FilterServices,
     limiter: RedisLimiter | None,
+    out: CompiledFilters,
 ) -> Chain | None:
     filters: list[tuple[str, Filter]] = []
     if route.auth is not None:
@@ -155,13 +158,14 @@ def _chain(
             required_claims=route.auth.required_claims,
         )
         filters.append(("auth", auth))
+        out.auth_filters.append((label, auth))
     rl = route.rate_limit
     if rl is not None:
         table = (
             services.shared_table(config.limits.rate_limit_slots) if rl.policy == "local" else None
         )
         redis = limiter if rl.policy == "redis" else None
-        filters.append(
-            ("rate_limit", RateLimitFilter(label, rl, config.consumers, table=table, redis=redis))
-        )
+        limit = RateLimitFilter(label, rl, config.consumers, table=table, redis=redis)
+        filters.append(("rate_limit", limit))
+        out.limit_filters.append((label, limit))
     return Chain(filters) if filters else None

@@ -77,6 +77,8 @@ class RateLimitFilter:
         else:
             assert table is not None
         self.deny_on_error = cfg.on_store_error == "deny"
+        # Outcomes, for /metrics.
+        self.allowed = self.limited = self.store_errors = 0
         self.headers = cfg.headers
         # Consumers with their own limit, where the key identifies a consumer.
         self.consumer_specs: dict[str, LimitSpec] = {}
@@ -144,6 +146,7 @@ class RateLimitFilter:
         assert redis is not None
         decision = await redis.decide(key, spec)
         if decision is None:
+            self.store_errors += 1
             if self.deny_on_error:
                 retry = max(1.0, redis.cfg.down_interval)
                 return LocalReply(
@@ -171,9 +174,11 @@ class RateLimitFilter:
 
     def apply(self, req: FilterRequest, d: Decision, spec: LimitSpec) -> LocalReply | None:
         if d.allowed:
+            self.allowed += 1
             if self.headers:
                 req.response_headers += self.fields(d, spec)
             return None
+        self.limited += 1
         headers = self.fields(d, spec) if self.headers else []
         retry = max(1, math.ceil(d.retry_after))
         headers.append((b"retry-after", b"%d" % retry))

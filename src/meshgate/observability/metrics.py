@@ -1,0 +1,79 @@
+"""`GET /metrics` on the admin listener, in the Prometheus text format (0.0.4).
+
+Counters are plain attributes on the objects that count (a filter's
+`admitted`, a Redis limiter's `errors`): the hot path pays one integer
+increment, and this module reads them when scraped. They are per worker
+process, with a `worker` label, and start again from zero when a reload
+replaces the object that counted (Prometheus' `rate()` treats that as a
+counter reset).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshgate.protocol.h1 import ServerState
+
+__all__ = ["render"]
+
+
+def _labels(**labels: str) -> str:
+    parts = []
+    for k, v in labels.items():
+        escaped = v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        parts.append(f'{k}="{escaped}"')
+    return "{" + ",".join(parts) + "}"
+
+
+def render(state: ServerState) -> str:
+    pid = str(os.getpid())
+    filters = state.runtime.filters
+    lines = [
+        "# HELP meshgate_auth_requests_total Requests on routes with auth, by outcome.",
+        "# TYPE meshgate_auth_requests_total counter",
+    ]
+    for label, auth in filters.auth_filters:
+        for outcome, n in (
+            ("admitted", auth.admitted),
+            ("missing_credentials", auth.missing),
+            ("refused", auth.refused),
+            ("forbidden", auth.forbidden),
+        ):
+            labels = _labels(worker=pid, route=label, outcome=outcome)
+            lines.append(f"meshgate_auth_requests_total{labels} {n}")
+    lines += [
+        "# HELP meshgate_ratelimit_decisions_total Rate limit decisions, by outcome.",
+        "# TYPE meshgate_ratelimit_decisions_total counter",
+    ]
+    for label, limit in filters.limit_filters:
+        for outcome, n in (
+            ("allowed", limit.allowed),
+            ("limited", limit.limited),
+            ("store_error", limit.store_errors),
+        ):
+            labels = _labels(worker=pid, route=label, policy=limit.cfg.policy, outcome=outcome)
+            lines.append(f"meshgate_ratelimit_decisions_total{labels} {n}")
+    lines += [
+        "# HELP meshgate_ratelimit_store_errors_total Redis calls that failed or timed out.",
+        "# TYPE meshgate_ratelimit_store_errors_total counter",
+        "# HELP meshgate_ratelimit_store_skipped_total Decisions that skipped Redis while it was"
+        " marked down.",
+        "# TYPE meshgate_ratelimit_store_skipped_total counter",
+    ]
+    for limiter in filters.limiters:
+        lines.append(f"meshgate_ratelimit_store_errors_total{_labels(worker=pid)} {limiter.errors}")
+        lines.append(
+            f"meshgate_ratelimit_store_skipped_total{_labels(worker=pid)} {limiter.skipped}"
+        )
+    lines += [
+        "# HELP meshgate_jwks_fetches_total JWKS fetch attempts, per auth entry.",
+        "# TYPE meshgate_jwks_fetches_total counter",
+    ]
+    for verifier in filters.verifiers:
+        lines.append(
+            f"meshgate_jwks_fetches_total{_labels(worker=pid, auth=verifier.name)} "
+            f"{verifier.fetches}"
+        )
+    return "\n".join(lines) + "\n"
