@@ -64,6 +64,7 @@ class FilterRequest:
         "drop",
         "headers",
         "method",
+        "query_credentials",
         "response_headers",
         "subject",
         "target",
@@ -96,6 +97,8 @@ class FilterRequest:
         """Lower-cased header names removed before the request goes upstream."""
         self.response_headers: list[tuple[bytes, bytes]] = []
         """Header lines added to the upstream's response."""
+        self.query_credentials: dict[bytes, bytes] | None = None
+        """Query parameters that carry credentials, taken out of `target`."""
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a (lower-case) header, or None."""

@@ -75,29 +75,11 @@ class ApiKeyAuthenticator:
             for digest in ccfg.api_keys:
                 self.owners[digest] = consumer
 
-    def strip_query(self, req: FilterRequest) -> bytes | None:
-        """Remove the key's query parameter from the target; its value, if any."""
-        query = self.query
-        if query is None:
-            return None
-        path, sep, qs = req.target.partition(b"?")
-        if not sep:
-            return None
-        found: bytes | None = None
-        kept = []
-        for part in qs.split(b"&"):
-            name, _, value = part.partition(b"=")
-            if name == query or unquote_plus(name.decode("latin-1")) == query.decode("latin-1"):
-                if found is None:
-                    found = value
-                continue
-            kept.append(part)
-        if found is not None:
-            req.target = path + (b"?" + b"&".join(kept) if kept else b"")
-        return found
-
     def authenticate(self, req: FilterRequest) -> bool | None:
-        from_query = self.strip_query(req)
+        # The route's filter took every credential parameter out of the
+        # query before any entry ran (see `take_query_credentials`).
+        found = req.query_credentials
+        from_query = found.get(self.query) if found and self.query else None
         key: bytes | None = None
         count = req.header_count(self.header)
         if count > 1:
@@ -106,10 +88,14 @@ class ApiKeyAuthenticator:
             key = req.header(self.header)
             if self.hide:
                 req.drop.add(self.header)
-        elif self.auth_prefix is not None:
+        prefix = self.auth_prefix
+        if prefix is not None:
             value = req.header(_AUTHORIZATION)
-            if value is not None and value[: len(self.auth_prefix)].lower() == self.auth_prefix:
-                key = value[len(self.auth_prefix) :]
+            if value is not None and value[: len(prefix)].lower() == prefix:
+                if req.header_count(_AUTHORIZATION) > 1:
+                    raise AuthError(400, "invalid_request", "more than one Authorization header")
+                if key is None:
+                    key = value[len(prefix) :]
                 if self.hide:
                     req.drop.add(_AUTHORIZATION)
         if key is None and from_query is not None:
@@ -206,6 +192,30 @@ class JwtAuthenticator:
         return self.admit(req, await self.verifier.verify_async(token))
 
 
+def take_query_credentials(req: FilterRequest, names: frozenset[bytes]) -> None:
+    """Remove the parameters named `names` from the request target, keeping
+    the first value of each in `req.query_credentials`. It runs before any
+    entry of the route does, so that a key never goes upstream, whichever
+    entry admits the request."""
+    path, sep, qs = req.target.partition(b"?")
+    if not sep:
+        return
+    found: dict[bytes, bytes] = {}
+    kept = []
+    for part in qs.split(b"&"):
+        raw_name, _, value = part.partition(b"=")
+        name = raw_name
+        if b"%" in name or b"+" in name:
+            name = unquote_plus(name.decode("latin-1")).encode("latin-1")
+        if name in names:
+            found.setdefault(name, value)
+            continue
+        kept.append(part)
+    if found:
+        req.target = path + (b"?" + b"&".join(kept) if kept else b"")
+        req.query_credentials = found
+
+
 Authenticator = ApiKeyAuthenticator | JwtAuthenticator
 _Refusal = tuple[AuthError, bytes]  # the error, and the scheme that refused
 
@@ -221,6 +231,9 @@ class AuthFilter:
         required_claims: Sequence[str] | Mapping[str, Any] = (),
     ) -> None:
         self.authenticators = tuple(authenticators)
+        self.query_names = frozenset(
+            a.query for a in self.authenticators if isinstance(a, ApiKeyAuthenticator) and a.query
+        )
         # Outcomes, for /metrics: admitted, no credentials, refused (401/400), forbidden (403).
         self.admitted = self.missing = self.refused = self.forbidden = 0
         self.scopes = tuple(scopes)
@@ -236,6 +249,8 @@ class AuthFilter:
     def __call__(
         self, req: FilterRequest
     ) -> LocalReply | Coroutine[Any, Any, LocalReply | None] | None:
+        if self.query_names:
+            take_query_credentials(req, self.query_names)
         refusal: _Refusal | None = None
         for i, a in enumerate(self.authenticators):
             try:

@@ -132,6 +132,9 @@ def compile_filters(
             identity.update(h.lower().encode("latin-1") for h in entry.forward_claims.values())
         elif isinstance(entry, ApiKeyAuthConfig):
             authenticators[name] = ApiKeyAuthenticator(name, entry, config.consumers)
+    # Also the spellings with `_` for `-`, which CGI-style servers (WSGI,
+    # PHP) read as the same header.
+    identity |= {h.replace(b"-", b"_") for h in identity}
     out.identity_headers = frozenset(identity)
     limiter = services.redis_limiter(config.redis) if config.redis is not None else None
     if limiter is not None:
