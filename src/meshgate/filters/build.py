@@ -168,7 +168,7 @@ def _chain(
             services.shared_table(config.limits.rate_limit_slots) if rl.policy == "local" else None
         )
         redis = limiter if rl.policy == "redis" else None
-        limit = RateLimitFilter(label, rl, config.consumers, table=table, redis=redis)
+        limit = RateLimitFilter(route, label, rl, config.consumers, table=table, redis=redis)
         filters.append(("rate_limit", limit))
         out.limit_filters.append((label, limit))
     return Chain(filters) if filters else None

@@ -30,23 +30,31 @@ import math
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
-from meshgate.config.schema import ConsumerConfig, RateLimitConfig
+from meshgate.config.schema import ConsumerConfig, RateLimitConfig, RouteConfig
 from meshgate.filters import FilterRequest, LocalReply
 from meshgate.ratelimit import Decision, LimitSpec
 from meshgate.ratelimit.local import SharedTable
 from meshgate.ratelimit.redis import RedisLimiter
 
-__all__ = ["RateLimitFilter", "limit_id"]
+__all__ = ["RateLimitFilter", "limit_id", "route_identity"]
 
 log = logging.getLogger("meshgate.ratelimit")
 
 _KINDS_BY_CONSUMER = ("default", "consumer", "api_key")
 
 
-def limit_id(route_label: str, cfg: RateLimitConfig) -> str:
+def route_identity(route: RouteConfig) -> str:
+    """What names a route across reloads: its `name`, or else what it matches
+    (never its position, which moves when a route is inserted above it)."""
+    if route.name:
+        return "name:" + route.name
+    return "match:" + route.model_dump_json(include={"path", "host", "methods", "headers"})
+
+
+def limit_id(route_identity: str, cfg: RateLimitConfig) -> str:
     """A short id for one route's limit. It stays the same across reloads while
     the route and its limit do, so that counts carry over."""
-    text = f"{route_label}\0{cfg.limit}\0{cfg.period}\0{cfg.key}\0{cfg.algorithm}\0{cfg.burst}"
+    text = f"{route_identity}\0{cfg.limit}\0{cfg.period}\0{cfg.key}\0{cfg.algorithm}\0{cfg.burst}"
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
@@ -57,6 +65,7 @@ def _seconds(value: float) -> bytes:
 class RateLimitFilter:
     def __init__(
         self,
+        route: RouteConfig,
         route_label: str,
         cfg: RateLimitConfig,
         consumers: Mapping[str, ConsumerConfig],
@@ -65,7 +74,7 @@ class RateLimitFilter:
         redis: RedisLimiter | None,
     ) -> None:
         self.cfg = cfg
-        self.id = limit_id(route_label, cfg)
+        self.id = limit_id(route_identity(route), cfg)
         self.prefix = self.id.encode() + b":"
         self.spec = LimitSpec.from_config(cfg)
         self.kind = cfg.key

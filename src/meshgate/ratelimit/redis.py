@@ -38,6 +38,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import InvalidResponse, NoScriptError, RedisClusterException, RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from meshgate.config.schema import RedisConfig
 from meshgate.ratelimit import Decision, LimitSpec
@@ -296,12 +297,19 @@ class RedisLimiter:
         target = parse_redis_url(cfg.url)
         # No retries: a retried script may have run already (and counted),
         # and the deadline leaves no time for one anyway. The pool checks a
-        # connection before handing it out, so a restarted server is no error.
+        # connection before handing it out (see below), so a restarted server
+        # is no error.
         common: dict[str, Any] = {
             "socket_timeout": cfg.timeout,
             "socket_connect_timeout": cfg.timeout,
             "retry": Retry(NoBackoff(), 0),
         }
+        if not cfg.url.lower().startswith("unix:"):
+            # With maintenance notifications on ("auto" in redis-py 8), the
+            # pool skips its check of a pooled connection before handing it
+            # out, and the first call after a Redis restart fails on a
+            # connection the old server closed.
+            common["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
         if target.kind == "url":
             return Redis.from_url(cfg.url, max_connections=cfg.max_connections, **common)
         auth: dict[str, Any] = {"username": target.username, "password": target.password}
