@@ -16,7 +16,7 @@ on a route whose filters all answer synchronously never touches the event
 loop's task machinery.
 
 What filters change is collected on the request (headers to add and remove,
-a new request target, response headers) and applied once, when the chain is
+a new request target, response header lines) and applied once, when the chain is
 done, by the protocol layer.
 """
 
@@ -65,7 +65,7 @@ class FilterRequest:
         "headers",
         "method",
         "query_credentials",
-        "response_headers",
+        "response_extra",
         "subject",
         "target",
     )
@@ -95,8 +95,8 @@ class FilterRequest:
         """Header lines to send upstream, after `drop` is applied."""
         self.drop: set[bytes] = set()
         """Lower-cased header names removed before the request goes upstream."""
-        self.response_headers: list[tuple[bytes, bytes]] = []
-        """Header lines added to the upstream's response."""
+        self.response_extra = b""
+        """Header lines (each ending in CRLF) added to the upstream's response."""
         self.query_credentials: dict[bytes, bytes] | None = None
         """Query parameters that carry credentials, taken out of `target`."""
 

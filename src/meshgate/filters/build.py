@@ -51,9 +51,9 @@ class FilterServices:
 
     def shared_table(self, slots: int) -> SharedTable:
         if self.table is None:
-            # One process: a private table (the supervisor makes a shared
-            # one before it forks workers).
-            self.table = SharedTable(slots)
+            # One process: a private table, without the cross-process lock
+            # (the supervisor makes a shared one before it forks workers).
+            self.table = SharedTable(slots, shared=False)
         return self.table
 
     def verifier(self, name: str, cfg: JwtAuthConfig, base_dir: pathlib.Path) -> JwtVerifier:

@@ -100,6 +100,8 @@ class RateLimitFilter:
                     )
         name = cfg.name or route_label
         self.policy_name = b'"' + name.replace('"', "").encode("latin-1") + b'"'
+        # The fields of an allowed response, all but two numbers ready.
+        self.templates = {spec: self._template(spec) for spec in self._specs()}
         self.redis_timeout = redis.cfg.timeout if redis is not None else 0.0
 
     # -- the key ---------------------------------------------------------------
@@ -168,6 +170,22 @@ class RateLimitFilter:
             return None
         return self.apply(req, decision, spec)
 
+    def _specs(self) -> set[LimitSpec]:
+        return {self.spec, *self.consumer_specs.values()}
+
+    def _template(self, spec: LimitSpec) -> bytes:
+        """`%d` for remaining and reset, twice each (escaped otherwise)."""
+        name = self.policy_name.replace(b"%", b"%%")
+        limit = b"%d" % spec.limit
+        window = b"%d" % max(1, spec.period_us // 1_000_000)
+        return (
+            b"ratelimit-policy: " + name + b";q=" + limit + b";w=" + window + b"\r\n"
+            b"ratelimit: " + name + b";r=%d;t=%d\r\n"
+            b"x-ratelimit-limit: " + limit + b"\r\n"
+            b"x-ratelimit-remaining: %d\r\n"
+            b"x-ratelimit-reset: %d\r\n"
+        )
+
     def fields(self, d: Decision, spec: LimitSpec) -> list[tuple[bytes, bytes]]:
         limit = b"%d" % spec.limit
         window = b"%d" % max(1, spec.period_us // 1_000_000)
@@ -185,7 +203,9 @@ class RateLimitFilter:
         if d.allowed:
             self.allowed += 1
             if self.headers:
-                req.response_headers += self.fields(d, spec)
+                remaining = d.remaining if d.remaining > 0 else 0
+                reset = math.ceil(d.reset) if d.reset > 0 else 0
+                req.response_extra += self.templates[spec] % (remaining, reset, remaining, reset)
             return None
         self.limited += 1
         headers = self.fields(d, spec) if self.headers else []

@@ -792,11 +792,8 @@ class _Head:
             headers = [h for h in headers if h[0] not in drop]
         if req.add:
             headers = headers + req.add
-        if req.response_headers:
-            parts: list[bytes] = []
-            for name, value in req.response_headers:
-                parts += (name, COLON_SP, value, CRLF)
-            ex.response_extra = b"".join(parts)
+        if req.response_extra:
+            ex.response_extra = req.response_extra
         rt = self.rt
         ex.set_target(
             rt.cluster,

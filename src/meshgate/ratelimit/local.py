@@ -88,12 +88,32 @@ class _ProcessLock:
             self._fd = -1
 
 
+class _NoLock:
+    """For a table only one process uses: its event loop is the only writer."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
 class SharedTable:
-    """Rate limit state shared by the processes forked after its creation."""
+    """Rate limit state shared by the processes forked after its creation.
+
+    `shared=False` is for a single process (one worker): decisions then run
+    without the cross-process lock, each one whole within one callback of
+    the event loop.
+    """
 
     __slots__ = ("_lock", "_map", "slots")
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, *, shared: bool = True) -> None:
         if slots < 1:
             raise ValueError("a rate limit table needs at least one slot")
         self.slots = slots
@@ -101,7 +121,7 @@ class SharedTable:
         self._map = mmap.mmap(
             -1, slots * SLOT_SIZE, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
         )
-        self._lock = _ProcessLock()
+        self._lock: _ProcessLock | _NoLock = _ProcessLock() if shared else _NoLock()
 
     def decide(self, key: bytes, spec: LimitSpec, now_us: int | None = None) -> Decision:
         """Decide one request for `key` (which names the limit as well as the
