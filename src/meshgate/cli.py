@@ -70,19 +70,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _check_keys(config: Config, path: str) -> str | None:
-    """Load every key the auth entries name (no network); the first problem."""
-    import pathlib
+    from meshgate.filters.build import compile_check
 
-    from meshgate.filters.build import FilterServices, compile_filters
-
-    labels = [r.name or f"routes[{i}]" for i, r in enumerate(config.routes)]
-    try:
-        compile_filters(
-            config, FilterServices(), labels, base_dir=pathlib.Path(path).resolve().parent
-        )
-    except ValueError as exc:
-        return f"{path}: {exc}"
-    return None
+    return compile_check(config, path)
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:
@@ -179,9 +169,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from meshgate.config.describe import describe
 
     for line in describe(config)[1:]:
-        log.warning("%s", line)
-    workers = args.workers or config.workers
+        log.info("config: %s", line)
     path = os.path.abspath(args.config)
+    problem = _check_keys(config, path)
+    if problem:
+        print(f"{args.config}: invalid config\n{problem}", file=sys.stderr)
+        return 1
+    workers = args.workers or config.workers
     if workers == 1:
         return run_worker(config, WorkerOptions(config_path=path))
     return Supervisor(config, path, workers).run()

@@ -936,3 +936,57 @@ def test_identity_header_spelled_with_underscores_is_removed(
     rec = assert_admitted(fetch(proxy.url("/open/x"), "-H", f"{name}: admin"), up)
     assert rec.header_all(name) == []
     assert rec.header_all("x-consumer") == []
+
+
+@pytest.mark.parametrize("junk", ["%FF=1", "q%E2%82%AC=1", "x=%E2%82%AC"])
+def test_undecodable_query_parameters_are_no_server_error(
+    proxy: ProxyProcess, up: UpstreamServer, junk: str
+) -> None:
+    """Query names and values are form-decoded to bytes: nothing a client
+    writes there makes the gateway fail."""
+    rec = assert_admitted(fetch(proxy.url(f"/keys-query/x?{junk}&api_key={KEY_ALICE}")), up)
+    assert rec.header_all("x-consumer") == ["alice"]
+    assert rec.target == f"/keys-query/x?{junk}"
+
+
+def test_hidden_key_header_is_removed_when_the_jwt_admits(
+    proxy: ProxyProcess, up: UpstreamServer
+) -> None:
+    resp = fetch(proxy.url("/any-query/x"), *bearer(rs256()), "-H", f"X-API-Key: {KEY_BOB}")
+    rec = assert_admitted(resp, up)
+    assert rec.header("x-api-key") is None
+
+
+@pytest.mark.parametrize("name", ["x-user_email", "x_user-email", "X_USER_EMAIL"])
+def test_identity_headers_with_mixed_underscores_are_removed(
+    proxy: ProxyProcess, up: UpstreamServer, name: str
+) -> None:
+    rec = assert_admitted(fetch(proxy.url("/open/x"), "-H", f"{name}: mallory@example.com"), up)
+    assert rec.header_all(name) == []
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            "{type: jwt, secret: '0123456789abcdef0123456789abcdef', "
+            "forward_claims: {sub: Content-Length}}",
+            "a header the gateway owns",
+        ),
+        ("{type: api_key, header: Transfer-Encoding}", "a header the gateway owns"),
+        ("{type: jwt, jwks_url: 'ftp://u:hunter2@idp/keys'}", "ftp://<redacted>@idp/keys"),
+        ("{type: jwt, jwks_url: 'https://idp/keys', issuer: []}", "empty list"),
+    ],
+)
+def test_check_refuses_dangerous_auth_entries(tmp_path: Path, entry: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        f"auth:\n  a: {entry}\n"
+        "upstreams:\n  u: {endpoints: [127.0.0.1:1]}\n"
+        "routes:\n- {path: /x, upstream: u, auth: a}\n"
+    )
+    proc = run_meshgate("check", "-c", str(path))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert message in out, out
+    assert "hunter2" not in out, out

@@ -241,11 +241,14 @@ def test_limit_spec_from_config():
     assert s.interval_us == 600_000
     assert s.tick_us == 1 and s.period_ticks == 60 * SECOND
 
-    cfg = RateLimitConfig.model_validate(
-        {"limit": 3, "period": 1, "burst": 9, "algorithm": "sliding_window"}
-    )
+    cfg = RateLimitConfig.model_validate({"limit": 3, "period": 1, "burst": 9})
     s = LimitSpec.from_config(cfg)
-    assert (s.limit, s.burst, s.interval_us, s.algorithm) == (3, 9, 333_333, "sliding_window")
+    assert (s.limit, s.burst, s.interval_us, s.algorithm) == (3, 9, 333_333, "gcra")
+    # burst means nothing to a sliding window: refused rather than ignored.
+    with pytest.raises(ValueError, match="burst applies to algorithm: gcra only"):
+        RateLimitConfig.model_validate(
+            {"limit": 3, "period": 1, "burst": 9, "algorithm": "sliding_window"}
+        )
 
     # A consumer's own rate replaces limit and/or period; burst follows an
     # overridden limit only when the config leaves it unset.

@@ -15,6 +15,7 @@ import httptools
 import orjson
 
 from meshgate import __version__
+from meshgate.config.schema import redact_url
 from meshgate.observability.metrics import render
 from meshgate.protocol.headers import status_line
 
@@ -104,15 +105,15 @@ _SECRET_FIELDS = frozenset({"secret", "password"})
 
 
 def _redact(doc: Any) -> Any:
-    """The config without its secrets: HMAC secrets, passwords in Redis URLs."""
+    """The config without its secrets: HMAC secrets, and the credentials and
+    query of every URL (Redis, JWKS)."""
     if isinstance(doc, dict):
         out = {}
         for k, v in doc.items():
             if k in _SECRET_FIELDS and v is not None:
                 out[k] = "<redacted>"
-            elif k == "url" and isinstance(v, str) and "@" in v:
-                scheme, _, rest = v.partition("://")
-                out[k] = f"{scheme}://<redacted>@{rest.rpartition('@')[2]}"
+            elif k.endswith("url") and isinstance(v, str):
+                out[k] = redact_url(v)
             else:
                 out[k] = _redact(v)
         return out

@@ -40,6 +40,18 @@ _SIZE_UNITS = {
 }
 
 
+def redact_url(url: str) -> str:
+    """`url` without the credentials or query it may carry (for messages)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "<a URL>" if "@" in url else url
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "<redacted>@" + authority.rpartition("@")[2]
+    return f"{scheme}://{authority}{slash}{path}"
+
+
 def parse_duration(value: Any, *, allow_zero: bool = False) -> float:
     """`250ms`, `2s`, `1.5m`, `1h` or a number of seconds -> seconds."""
     if isinstance(value, bool):
@@ -268,6 +280,12 @@ class RateLimitConfig(_Model):
             raise ValueError("a policy name is 1-64 letters, digits, or _.:/-")
         return v
 
+    @model_validator(mode="after")
+    def _check_burst(self) -> RateLimitConfig:
+        if self.burst is not None and self.algorithm != "gcra":
+            raise ValueError("burst applies to algorithm: gcra only")
+        return self
+
 
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$")
 _RATE_UNITS = {
@@ -405,11 +423,15 @@ class JwtAuthConfig(_Model):
                 raise ValueError(f"algorithm {alg} needs a public key or jwks_url, not a secret")
         if self.jwks_url is not None and not re.match(r"^https?://", self.jwks_url):
             raise ValueError(
-                f"jwks_url must be an http:// or https:// URL, found {self.jwks_url!r}"
+                f"jwks_url must be an http:// or https:// URL, found {redact_url(self.jwks_url)!r}"
             )
         for header in self.forward_claims.values():
-            if not _TOKEN_RE.fullmatch(header):
-                raise ValueError(f"forward_claims: {header!r} is not a header name")
+            _check_header_name(
+                header, "forward_claims", extra=frozenset({"authorization", "cookie"})
+            )
+        for name in ("issuer", "audience"):
+            if getattr(self, name) == []:
+                raise ValueError(f"{name}: an empty list would refuse every token; omit it instead")
         return self
 
 
@@ -430,15 +452,55 @@ class ApiKeyAuthConfig(_Model):
     @field_validator("header")
     @classmethod
     def _check_header(cls, v: str) -> str:
-        if not _TOKEN_RE.fullmatch(v):
-            raise ValueError(f"{v!r} is not a header name")
-        return v.lower()
+        return _check_header_name(v, "header", extra=frozenset({"cookie"}))
 
 
 AuthEntry = Annotated[JwtAuthConfig | ApiKeyAuthConfig, Field(discriminator="type")]
 
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Headers a credential or a forwarded claim may not use: message framing,
+# hop-by-hop fields, and those the gateway sets or reads itself.
+_RESERVED_HEADERS = frozenset(
+    {
+        "content-length",
+        "transfer-encoding",
+        "host",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "expect",
+        "via",
+        "x-request-id",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-consumer",
+    }
+)
+
+
+def _check_header_name(value: str, what: str, *, extra: frozenset[str] = frozenset()) -> str:
+    if not _TOKEN_RE.fullmatch(value):
+        raise ValueError(f"{what}: {value!r} is not a header name")
+    lowered = value.lower()
+    if lowered in _RESERVED_HEADERS or lowered in extra:
+        raise ValueError(f"{what}: {value!r} is a header the gateway owns or frames messages with")
+    return lowered
+
+
 _KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class ConsumerRate(_Model):
+    """A consumer's own rate: the route's limit keeps its other settings."""
+
+    limit: int = Field(ge=1)
+    period: Duration
 
 
 class ConsumerConfig(_Model):
@@ -448,8 +510,9 @@ class ConsumerConfig(_Model):
     """SHA-256 digests of its keys, `sha256:<64 hex>` (`meshgate hash-key`)."""
     jwt_subjects: list[str] = Field(default_factory=list)
     """Token subjects (`sub`, or the entry's consumer_claim) that are this consumer."""
-    rate_limit: RateLimitSpec | None = None
-    """Replaces the limit and period of every route limit keyed on this consumer."""
+    rate_limit: Annotated[ConsumerRate | None, BeforeValidator(_parse_rate_limit)] = None
+    """Replaces the limit and period of every route limit keyed on this
+    consumer (`1000/h`, or `{limit, period}`)."""
 
     @field_validator("api_keys")
     @classmethod
@@ -500,7 +563,7 @@ class RedisConfig(_Model):
         if "://" not in v or scheme not in _REDIS_SCHEMES:
             raise ValueError(
                 "expected a URL such as redis://127.0.0.1:6379/0 "
-                f"(schemes: {', '.join(_REDIS_SCHEMES)}), found {v!r}"
+                f"(schemes: {', '.join(_REDIS_SCHEMES)}), found {redact_url(v)!r}"
             )
         return v
 

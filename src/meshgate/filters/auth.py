@@ -25,7 +25,7 @@ import hashlib
 import logging
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_to_bytes
 
 import orjson
 
@@ -41,6 +41,11 @@ CONSUMER_HEADER = b"x-consumer"
 _AUTHORIZATION = b"authorization"
 _REALM = b'realm="meshgate"'
 _BAD_HEADER_CHARS = frozenset(b"\r\n\x00")
+
+
+def _unquote(raw: bytes) -> bytes:
+    """Form-decode a query name or value to bytes (never fails)."""
+    return unquote_to_bytes(raw.replace(b"+", b" "))
 
 
 def _problem_kind(error: str) -> str:
@@ -99,7 +104,7 @@ class ApiKeyAuthenticator:
                 if self.hide:
                     req.drop.add(_AUTHORIZATION)
         if key is None and from_query is not None:
-            key = unquote_plus(from_query.decode("latin-1")).encode("latin-1")
+            key = _unquote(from_query)
         if key is None:
             return None
         key = key.strip()
@@ -205,9 +210,7 @@ def take_query_credentials(req: FilterRequest, names: frozenset[bytes]) -> None:
     kept = []
     for part in qs.split(b"&"):
         raw_name, _, value = part.partition(b"=")
-        name = raw_name
-        if b"%" in name or b"+" in name:
-            name = unquote_plus(name.decode("latin-1")).encode("latin-1")
+        name = _unquote(raw_name) if b"%" in raw_name or b"+" in raw_name else raw_name
         if name in names:
             found.setdefault(name, value)
             continue
@@ -232,9 +235,10 @@ class AuthFilter:
         required_claims: Sequence[str] | Mapping[str, Any] = (),
     ) -> None:
         self.authenticators = tuple(authenticators)
-        self.query_names = frozenset(
-            a.query for a in self.authenticators if isinstance(a, ApiKeyAuthenticator) and a.query
-        )
+        keys = [a for a in self.authenticators if isinstance(a, ApiKeyAuthenticator)]
+        self.query_names = frozenset(a.query for a in keys if a.query)
+        # Key headers that are never forwarded, whichever entry admits.
+        self.hidden = frozenset(a.header for a in keys if a.hide)
         # Outcomes, for /metrics: admitted, no credentials, refused (401/400), forbidden (403).
         self.admitted = self.missing = self.refused = self.forbidden = 0
         self.scopes = tuple(scopes)
@@ -285,7 +289,8 @@ class AuthFilter:
         return self._refuse(refusal)
 
     def _admitted(self, req: FilterRequest) -> LocalReply | None:
-        self.admitted += 1
+        if self.hidden:
+            req.drop |= self.hidden
         if self.route_checks:
             claims = req.claims
             if claims is None:
@@ -303,6 +308,7 @@ class AuthFilter:
                 JwtVerifier.check_claims(claims, self.scopes, self.required)
             except AuthError as exc:
                 return self._reply((exc, JwtAuthenticator.scheme))
+        self.admitted += 1
         if req.consumer is not None:
             req.add.append((CONSUMER_HEADER, req.consumer.encode("utf-8")))
         return None
@@ -323,7 +329,6 @@ class AuthFilter:
         exc, scheme = refusal
         if exc.status == 403:
             self.forbidden += 1
-            self.admitted -= 1  # counted when the credentials were accepted
         else:
             self.refused += 1
         challenge = (

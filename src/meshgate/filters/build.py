@@ -10,6 +10,7 @@ worker closes the ones the new runtime no longer uses once it is swapped in.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import pathlib
 from collections.abc import Iterable
@@ -57,7 +58,17 @@ class FilterServices:
         return self.table
 
     def verifier(self, name: str, cfg: JwtAuthConfig, base_dir: pathlib.Path) -> JwtVerifier:
-        key = (name, cfg.model_dump_json(), str(base_dir))
+        # A key file's content is part of what identifies the verifier: a
+        # reload after the file changed builds a new one.
+        files = []
+        for path in (cfg.secret_file, cfg.public_key_file):
+            if path is not None:
+                try:
+                    data = (base_dir / path).read_bytes()
+                except OSError:
+                    data = b""  # JwtVerifier names the problem below
+                files.append(hashlib.sha256(data).hexdigest())
+        key = (name, cfg.model_dump_json() + "\0".join(files), str(base_dir))
         verifier = self.verifiers.get(key)
         if verifier is None:
             try:
@@ -132,9 +143,8 @@ def compile_filters(
             identity.update(h.lower().encode("latin-1") for h in entry.forward_claims.values())
         elif isinstance(entry, ApiKeyAuthConfig):
             authenticators[name] = ApiKeyAuthenticator(name, entry, config.consumers)
-    # Also the spellings with `_` for `-`, which CGI-style servers (WSGI,
-    # PHP) read as the same header.
-    identity |= {h.replace(b"-", b"_") for h in identity}
+    # Spellings with `_` for `-` (which CGI-style servers read as the same
+    # header) are matched by the protocol layer, against these dash forms.
     out.identity_headers = frozenset(identity)
     limiter = services.redis_limiter(config.redis) if config.redis is not None else None
     if limiter is not None:
@@ -172,3 +182,17 @@ def _chain(
         filters.append(("rate_limit", limit))
         out.limit_filters.append((label, limit))
     return Chain(filters) if filters else None
+
+
+def compile_check(config: Config, path: str) -> str | None:
+    """Compile `config`'s filters as a worker would (key files, limit bounds;
+    no network): the first problem, or None. What only fails here is then
+    refused before a worker starts or reloads."""
+    labels = [r.name or f"routes[{i}]" for i, r in enumerate(config.routes)]
+    try:
+        compile_filters(
+            config, FilterServices(), labels, base_dir=pathlib.Path(path).resolve().parent
+        )
+    except ValueError as exc:
+        return f"{path}: {exc}"
+    return None

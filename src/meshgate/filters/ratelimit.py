@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
@@ -41,6 +42,7 @@ __all__ = ["RateLimitFilter", "limit_id", "route_identity"]
 log = logging.getLogger("meshgate.ratelimit")
 
 _KINDS_BY_CONSUMER = ("default", "consumer", "api_key")
+_POLICY_UNSAFE = re.compile(r"[^A-Za-z0-9_.:/\[\]-]")
 
 
 def route_identity(route: RouteConfig) -> str:
@@ -98,8 +100,9 @@ class RateLimitFilter:
                     self.consumer_specs[name] = LimitSpec.from_config(
                         cfg, limit=own.limit, period=own.period
                     )
-        name = cfg.name or route_label
-        self.policy_name = b'"' + name.replace('"', "").encode("latin-1") + b'"'
+        # A route's name may hold anything: keep a token's characters.
+        name = cfg.name or _POLICY_UNSAFE.sub("_", route_label)[:64]
+        self.policy_name = b'"' + name.encode("ascii") + b'"'
         # The fields of an allowed response, all but two numbers ready.
         self.templates = {spec: self._template(spec) for spec in self._specs()}
         self.redis_timeout = redis.cfg.timeout if redis is not None else 0.0
@@ -128,9 +131,9 @@ class RateLimitFilter:
         elif self.header is not None:
             value = req.header(self.header)
             if value is not None:
-                if len(value) > 64:
-                    value = hashlib.blake2b(value, digest_size=16).hexdigest().encode()
-                return b"h:" + value
+                # Hashed: the header may carry a credential, and the key may
+                # end up in Redis in the clear.
+                return b"h:" + hashlib.blake2b(value, digest_size=16).hexdigest().encode()
         return b"i:" + req.client
 
     def spec_for(self, req: FilterRequest) -> LimitSpec:

@@ -58,12 +58,15 @@ def render(state: ServerState) -> str:
     lines += [
         "# HELP meshgate_ratelimit_store_errors_total Redis calls that failed or timed out.",
         "# TYPE meshgate_ratelimit_store_errors_total counter",
+    ]
+    for limiter in filters.limiters:
+        lines.append(f"meshgate_ratelimit_store_errors_total{_labels(worker=pid)} {limiter.errors}")
+    lines += [
         "# HELP meshgate_ratelimit_store_skipped_total Decisions that skipped Redis while it was"
         " marked down.",
         "# TYPE meshgate_ratelimit_store_skipped_total counter",
     ]
     for limiter in filters.limiters:
-        lines.append(f"meshgate_ratelimit_store_errors_total{_labels(worker=pid)} {limiter.errors}")
         lines.append(
             f"meshgate_ratelimit_store_skipped_total{_labels(worker=pid)} {limiter.skipped}"
         )

@@ -603,8 +603,14 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
 
     def _set_target(self, ex: Exchange, rt: RouteTarget, target: bytes, host: bytes) -> None:
         drop = self.drop
-        if rt.drop is not None:
-            drop = rt.drop if drop is None else drop | rt.drop
+        identity = rt.drop
+        if identity is not None:
+            drop = identity if drop is None else drop | identity
+            for name, _ in self.headers:
+                # `X_Consumer`, `x-user_id`: CGI-style servers (WSGI, PHP)
+                # read these as the identity headers themselves.
+                if b"_" in name and name.replace(b"_", b"-") in identity:
+                    drop = drop | {name}
         chain = rt.chain
         if chain is None:
             ex.set_target(
@@ -644,7 +650,11 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             head.apply(ex, req)
         elif isinstance(result, LocalReply):
             ex.reply_local(
-                result.status, result.kind, result.detail, close=result.close, extra=result.headers
+                result.status,
+                result.kind,
+                result.detail,
+                close=result.close or _unsent_body(self.expect, False),
+                extra=result.headers,
             )
         else:
             ex.pending = self.loop.create_task(ex.await_filters(result, head, req))
@@ -754,6 +764,13 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
                 self.deadline_kind = DEADLINE_CLOSING
 
 
+def _unsent_body(expect: bytes | None, complete: bool) -> bool:
+    """A refused request whose client waits for `100 Continue` before sending
+    its body: close after the answer, rather than wait for a body that may
+    or may not come (as Go's server does)."""
+    return expect == b"100-continue" and not complete
+
+
 class _Head:
     """What `Exchange.set_target` needs from a request head, kept while the
     route's filters wait (the protocol object moves on to the next head)."""
@@ -831,6 +848,7 @@ class Exchange:
     endpoint: Endpoint | None = None
     task: asyncio.Task[None] | None = None
     pending: asyncio.Task[None] | None = None  # the route's filters are waiting
+    begun = False  # start() ran
     response_extra = b""  # header lines the filters add to the response
     response_started = False
     head_sent = False  # part of the upstream's response was handed to the client
@@ -962,11 +980,19 @@ class Exchange:
         try:
             reply = await pending
         except asyncio.CancelledError:
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this exchange was dropped (the client left)
+            # Something the filter awaited was cancelled under it (a JWKS
+            # fetch closed by a reload): answer rather than hang.
+            reply = LocalReply(
+                503, "filter-unavailable", "the gateway could not finish checking this request"
+            )
         except Exception:
             log.exception("route %s: a filter failed", head.rt.label)
             reply = LocalReply(500, "filter-error", "the gateway failed to process this request")
-        self.pending = None
+        finally:
+            self.pending = None
         if self.finished:
             return
         if reply is None:
@@ -976,7 +1002,11 @@ class Exchange:
             self.body_buf = []
             self.body_buffered = 0
             self.reply_local(
-                reply.status, reply.kind, reply.detail, close=reply.close, extra=reply.headers
+                reply.status,
+                reply.kind,
+                reply.detail,
+                close=reply.close or _unsent_body(head.expect, self.request_complete),
+                extra=reply.headers,
             )
             proto = self.proto
             if proto.pause_reasons & PAUSE_BUFFER:
@@ -988,9 +1018,12 @@ class Exchange:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        """This exchange is now the head of its connection's queue."""
-        if self.finished or self.pending is not None:
+        """This exchange is now the head of its connection's queue. It may be
+        called again (its filters finished in the same turn as the exchange
+        ahead of it): only the first call counts."""
+        if self.finished or self.pending is not None or self.begun:
             return
+        self.begun = True
         if self.local_reply is not None:
             self._send_local()
             return

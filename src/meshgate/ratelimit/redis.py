@@ -46,7 +46,7 @@ from redis.exceptions import (
 )
 from redis.maint_notifications import MaintNotificationsConfig
 
-from meshgate.config.schema import RedisConfig
+from meshgate.config.schema import RedisConfig, redact_url
 from meshgate.ratelimit import Decision, LimitSpec
 
 __all__ = ["GCRA_LUA", "SLIDING_WINDOW_LUA", "RedisLimiter", "RedisTarget", "parse_redis_url"]
@@ -178,16 +178,16 @@ def _parse_host(text: str, default_port: int, url: str) -> tuple[str, int]:
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad host {text!r} in {url!r}")
+            raise ValueError(f"bad host {text!r} in {redact_url(url)!r}")
         port_text = rest[1:]
     else:
         host, _, port_text = text.partition(":")
     if not host:
-        raise ValueError(f"a host is missing in {url!r}")
+        raise ValueError(f"a host is missing in {redact_url(url)!r}")
     if not port_text:
         return host, default_port
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad port {port_text!r} in {url!r}")
+        raise ValueError(f"bad port {port_text!r} in {redact_url(url)!r}")
     return host, int(port_text)
 
 
@@ -202,14 +202,14 @@ def parse_redis_url(url: str) -> RedisTarget:
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if not sep:
-        raise ValueError(f"expected a redis URL, found {url!r}")
+        raise ValueError(f"expected a redis URL, found {redact_url(url)!r}")
     if scheme in ("redis", "rediss", "unix"):
         return RedisTarget(kind="url", url=url)
     base, plus, kind = scheme.partition("+")
     if not plus or base not in ("redis", "rediss") or kind not in ("sentinel", "cluster"):
-        raise ValueError(f"unsupported redis URL scheme {scheme!r} in {url!r}")
+        raise ValueError(f"unsupported redis URL scheme {scheme!r} in {redact_url(url)!r}")
     if "?" in rest or "#" in rest:
-        raise ValueError(f"a {scheme} URL takes no query or fragment: {url!r}")
+        raise ValueError(f"a {scheme} URL takes no query or fragment: {redact_url(url)!r}")
     netloc, _, path = rest.partition("/")
     userinfo, at, hostlist = netloc.rpartition("@")
     if not at:
@@ -226,21 +226,23 @@ def parse_redis_url(url: str) -> RedisTarget:
         if part.strip()
     )
     if not hosts:
-        raise ValueError(f"no host in {url!r}")
+        raise ValueError(f"no host in {redact_url(url)!r}")
     segments = [unquote(s) for s in path.split("/") if s]
     ssl = base == "rediss"
     if kind == "cluster":
         if segments and segments != ["0"]:
-            raise ValueError(f"a cluster has no database to select: {url!r}")
+            raise ValueError(f"a cluster has no database to select: {redact_url(url)!r}")
         return RedisTarget(
             kind="cluster", url=url, hosts=hosts, username=username, password=password, ssl=ssl
         )
     if not segments or len(segments) > 2:
-        raise ValueError(f"expected redis+sentinel://host:port,.../<master>/<db>, found {url!r}")
+        raise ValueError(
+            f"expected redis+sentinel://host:port,.../<master>/<db>, found {redact_url(url)!r}"
+        )
     db = 0
     if len(segments) == 2:
         if not segments[1].isdigit():
-            raise ValueError(f"bad database number {segments[1]!r} in {url!r}")
+            raise ValueError(f"bad database number {segments[1]!r} in {redact_url(url)!r}")
         db = int(segments[1])
     return RedisTarget(
         kind="sentinel",
@@ -395,6 +397,12 @@ class RedisLimiter:
             # The batch's deadline (in `_send`, the same timeout, which also
             # bounds the wait for a free connection) settles this future.
             allowed, remaining, reset_us, retry_us = await fut
+        except ResponseError as exc:
+            # This call's own error (OOM, a key of another type): the server
+            # answers, so it is not marked down for everyone.
+            self.errors += 1
+            log.warning("rate limit store redis refused a decision: %s", exc)
+            return None
         except _FAILURES as exc:
             self.errors += 1
             self._failed(exc, epoch)
@@ -504,7 +512,16 @@ class RedisLimiter:
         )
 
     async def close(self) -> None:
-        """Close the connections (and the sentinels')."""
+        """Fail what is queued, stop the batches in flight, and close the
+        connections (and the sentinels')."""
+        batch, self._batch = self._batch, []
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(RedisError("the rate limit store was closed"))
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._client.aclose()
         if self._sentinel is not None:
             for sentinel in self._sentinel.sentinels:

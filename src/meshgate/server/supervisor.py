@@ -21,6 +21,7 @@ import time
 
 from meshgate.config.loader import ConfigError, load_config
 from meshgate.config.schema import Address, Config
+from meshgate.filters.build import compile_check
 from meshgate.ratelimit.local import SharedTable
 from meshgate.server.worker import WATCH_INTERVAL, WorkerOptions, file_stamp, run_worker
 
@@ -95,6 +96,10 @@ class Supervisor:
             config = load_config(self.path)
         except ConfigError as exc:
             log.error("reload refused, still serving the previous config:\n%s", exc)
+            return
+        problem = compile_check(config, self.path)
+        if problem:
+            log.error("reload refused, still serving the previous config:\n%s", problem)
             return
         self.config = config
         self._signal_all(signal.SIGHUP)

@@ -113,6 +113,7 @@ class Worker:
         self.servers: list[asyncio.Server] = []
         self.stamp = file_stamp(opts.config_path)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.reload_lock = asyncio.Lock()
 
     async def start(self) -> None:
         # JWKS are fetched before the first request is accepted.
@@ -172,6 +173,12 @@ class Worker:
         task.add_done_callback(self.tasks.discard)
 
     async def _reload(self) -> None:
+        # One at a time, in order: a reload waiting on a JWKS fetch must not
+        # swap in its config after a newer one did.
+        async with self.reload_lock:
+            await self._reload_once()
+
+    async def _reload_once(self) -> None:
         path = self.opts.config_path
         self.stamp = file_stamp(path)
         try:
@@ -187,6 +194,8 @@ class Worker:
             log.warning("listen and admin addresses change only on restart; kept the old ones")
         if config.workers != self.config.workers:
             log.warning("the number of workers changes only on restart")
+        if config.limits.rate_limit_slots != self.config.limits.rate_limit_slots:
+            log.warning("limits.rate_limit_slots changes only on restart")
         # New JWKS are fetched before the new runtime takes requests; what
         # only the old runtime used is closed once it is swapped out.
         await self.services.prepare(runtime.filters)
