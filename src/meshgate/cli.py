@@ -46,7 +46,7 @@ def _load_router(path: str) -> tuple[Config, Router[str]] | None:
     config = _load(path)
     if config is None:
         return None
-    return config, Router([(r, r.upstream) for r in config.routes])
+    return config, Router([(r, r.target_label()) for r in config.routes])
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -147,7 +147,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if matched and winner is None:
             winner = route
         print(
-            f"{mark} routes[{route.index}] {route.config.path} -> {route.config.upstream}: {reason}"
+            f"{mark} routes[{route.index}] {route.config.path} -> "
+            f"{route.config.target_label()}: {reason}"
         )
     if winner is None:
         print("no route matches: meshgate answers 404")
@@ -155,7 +156,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     m = router.match(method, host, path, headers)
     assert m is not None
     sent = m.route.upstream_path(path, f"?{query}" if query else "", m.params, m.rest)
-    print(f"sent to upstream {winner.config.upstream} as {method} {sent}")
+    print(f"sent to upstream {winner.config.target_label()} as {method} {sent}")
     return 0
 
 

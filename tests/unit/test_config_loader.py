@@ -253,11 +253,19 @@ def test_unknown_top_level_field(tmp_path: Path) -> None:
 
 
 def test_missing_field_points_at_its_mapping(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "- upstream: orders\n  strip_prefix: true\n")
+    problem = only_problem(path)
+    assert (problem.line, problem.column) == (7, 3)
+    assert problem.field == "routes[1].path"
+    assert problem.message == "required field 'path' is missing"
+
+
+def test_a_route_needs_an_upstream_or_a_split(tmp_path: Path) -> None:
     path = write(tmp_path, BASE + "- path: /b\n  strip_prefix: true\n")
     problem = only_problem(path)
     assert (problem.line, problem.column) == (7, 3)
-    assert problem.field == "routes[1].upstream"
-    assert problem.message == "required field 'upstream' is missing"
+    assert problem.field == "routes[1]"
+    assert "exactly one of upstream: or split:" in problem.message
 
 
 def test_union_errors_are_reported_once(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ def describe(config: Config) -> list[str]:
     lines = [summary]
     if not config.routes:
         lines.append("no routes are defined: no request will be forwarded to an upstream")
-    used = {route.upstream for route in config.routes}
+    used = {name for route in config.routes for name in route.upstream_names()}
     for name in config.upstreams:
         if name not in used:
             lines.append(f"upstreams.{name} is not used by any route")

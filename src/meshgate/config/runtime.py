@@ -80,7 +80,11 @@ class Runtime:
         for route, label, chain in zip(config.routes, labels, filters.chains, strict=True):
             passthrough = route.rewrite is None and not route.strip_prefix
             target = RouteTarget(
-                clusters[route.upstream], label, passthrough=passthrough, chain=chain, drop=drop
+                clusters[route.upstream_names()[0]],
+                label,
+                passthrough=passthrough,
+                chain=chain,
+                drop=drop,
             )
             pairs.append((route, target))
         shortest = min(

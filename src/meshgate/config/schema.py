@@ -568,6 +568,67 @@ class RedisConfig(_Model):
         return v
 
 
+class SplitBackend(_Model):
+    """One weighted backend of a route's `split:`."""
+
+    upstream: str
+    weight: int = Field(ge=0, le=1_000_000)
+    """Relative share of requests; 0 takes none (but keeps the entry)."""
+
+
+class CanaryMatch(_Model):
+    """Requests that always go to one backend, whatever the weights say:
+    `{header: x-canary, value: "1", upstream: order-service-v2}` or
+    `{cookie: canary, value: always, upstream: order-service-v2}`."""
+
+    header: str | None = None
+    cookie: str | None = None
+    value: str | None = None
+    """The exact value; absent means "present with any value"."""
+    upstream: str
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CanaryMatch:
+        if (self.header is None) == (self.cookie is None):
+            raise ValueError("a canary match names exactly one of header or cookie")
+        if self.header is not None and not _TOKEN_RE.fullmatch(self.header):
+            raise ValueError(f"{self.header!r} is not a header name")
+        return self
+
+
+_STICKY_RE = re.compile(
+    r"^(consumer|ip|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+|cookie:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$"
+)
+
+
+class FaultDelay(_Model):
+    percent: float = Field(ge=0, le=100)
+    duration: Duration
+
+
+class FaultAbort(_Model):
+    percent: float = Field(ge=0, le=100)
+    status: int = Field(ge=200, le=599)
+
+
+class FaultConfig(_Model):
+    """Failures injected on purpose, to rehearse them (Envoy's fault filter)."""
+
+    delay: FaultDelay | None = None
+    """Hold `percent` of requests for `duration` before they go upstream."""
+    abort: FaultAbort | None = None
+    """Answer `percent` of requests with `status` from the gateway."""
+    headers: dict[str, HeaderMatchValue] | None = None
+    """Only requests matching these headers (exact value, true = present,
+    false = absent) are affected; absent means every request."""
+
+    @model_validator(mode="after")
+    def _something(self) -> FaultConfig:
+        if self.delay is None and self.abort is None:
+            raise ValueError("a fault needs a delay, an abort, or both")
+        return self
+
+
 class RouteConfig(_Model):
     """One route: what it matches, and where it sends the request."""
 
@@ -581,7 +642,18 @@ class RouteConfig(_Model):
     methods: list[str] | None = None
     headers: dict[str, HeaderMatchValue] | None = None
     """Header name -> exact value, or `true` (present) / `false` (absent)."""
-    upstream: str
+    upstream: str | None = None
+    """The upstream that serves the route; or use `split:`."""
+    split: list[SplitBackend] | None = Field(default=None, min_length=1)
+    """Weighted backends instead of one upstream (canary releases):
+    `[{upstream: orders, weight: 90}, {upstream: orders-v2, weight: 10}]`."""
+    sticky: str | None = None
+    """With `split:`, keep a client on one backend: `consumer`, `ip`,
+    `header:<name>` or `cookie:<name>` is hashed onto the weights, so a
+    client moves only when the weights move past it."""
+    canary: list[CanaryMatch] | None = None
+    """With `split:`, requests matching one of these go to its upstream."""
+    fault: FaultConfig | None = None
     strip_prefix: bool | str = False
     """`true` strips the literal part of `path` before the first wildcard;
     a string strips that exact prefix."""
@@ -599,6 +671,36 @@ class RouteConfig(_Model):
         if not v.startswith("/"):
             raise ValueError(f"a route path starts with '/', found {v!r}")
         return v
+
+    @field_validator("sticky")
+    @classmethod
+    def _check_sticky(cls, v: str | None) -> str | None:
+        if v is not None and not _STICKY_RE.match(v):
+            raise ValueError(f"expected consumer, ip, header:<name> or cookie:<name>, found {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _target(self) -> RouteConfig:
+        if (self.upstream is None) == (self.split is None):
+            raise ValueError("a route has exactly one of upstream: or split:")
+        if self.split is not None and not any(b.weight for b in self.split):
+            raise ValueError("split: at least one backend needs a weight above 0")
+        if self.split is None and (self.sticky is not None or self.canary):
+            raise ValueError("sticky: and canary: go with split:")
+        return self
+
+    def target_label(self) -> str:
+        """`orders`, or `split(orders:90, orders-v2:10)`, for tables and logs."""
+        if self.split is None:
+            return self.upstream or "?"
+        return "split(" + ", ".join(f"{b.upstream}:{b.weight}" for b in self.split) + ")"
+
+    def upstream_names(self) -> list[str]:
+        """Every upstream this route may send to, in config order."""
+        names = [self.upstream] if self.upstream is not None else []
+        names += [b.upstream for b in self.split or ()]
+        names += [c.upstream for c in self.canary or ()]
+        return list(dict.fromkeys(names))
 
     @field_validator("methods")
     @classmethod
@@ -650,16 +752,23 @@ class Config(_Model):
     @model_validator(mode="after")
     def _check_references(self) -> Config:
         errors: list[tuple[tuple[str | int, ...], str]] = []
+        known = ", ".join(sorted(self.upstreams)) or "none defined"
         for i, route in enumerate(self.routes):
-            if route.upstream not in self.upstreams:
-                known = ", ".join(sorted(self.upstreams)) or "none defined"
-                errors.append(
-                    (
-                        ("routes", i, "upstream"),
-                        f"upstream {route.upstream!r} is not defined under upstreams: "
-                        f"(known: {known})",
+            targets: list[tuple[tuple[str | int, ...], str]] = []
+            if route.upstream is not None:
+                targets.append((("routes", i, "upstream"), route.upstream))
+            for j, b in enumerate(route.split or ()):
+                targets.append((("routes", i, "split", j, "upstream"), b.upstream))
+            for j, c in enumerate(route.canary or ()):
+                targets.append((("routes", i, "canary", j, "upstream"), c.upstream))
+            for loc, name in targets:
+                if name not in self.upstreams:
+                    errors.append(
+                        (
+                            loc,
+                            f"upstream {name!r} is not defined under upstreams: (known: {known})",
+                        )
                     )
-                )
             errors += self._route_refs(i, route)
         seen: dict[str, str] = {}
         for name, consumer in self.consumers.items():

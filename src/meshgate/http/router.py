@@ -892,7 +892,7 @@ class Router(Generic[T]):
                     ",".join(cfg.methods) if cfg.methods is not None else "*",
                     cfg.path,
                     _headers_text(route._header_checks) or "-",
-                    cfg.upstream,
+                    cfg.target_label(),
                     rewrite,
                 )
             )
