@@ -27,6 +27,20 @@ def test_check_seed_ok_and_describes_auth_and_rate_limits() -> None:
     assert "not enforced" not in out.lower(), out
 
 
+def test_check_and_routes_show_the_seeds_split() -> None:
+    proc = run_meshgate("check", "-c", str(SEED))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert (
+        "routes[0] (/api/orders/**): split order-service 90% (weight 90), "
+        "order-service-v2 10% (weight 10), random per request"
+    ) in out, out
+    assert 'routes[0] (/api/orders/**): canary: header x-canary = "1" -> order-service-v2' in out
+    proc = run_meshgate("routes", "-c", str(SEED))
+    assert proc.returncode == 0, proc.stderr
+    assert "split(order-service:90, order-service-v2:10)" in proc.stdout, proc.stdout
+
+
 def test_check_refuses_an_unreadable_key_file(tmp_path: Path) -> None:
     path = tmp_path / "keys.yaml"
     path.write_text(

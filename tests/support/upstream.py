@@ -426,6 +426,8 @@ class UpstreamServer:
     def __init__(self, name: str = "upstream", *, idle_timeout: float | None = None) -> None:
         self.name = name
         self.idle_timeout = idle_timeout
+        self.forced: tuple[str, dict[str, str]] | None = None
+        """(behaviour, params) for every request, whatever it asks; None = as asked."""
         self._cond = threading.Condition()
         self._requests: list[_LiveRequest] = []
         self._conns: list[_LiveConnection] = []
@@ -625,7 +627,13 @@ class UpstreamServer:
         qs = parse_qs(urlsplit(target).query)
         params = {k: v[0] for k, v in qs.items()}
         behaviour = _header_all(headers, "x-test-behavior")
-        if behaviour:
+        forced = self.forced
+        if forced is not None:
+            # This server answers every request this way (one bad endpoint
+            # of several that get the same requests).
+            name = forced[0]
+            params = {**params, **forced[1]}
+        elif behaviour:
             name = behaviour[0].strip().lower()
         else:
             segments = urlsplit(target).path.split("/")

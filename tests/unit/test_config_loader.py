@@ -138,13 +138,13 @@ def test_unknown_upstream_names_file_line_and_field(tmp_path: Path) -> None:
     path = write(tmp_path, text)
     problem = only_problem(path)
     line = text.splitlines().index("  upstream: customer-svc") + 1
-    assert line == 31
+    assert line == 40
     assert problem.file == str(path)
-    assert (problem.line, problem.column) == (31, 13)
+    assert (problem.line, problem.column) == (40, 13)
     assert problem.field == "routes[1].upstream"
     assert "'customer-svc' is not defined" in problem.message
     assert "customer-service, order-service" in problem.message
-    assert str(problem).startswith(f"{path}:31:13: field 'routes[1].upstream': upstream ")
+    assert str(problem).startswith(f"{path}:40:13: field 'routes[1].upstream': upstream ")
 
 
 def test_error_string_has_one_line_per_problem(tmp_path: Path) -> None:
@@ -518,7 +518,10 @@ def test_lone_dollar_is_kept() -> None:
 def test_describe_seed() -> None:
     lines = describe(load_config(SEED, env={}))
     assert lines == [
-        "2 upstreams, 3 routes, listening on 0.0.0.0:8080, admin on 127.0.0.1:9901",
+        "3 upstreams, 3 routes, listening on 0.0.0.0:8080, admin on 127.0.0.1:9901",
+        "routes[0] (/api/orders/**): split order-service 90% (weight 90), "
+        "order-service-v2 10% (weight 10), random per request",
+        'routes[0] (/api/orders/**): canary: header x-canary = "1" -> order-service-v2',
         "routes[0] (/api/orders/**): auth by any of jwt",
         "routes[0] (/api/orders/**): rate limit 100/min per default (gcra, local)",
         "routes[2] (/api/partners/**): auth by any of jwt, keys",

@@ -1,4 +1,4 @@
-"""The admin listener: `/healthz`, `/readyz`, `/config`, `/upstreams` and `/metrics`.
+"""The admin listener: `/healthz`, `/readyz`, `/config`, `/upstreams`, `/routes`, `/metrics`.
 
 It is a separate listener on loopback so that probes and operators never
 share a port (or a route table) with clients. Requests are tiny and rare, so
@@ -9,6 +9,7 @@ and closed when the client asks for it.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
@@ -132,15 +133,46 @@ def _metrics(state: ServerState) -> tuple[int, Any]:
 
 def _upstreams(state: ServerState) -> tuple[int, Any]:
     out: dict[str, Any] = {}
+    now = state.loop.time()
     for name, cluster in state.runtime.clusters.items():
         out[name] = {
             "balancer": cluster.config.balancer,
+            "in_flight": cluster.active,
+            "waiting_for_connection": cluster.pending,
+            "overloaded": cluster.overloaded,
             "endpoints": [
-                {**ep.pool.stats(), "active": ep.active, "ewma_ms": round(ep.ewma * 1000, 3)}
+                {
+                    **ep.pool.stats(),
+                    "active": ep.active,
+                    "ewma_ms": round(ep.ewma * 1000, 3),
+                    "state": "ejected" if ep.ejected_until else "serving",
+                    "ejected_for_s": round(max(ep.ejected_until - now, 0.0), 3),
+                    "ejections": ep.ejections,
+                    "consecutive_failures": ep.failures_5xx,
+                }
                 for ep in cluster.endpoints
             ],
         }
     return 200, out
+
+
+def _routes(state: ServerState) -> tuple[int, Any]:
+    """Every route in config order; a route with `split:` also shows its
+    weights and how many requests each backend got from this worker since
+    the config was loaded (the admin port is shared by every worker: each
+    answer is one worker's, named by `worker`)."""
+    out = []
+    for route in sorted(state.runtime.router.routes, key=lambda r: r.index):
+        rt = route.target
+        doc: dict[str, Any] = {
+            "route": rt.label,
+            "path": route.config.path,
+            "target": route.config.target_label(),
+        }
+        if rt.splitter is not None:
+            doc["split"] = rt.splitter.stats()
+        out.append(doc)
+    return 200, {"worker": os.getpid(), "routes": out}
 
 
 ROUTES = {
@@ -148,5 +180,6 @@ ROUTES = {
     b"/readyz": _readyz,
     b"/config": _config,
     b"/upstreams": _upstreams,
+    b"/routes": _routes,
     b"/metrics": _metrics,
 }

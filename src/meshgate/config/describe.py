@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from meshgate.config.schema import Config, RateLimitConfig, RouteConfig
 
 __all__ = ["describe"]
@@ -25,6 +27,39 @@ def _label(index: int, route: RouteConfig) -> str:
     return f"routes[{index}] ({name}{route.path})"
 
 
+def _share(weight: int, total: int) -> str:
+    share = 100 * weight / total
+    return f"{share:.0f}%" if share == round(share) else f"{share:.3g}%"
+
+
+def _split(route: RouteConfig) -> list[str]:
+    """What a `split:` route does with its requests, and what to know about it."""
+    weights: dict[str, int] = {}
+    for b in route.split or ():
+        weights[b.upstream] = weights.get(b.upstream, 0) + b.weight
+    total = sum(weights.values())
+    how = {None: "random per request", "ip": "sticky by client IP"}.get(
+        route.sticky, f"sticky by {(route.sticky or '').replace(':', ' ')}"
+    )
+    lines = [
+        "split "
+        + ", ".join(f"{n} {_share(w, total)} (weight {w})" for n, w in weights.items())
+        + f", {how}"
+    ]
+    for c in route.canary or ():
+        source = f"header {c.header}" if c.header is not None else f"cookie {c.cookie}"
+        test = " present" if c.value is None else f" = {json.dumps(c.value)}"
+        lines.append(f"canary: {source}{test} -> {c.upstream}")
+    canaried = {c.upstream for c in route.canary or ()}
+    for name, weight in weights.items():
+        if weight == 0:
+            gets = "only canary matches" if name in canaried else "no requests"
+            lines.append(f"split: {name} has weight 0 and gets {gets}")
+    if route.sticky == "consumer" and route.auth is None:
+        lines.append("sticky: consumer without auth: every request is sticky by client IP")
+    return lines
+
+
 def describe(config: Config) -> list[str]:
     """Human-readable lines: a summary first, then one notice per thing to know."""
     summary = (
@@ -42,6 +77,8 @@ def describe(config: Config) -> list[str]:
         if name not in used:
             lines.append(f"upstreams.{name} is not used by any route")
     for i, route in enumerate(config.routes):
+        if route.split is not None:
+            lines += [f"{_label(i, route)}: {line}" for line in _split(route)]
         if route.auth is not None:
             lines.append(f"{_label(i, route)}: auth by any of {', '.join(route.auth.use)}")
         rl = route.rate_limit
@@ -50,6 +87,17 @@ def describe(config: Config) -> list[str]:
                 f"{_label(i, route)}: rate limit {_rate(rl)} per {rl.key} "
                 f"({rl.algorithm}, {rl.policy}"
                 + (f", on Redis errors {rl.on_store_error})" if rl.policy == "redis" else ")")
+            )
+        fault = route.fault
+        if fault is not None:
+            kinds = []
+            if fault.delay is not None:
+                kinds.append(f"delay {fault.delay.duration:g}s on {fault.delay.percent:g}%")
+            if fault.abort is not None:
+                kinds.append(f"abort {fault.abort.status} on {fault.abort.percent:g}%")
+            lines.append(
+                f"{_label(i, route)}: fault injection: {', '.join(kinds)} of requests"
+                + (" matching its headers" if fault.headers else "")
             )
     for name, entry in config.auth.items():
         if entry.type == "api_key" and not any(c.api_keys for c in config.consumers.values()):

@@ -3,8 +3,9 @@
 A runtime is built completely before it is swapped in, and an exchange keeps
 a reference to the objects it started with, so a reload never changes a
 request in flight. What a request needs is resolved here, once: the route
-table, each route's cluster object (never looked up by name per request),
-and the server limits.
+table, each route's cluster object (never looked up by name per request)
+or, for a route with `split:`, its `Splitter` over several, and the server
+limits.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from meshgate.config.schema import Config, RouteConfig, ServerLimits
 from meshgate.filters import Chain
 from meshgate.filters.build import CompiledFilters, FilterServices, compile_filters
 from meshgate.http.router import Router
+from meshgate.http.split import Splitter
 from meshgate.upstream.cluster import Cluster, PoolRegistry
 
 
 class RouteTarget:
     """What a matched route resolves to."""
 
-    __slots__ = ("chain", "cluster", "drop", "label", "passthrough")
+    __slots__ = ("chain", "cluster", "drop", "label", "passthrough", "splitter")
 
     def __init__(
         self,
@@ -32,8 +34,13 @@ class RouteTarget:
         passthrough: bool,
         chain: Chain | None = None,
         drop: frozenset[bytes] | None = None,
+        splitter: Splitter[Cluster] | None = None,
     ) -> None:
         self.cluster = cluster
+        """The route's upstream; with `split:`, its first backend (requests
+        take theirs from `splitter`)."""
+        self.splitter = splitter
+        """With `split:`, what picks each request's cluster; else None."""
         self.label = label
         # The request target goes upstream byte for byte (no strip or rewrite).
         self.passthrough = passthrough
@@ -79,12 +86,14 @@ class Runtime:
         pairs: list[tuple[RouteConfig, RouteTarget]] = []
         for route, label, chain in zip(config.routes, labels, filters.chains, strict=True):
             passthrough = route.rewrite is None and not route.strip_prefix
+            splitter = Splitter(route, clusters, label) if route.split is not None else None
             target = RouteTarget(
                 clusters[route.upstream_names()[0]],
                 label,
                 passthrough=passthrough,
                 chain=chain,
                 drop=drop,
+                splitter=splitter,
             )
             pairs.append((route, target))
         shortest = min(

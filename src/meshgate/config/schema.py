@@ -215,6 +215,32 @@ class PoolConfig(_Model):
     (defaults to the connect timeout); past it the answer is 503."""
 
 
+class CircuitBreakerConfig(_Model):
+    """Limits per upstream (per worker); past one, a request gets an immediate
+    503 with `x-meshgate-overloaded: 1` instead of queueing (Envoy's
+    circuit breakers)."""
+
+    max_requests: int | None = Field(default=None, ge=1)
+    """Requests in flight to this upstream at once."""
+    max_pending: int | None = Field(default=None, ge=0)
+    """Requests waiting for a connection (every pool full) at once."""
+
+
+class OutlierDetectionConfig(_Model):
+    """Passive health: endpoints that keep failing are taken out for a while."""
+
+    consecutive_5xx: int | None = Field(default=5, ge=1)
+    """Eject after this many 5xx answers (or gateway failures) in a row."""
+    consecutive_gateway_failure: int | None = Field(default=3, ge=1)
+    """Eject after this many connect failures, resets or timeouts in a row."""
+    base_ejection_time: Duration = 30.0
+    """The first ejection lasts this; each further one of the same endpoint
+    lasts one more multiple (30 s, 60 s, 90 s ...), up to max_ejection_time."""
+    max_ejection_time: Duration = 300.0
+    max_ejection_percent: int = Field(default=50, ge=0, le=100)
+    """Never eject more than this share of the endpoints (at least one stays)."""
+
+
 HostPolicy = Literal["preserve", "rewrite"]
 
 
@@ -230,6 +256,9 @@ class UpstreamConfig(_Model):
     host: str = "preserve"
     """`preserve` sends the client's Host; `rewrite` sends the endpoint's
     host:port; any other value is sent as the Host verbatim."""
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    outlier_detection: OutlierDetectionConfig | None = None
+    """Off unless given (`outlier_detection: {}` turns it on with defaults)."""
 
 
 RateLimitKey = str
@@ -583,7 +612,7 @@ class CanaryMatch(_Model):
 
     header: str | None = None
     cookie: str | None = None
-    value: str | None = None
+    value: Annotated[str | None, BeforeValidator(_header_value)] = None
     """The exact value; absent means "present with any value"."""
     upstream: str
 

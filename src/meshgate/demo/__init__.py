@@ -1,12 +1,14 @@
 """`meshgate demo`: the seed's topology on one machine.
 
-Sample `order-service` (two instances) and `customer-service` backends run
-on loopback, with a small identity provider on :7000 that serves a JWKS
-(a fresh RSA key each run) and signs a token for the demo. The gateway
-serves the seed's config (`seed.yaml`, next to this file) on :8080. The demo
-then sends a few requests itself (no credentials, a JWT, an API key, and
-past a rate limit), prints them as curl commands with what came back, and
-serves until Ctrl-C.
+Sample `order-service` (two instances), `order-service-v2` (its canary) and
+`customer-service` backends run on loopback, with a small identity provider
+on :7000 that serves a JWKS (a fresh RSA key each run) and signs tokens for
+the demo. The gateway serves the seed's config (`seed.yaml`, next to this
+file) on :8080, where `/api/orders/**` splits traffic 90/10 between
+order-service and order-service-v2. The demo then sends a few requests
+itself (no credentials, a JWT, an API key, past a rate limit, 200 requests
+over the split and one canary), prints them as curl commands with what came
+back, and serves until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -29,8 +31,18 @@ from meshgate.server.worker import Worker, WorkerOptions
 
 log = logging.getLogger("meshgate.demo")
 
-BACKENDS = (("order-service", 9001), ("customer-service", 9002), ("order-service", 9003))
+BACKENDS = (
+    ("order-service", 9001),
+    ("customer-service", 9002),
+    ("order-service", 9003),
+    ("order-service-v2", 9004),
+)
 IDP_PORT = 7000
+# The split demo: requests from this many users, this many each (each user
+# has its own token, and the route's 100/min limit counts per user).
+SPLIT_USERS = 20
+SPLIT_PER_USER = 10
+_ORDER_SERVICES = frozenset({"order-service", "order-service-v2"})
 ISSUER = "https://id.example.com"
 DEMO_API_KEY = "demo-key-acme"
 
@@ -151,7 +163,7 @@ async def _request(
     return status
 
 
-async def _show(port: int, idp: DemoIdp) -> None:
+async def _show(port: int, idp: DemoIdp, admin_port: int) -> None:
     base = f"http://127.0.0.1:{port}"
     token = idp.token()
     print(f"A token the demo's identity provider signed (RS256, valid 1 h):\n\nTOKEN={token}\n")
@@ -173,6 +185,72 @@ async def _show(port: int, idp: DemoIdp) -> None:
         await _request(base, "/api/partners/1", key, key, quiet=True)
     await _request(base, "/api/partners/1", key, key)
     await _request(base, "/nowhere", {}, {})
+    await _show_split(base, idp, bearer, shown_bearer, admin_port)
+
+
+def _services(url: str, tokens: list[str], per_token: int) -> dict[str, int]:
+    """How many of the requests each service answered (and failures by status)."""
+    seen: dict[str, int] = {}
+    for _ in range(per_token):
+        for token in tokens:
+            status, _, body = _fetch(url, {"Authorization": f"Bearer {token}"})
+            try:
+                service = str(json.loads(body)["service"]) if status == 200 else f"HTTP {status}"
+            except (ValueError, KeyError, TypeError):
+                service = f"HTTP {status}"
+            seen[service] = seen.get(service, 0) + 1
+    return seen
+
+
+async def _show_split(
+    base: str,
+    idp: DemoIdp,
+    bearer: dict[str, str],
+    shown_bearer: dict[str, str],
+    admin_port: int,
+) -> None:
+    total = SPLIT_USERS * SPLIT_PER_USER
+    print(
+        "Traffic shifting: /api/orders/** splits 90/10 between order-service and "
+        f"order-service-v2.\n{total} requests from {SPLIT_USERS} users ({SPLIT_PER_USER} each, "
+        "each with its own token: the route's 100/min limit counts per user) landed on:",
+        flush=True,
+    )
+    tokens = [idp.token(subject=f"demo-user-{i}") for i in range(SPLIT_USERS)]
+    seen = await asyncio.to_thread(_services, base + "/api/orders/7", tokens, SPLIT_PER_USER)
+    for name in ("order-service", "order-service-v2", *sorted(set(seen) - _ORDER_SERVICES)):
+        n = seen.get(name, 0)
+        print(f"  {name:<18} {n:>4}  ({100 * n / total:.1f}%)", flush=True)
+    print("\nA request with `x-canary: 1` always goes to v2:\n", flush=True)
+    canary = {"x-canary": "1"}
+    await _request(base, "/api/orders/7", {**bearer, **canary}, {**shown_bearer, **canary})
+    status, _, body = await asyncio.to_thread(_fetch, f"http://127.0.0.1:{admin_port}/routes", {})
+    print(
+        f"$ curl -s http://127.0.0.1:{admin_port}/routes   # counted by the gateway\n  -> {status}",
+        flush=True,
+    )
+    try:
+        routes = json.loads(body)["routes"]
+    except (ValueError, KeyError, TypeError):
+        print(f"     {body}\n", flush=True)
+        return
+    for route in routes:
+        split = route.get("split")
+        if split is None:
+            continue
+        print(f"     {route['route']} {route['path']}:", flush=True)
+        for b in split["backends"]:
+            print(
+                f"       {b['upstream']:<18} weight {b['weight']!s:>3}  requests {b['requests']}",
+                flush=True,
+            )
+        for c in split["canary"]:
+            source = f"header {c['header']}" if "header" in c else f"cookie {c['cookie']}"
+            print(
+                f"       ({c['requests']} sent to {c['upstream']} by the canary match on {source})",
+                flush=True,
+            )
+    print(flush=True)
 
 
 async def _demo(port: int) -> int:
@@ -192,21 +270,25 @@ async def _demo(port: int) -> int:
     await worker.start()
     print(
         f"\nmeshgate demo: the gateway listens on :{port} with the seed's config ({cfg_path}).\n"
-        "order-service runs on 127.0.0.1:9001 and :9003 (least_request), customer-service on "
-        f":9002, and an identity provider (JWKS) on :{IDP_PORT}.\n"
+        "order-service runs on 127.0.0.1:9001 and :9003 (least_request), its canary "
+        "order-service-v2 on :9004, customer-service on :9002, and an identity provider "
+        f"(JWKS) on :{IDP_PORT}.\n"
         "Requests the demo just sent, as curl commands:\n",
         flush=True,
     )
-    await _show(port, idp)
+    await _show(port, idp, config.admin.port if config.admin else 9901)
     for line in describe(config)[1:]:
         print(f"note: {line}", flush=True)
     print(
         "\nAlso try:\n"
         f'  curl -si -H "Authorization: Bearer $TOKEN" http://127.0.0.1:{port}/api/orders/7\n'
+        f'  curl -s -H "Authorization: Bearer $TOKEN" -H "x-canary: 1" '
+        f"http://127.0.0.1:{port}/api/orders/7\n"
         f'  curl -si -H "X-API-Key: {DEMO_API_KEY}" http://127.0.0.1:{port}/api/partners/1\n'
         f"  echo -n {DEMO_API_KEY} | meshgate hash-key   # the digest seed.yaml stores\n"
         "  curl -s http://127.0.0.1:9901/readyz      # admin listener\n"
         "  curl -s http://127.0.0.1:9901/upstreams   # pools and balancer state\n"
+        "  curl -s http://127.0.0.1:9901/routes      # split weights and requests per backend\n"
         "  meshgate explain -c examples/seed.yaml GET /api/orders/7\n"
         "Ctrl-C stops everything.\n",
         flush=True,

@@ -1,4 +1,4 @@
-"""Compile a config's `auth:`, `consumers:` and `rate_limit:` into route filter chains.
+"""Compile a config's `auth:`, `fault:`, `consumers:` and `rate_limit:` into route filter chains.
 
 `FilterServices` holds what outlives one runtime: the JWT verifiers (with
 their JWKS refresh tasks), the Redis clients, and the table that `policy:
@@ -32,6 +32,7 @@ from meshgate.filters.auth import (
     AuthFilter,
     JwtAuthenticator,
 )
+from meshgate.filters.fault import FaultFilter
 from meshgate.filters.ratelimit import RateLimitFilter
 from meshgate.ratelimit.local import SharedTable
 from meshgate.ratelimit.redis import RedisLimiter
@@ -123,6 +124,7 @@ class CompiledFilters:
     limiters: list[RedisLimiter] = field(default_factory=list)
     auth_filters: list[tuple[str, AuthFilter]] = field(default_factory=list)
     limit_filters: list[tuple[str, RateLimitFilter]] = field(default_factory=list)
+    fault_filters: list[tuple[str, FaultFilter]] = field(default_factory=list)
 
 
 def compile_filters(
@@ -172,6 +174,13 @@ def _chain(
         )
         filters.append(("auth", auth))
         out.auth_filters.append((label, auth))
+    if route.fault is not None:
+        # After auth, as in Istio: a rehearsed outage still refuses strangers
+        # with 401 (as a real one would), and they cannot trigger faults.
+        # Before the limit: an aborted request is not counted.
+        fault = FaultFilter(label, route.fault)
+        filters.append(("fault", fault))
+        out.fault_filters.append((label, fault))
     rl = route.rate_limit
     if rl is not None:
         table = (

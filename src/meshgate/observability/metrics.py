@@ -71,6 +71,18 @@ def render(state: ServerState) -> str:
             f"meshgate_ratelimit_store_skipped_total{_labels(worker=pid)} {limiter.skipped}"
         )
     lines += [
+        "# HELP meshgate_fault_injected_total Requests a route's fault: delayed or aborted.",
+        "# TYPE meshgate_fault_injected_total counter",
+    ]
+    for label, fault in filters.fault_filters:
+        for kind, configured, n in (
+            ("delay", fault.cfg.delay is not None, fault.delayed),
+            ("abort", fault.cfg.abort is not None, fault.aborted),
+        ):
+            if configured:
+                labels = _labels(worker=pid, route=label, kind=kind)
+                lines.append(f"meshgate_fault_injected_total{labels} {n}")
+    lines += [
         "# HELP meshgate_jwks_fetches_total JWKS fetch attempts, per auth entry.",
         "# TYPE meshgate_jwks_fetches_total counter",
     ]
@@ -79,4 +91,15 @@ def render(state: ServerState) -> str:
             f"meshgate_jwks_fetches_total{_labels(worker=pid, auth=verifier.name)} "
             f"{verifier.fetches}"
         )
+    lines += [
+        "# HELP meshgate_split_requests_total Requests a route with split: sent to each"
+        " upstream (canary matches included).",
+        "# TYPE meshgate_split_requests_total counter",
+    ]
+    for route in state.runtime.router.routes:
+        splitter = route.target.splitter
+        if splitter is not None:
+            for name, n in zip(splitter.names, splitter.counts, strict=True):
+                labels = _labels(worker=pid, route=splitter.label, upstream=name)
+                lines.append(f"meshgate_split_requests_total{labels} {n}")
     return "\n".join(lines) + "\n"

@@ -613,8 +613,11 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
                     drop = drop | {name}
         chain = rt.chain
         if chain is None:
+            splitter = rt.splitter
             ex.set_target(
-                rt.cluster,
+                rt.cluster
+                if splitter is None
+                else splitter.pick(self.headers, self.client, None, None),
                 rt.label,
                 target,
                 headers=self.headers,
@@ -812,8 +815,13 @@ class _Head:
         if req.response_extra:
             ex.response_extra = req.response_extra
         rt = self.rt
+        splitter = rt.splitter
         ex.set_target(
-            rt.cluster,
+            # The client's headers as sent (canary and sticky keys), and who
+            # the filters found it was.
+            rt.cluster
+            if splitter is None
+            else splitter.pick(self.headers, req.client, req.consumer, req.subject),
             rt.label,
             req.target,
             headers=headers,
@@ -849,6 +857,7 @@ class Exchange:
     task: asyncio.Task[None] | None = None
     pending: asyncio.Task[None] | None = None  # the route's filters are waiting
     begun = False  # start() ran
+    in_cluster = False  # counted in its cluster's requests in flight
     response_extra = b""  # header lines the filters add to the response
     response_started = False
     head_sent = False  # part of the upstream's response was handed to the client
@@ -1029,6 +1038,12 @@ class Exchange:
             return
         cluster = self.cluster
         assert cluster is not None
+        limit = cluster.max_requests
+        if limit is not None and cluster.active >= limit:
+            self._overloaded(f"{limit} requests are in flight (circuit_breaker.max_requests)")
+            return
+        cluster.active += 1
+        self.in_cluster = True
         now = self.started = self.last_activity = self.loop.time()
         self.deadline = now + cluster.total_timeout
         ep = cluster.balancer.pick()
@@ -1044,20 +1059,32 @@ class Exchange:
         pool = ep.pool
         try:
             if not pool.has_capacity():
-                wait_until = self.loop.time() + cluster.acquire_timeout
-                while not pool.has_capacity():
-                    remaining = wait_until - self.loop.time()
-                    if remaining <= 0:
-                        raise PoolTimeout
-                    await pool.wait_for_capacity(remaining)
-                    conn = pool.take_idle()
-                    if conn is not None:
-                        self.task = None
-                        if self.finished:
-                            pool.release(conn)
-                        else:
-                            self._attach(ep, conn)
-                        return
+                limit = cluster.max_pending
+                if limit is not None and cluster.pending >= limit:
+                    self.task = None
+                    self._overloaded(
+                        f"{limit} requests already wait for a connection "
+                        "(circuit_breaker.max_pending)"
+                    )
+                    return
+                cluster.pending += 1
+                try:
+                    wait_until = self.loop.time() + cluster.acquire_timeout
+                    while not pool.has_capacity():
+                        remaining = wait_until - self.loop.time()
+                        if remaining <= 0:
+                            raise PoolTimeout
+                        await pool.wait_for_capacity(remaining)
+                        conn = pool.take_idle()
+                        if conn is not None:
+                            self.task = None
+                            if self.finished:
+                                pool.release(conn)
+                            else:
+                                self._attach(ep, conn)
+                            return
+                finally:
+                    cluster.pending -= 1
             conn = await pool.connect()
         except asyncio.CancelledError:
             raise
@@ -1069,9 +1096,13 @@ class Exchange:
             )
             return
         except TimeoutError:
+            if cluster.outlier is not None:
+                cluster.outlier.failure(ep, gateway=True)
             self.fail(504, "upstream-connect-timeout", f"connecting to {pool.address} timed out")
             return
         except OSError as exc:
+            if cluster.outlier is not None:
+                cluster.outlier.failure(ep, gateway=True)
             reason = exc.strerror or exc.__class__.__name__
             self.fail(502, "upstream-connect-failed", f"cannot connect to {pool.address}: {reason}")
             return
@@ -1197,6 +1228,12 @@ class Exchange:
 
     def on_upstream_head(self, conn: UpstreamConnection) -> None:
         status = self.status = conn.status
+        cluster = self.cluster
+        if cluster is not None and cluster.outlier is not None and self.endpoint is not None:
+            if status >= 500:
+                cluster.outlier.failure(self.endpoint, gateway=status in (502, 503, 504))
+            else:
+                cluster.outlier.success(self.endpoint)
         self.last_activity = self.loop.time()
         # The connection collected the forwardable header lines while parsing
         # (parts[0] is kept for the status line).
@@ -1286,6 +1323,7 @@ class Exchange:
         if proto.write_paused and conn.transport is not None:
             conn.transport.resume_reading()
         conn.pool.release(conn)
+        self._leave_cluster()
         self.finished = True
         if proto.pause_reasons & PAUSE_UPSTREAM:
             proto.resume_reading(PAUSE_UPSTREAM)
@@ -1295,6 +1333,7 @@ class Exchange:
 
     def on_upstream_error(self, conn: UpstreamConnection, reason: str) -> None:
         self.conn = None
+        self._gateway_failure()
         self._release_endpoint()
         conn.abort()
         if self.head_sent:
@@ -1310,6 +1349,7 @@ class Exchange:
         if self.conn is not conn:
             return
         self.conn = None
+        conn_ep = self.endpoint
         self._release_endpoint()
         if self.response_started:
             if conn.close_delimited and conn.clean_close:
@@ -1340,6 +1380,8 @@ class Exchange:
             assert cluster is not None
             self.task = self.loop.create_task(self._connect(cluster.balancer.pick()))
             return
+        if self.cluster is not None and self.cluster.outlier is not None and conn_ep is not None:
+            self.cluster.outlier.failure(conn_ep, gateway=True)
         self.fail(
             502,
             "upstream-reset",
@@ -1366,6 +1408,7 @@ class Exchange:
         """The client went away: stop everything this exchange started."""
         if self.finished:
             return
+        self._leave_cluster()
         self.finished = True
         self.keep_alive = False
         self._drop_upstream()
@@ -1398,6 +1441,7 @@ class Exchange:
             self._timeout(f"the upstream was silent for {cluster.read_timeout:g}s")
 
     def _timeout(self, detail: str) -> None:
+        self._gateway_failure()
         self._drop_upstream()
         if self.response_started:
             self._abort_client()
@@ -1437,9 +1481,37 @@ class Exchange:
         self.proto.write(reply)
         self._finish()
 
+    def _gateway_failure(self) -> None:
+        """The bound endpoint failed as a gateway sees it (reset, timeout, a
+        response that cannot be parsed): tell outlier detection."""
+        cluster = self.cluster
+        if cluster is not None and cluster.outlier is not None and self.endpoint is not None:
+            cluster.outlier.failure(self.endpoint, gateway=True)
+
+    def _overloaded(self, detail: str) -> None:
+        """A circuit breaker limit is reached: 503 at once, marked as such."""
+        cluster = self.cluster
+        assert cluster is not None
+        cluster.overloaded += 1
+        self.reply_local(
+            503,
+            "upstream-overloaded",
+            f"upstream {cluster.name}: {detail}",
+            extra=((b"x-meshgate-overloaded", b"1"),),
+        )
+        self._send_local()
+
+    def _leave_cluster(self) -> None:
+        if self.in_cluster:
+            self.in_cluster = False
+            cluster = self.cluster
+            assert cluster is not None
+            cluster.active -= 1
+
     def _finish(self) -> None:
         if self.finished:
             return
+        self._leave_cluster()
         self.finished = True
         proto = self.proto
         if proto.pause_reasons & (PAUSE_UPSTREAM | PAUSE_BUFFER):
@@ -1451,6 +1523,7 @@ class Exchange:
         proto.exchange_done(self)
 
     def _abort_client(self) -> None:
+        self._leave_cluster()
         self.finished = True
         self.keep_alive = False
         proto = self.proto

@@ -37,7 +37,18 @@ def _two_of(eps: tuple[Endpoint, ...]) -> tuple[Endpoint, Endpoint]:
 class Endpoint:
     """One address of a cluster, with its pool and load counters."""
 
-    __slots__ = ("active", "authority", "balancer", "ewma", "ewma_stamp", "pool")
+    __slots__ = (
+        "active",
+        "authority",
+        "balancer",
+        "ejected_until",
+        "ejections",
+        "ewma",
+        "ewma_stamp",
+        "failures_5xx",
+        "failures_gateway",
+        "pool",
+    )
 
     def __init__(self, pool: EndpointPool, authority: bytes) -> None:
         self.pool = pool
@@ -46,6 +57,11 @@ class Endpoint:
         self.active = 0
         self.ewma = 0.0
         self.ewma_stamp = 0.0
+        # Outlier detection (see outlier.py); 0.0 = in service.
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self.failures_5xx = 0
+        self.failures_gateway = 0
 
 
 class Balancer:
@@ -56,6 +72,8 @@ class Balancer:
     needs_latency = False
 
     def __init__(self, endpoints: Sequence[Endpoint]) -> None:
+        # The endpoints in service: outlier detection replaces this tuple
+        # when it ejects or restores one.
         self.endpoints = tuple(endpoints)
         for ep in self.endpoints:
             ep.balancer = self

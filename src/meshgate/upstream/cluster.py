@@ -15,6 +15,7 @@ from typing import Any
 from meshgate.config.schema import UpstreamConfig
 from meshgate.protocol.batch import WriteBatcher
 from meshgate.upstream.balancer import BALANCERS, Balancer, Endpoint
+from meshgate.upstream.outlier import OutlierDetector
 from meshgate.upstream.pool import EndpointPool
 
 # Host policy, resolved at load: keep the client's Host, or send this value.
@@ -71,12 +72,18 @@ class Cluster:
 
     __slots__ = (
         "acquire_timeout",
+        "active",
         "balancer",
         "config",
         "connect_timeout",
         "endpoints",
         "host_value",
+        "max_pending",
+        "max_requests",
         "name",
+        "outlier",
+        "overloaded",
+        "pending",
         "read_timeout",
         "total_timeout",
     )
@@ -89,6 +96,18 @@ class Cluster:
             for ep in cfg.endpoints
         )
         self.balancer: Balancer = BALANCERS[cfg.balancer](self.endpoints)
+        # Circuit breaking: requests in flight (connecting or attached) and
+        # requests waiting for a free connection, against their limits.
+        self.active = 0
+        self.pending = 0
+        self.overloaded = 0
+        self.max_requests = cfg.circuit_breaker.max_requests
+        self.max_pending = cfg.circuit_breaker.max_pending
+        self.outlier = (
+            OutlierDetector(name, cfg.outlier_detection, self.balancer, registry.loop)
+            if cfg.outlier_detection is not None
+            else None
+        )
         self.connect_timeout = cfg.timeouts.connect
         self.read_timeout = cfg.timeouts.read
         self.total_timeout = cfg.timeouts.total

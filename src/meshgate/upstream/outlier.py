@@ -1,0 +1,126 @@
+"""Passive health (outlier detection): endpoints that keep failing are ejected.
+
+Each answer an endpoint gives is reported here by the exchange: a success
+resets its counters; a 5xx, or a gateway failure (connect failure, reset,
+timeout, an unparsable response), adds one. After `consecutive_5xx` failures
+in a row (or `consecutive_gateway_failure` gateway failures in a row) the
+endpoint is ejected: the balancer's endpoint list is rebuilt without it, so
+picking costs nothing more per request. The n-th ejection of an endpoint
+lasts n x `base_ejection_time` (up to `max_ejection_time`); then a timer puts
+it back. At most `max_ejection_percent` of the endpoints are out at once,
+and never all of them.
+
+Every ejection and return is logged, and visible in `GET /upstreams`.
+State lives with the cluster's endpoints, so a reload starts it afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from meshgate.config.schema import OutlierDetectionConfig
+
+if TYPE_CHECKING:
+    from meshgate.upstream.balancer import Balancer, Endpoint
+
+__all__ = ["OutlierDetector"]
+
+log = logging.getLogger("meshgate.upstream")
+
+
+class OutlierDetector:
+    __slots__ = (
+        "all",
+        "balancer",
+        "base",
+        "cluster",
+        "limit_5xx",
+        "limit_gateway",
+        "loop",
+        "max_ejected",
+        "max_time",
+        "timers",
+    )
+
+    def __init__(
+        self,
+        cluster: str,
+        cfg: OutlierDetectionConfig,
+        balancer: Balancer,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.cluster = cluster
+        self.balancer = balancer
+        self.all = balancer.endpoints
+        self.loop = loop
+        self.limit_5xx = cfg.consecutive_5xx or 0
+        self.limit_gateway = cfg.consecutive_gateway_failure or 0
+        self.base = cfg.base_ejection_time
+        self.max_time = cfg.max_ejection_time
+        n = len(self.all)
+        self.max_ejected = min(n - 1, n * cfg.max_ejection_percent // 100)
+        self.timers: list[asyncio.TimerHandle] = []
+
+    def success(self, ep: Endpoint) -> None:
+        ep.failures_5xx = 0
+        ep.failures_gateway = 0
+
+    def failure(self, ep: Endpoint, *, gateway: bool) -> None:
+        """A 5xx answer (`gateway=False`) or a gateway failure (`True`, which
+        also counts as a 5xx, as in Envoy)."""
+        ep.failures_5xx += 1
+        if gateway:
+            ep.failures_gateway += 1
+        if ep.ejected_until:
+            return
+        if (self.limit_5xx and ep.failures_5xx >= self.limit_5xx) or (
+            self.limit_gateway and gateway and ep.failures_gateway >= self.limit_gateway
+        ):
+            self.eject(ep, "gateway failures" if gateway else "5xx answers")
+
+    def eject(self, ep: Endpoint, why: str) -> None:
+        ejected = sum(1 for e in self.all if e.ejected_until)
+        if ejected >= self.max_ejected:
+            log.warning(
+                "upstream %s: %s is failing (%s) but stays in: %d of %d endpoints are "
+                "already ejected (max_ejection_percent)",
+                self.cluster,
+                ep.authority.decode(),
+                why,
+                ejected,
+                len(self.all),
+            )
+            return
+        ep.ejections += 1
+        duration = min(self.base * ep.ejections, self.max_time)
+        ep.ejected_until = self.loop.time() + duration
+        ep.failures_5xx = ep.failures_gateway = 0
+        self._rebuild()
+        self.timers.append(self.loop.call_later(duration, self.restore, ep))
+        log.warning(
+            "upstream %s: ejected %s for %gs after consecutive %s (ejection #%d)",
+            self.cluster,
+            ep.authority.decode(),
+            duration,
+            why,
+            ep.ejections,
+        )
+
+    def restore(self, ep: Endpoint) -> None:
+        if not ep.ejected_until:
+            return
+        ep.ejected_until = 0.0
+        ep.failures_5xx = ep.failures_gateway = 0
+        self._rebuild()
+        log.info("upstream %s: %s is back after its ejection", self.cluster, ep.authority.decode())
+
+    def _rebuild(self) -> None:
+        healthy = tuple(e for e in self.all if not e.ejected_until)
+        self.balancer.endpoints = healthy or self.all
+
+    def close(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers.clear()
