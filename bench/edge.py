@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The cost of edge security: JWT (RS256) and rate limits, side by side in one run.
+"""The cost of edge security and resilience, side by side in one run.
 
 Starts on loopback, in a temp dir, all as child processes killed at exit:
   direct      nginx returning a fixed 100-byte JSON body (the upstream)
@@ -10,9 +10,12 @@ Starts on loopback, in a temp dir, all as child processes killed at exit:
                 /api/orders/**     the seed's route: auth: jwt (RS256, public key
                                    file) + rate_limit, policy redis, limit set high
                 /api/partners/**   the same JWT + rate_limit, policy local
+                /api/resilient/**  no auth; its upstream has retries (3 attempts,
+                                   per-try timeout), circuit breakers, outlier
+                                   detection and the peak-EWMA balancer
 and measures, targets interleaved per round (wrk -t1 -c64 -dNs, the token in
 an Authorization header where the route needs it):
-  nginx, meshgate plain, meshgate jwt+redis, meshgate jwt+local
+  nginx, meshgate plain, jwt+redis, jwt+local, resilient
 Reports req/s, p50/p99, and the ratios to the plain meshgate route and to
 nginx (median of the per-round ratios). Writes bench/results/edge-*.json.
 
@@ -59,6 +62,7 @@ TARGETS = {
     "meshgate-plain": ("/api/customers/42", False),
     "meshgate-jwt-redis": ("/api/orders/42", True),
     "meshgate-jwt-local": ("/api/partners/42", True),
+    "meshgate-resilient": ("/api/resilient/42", False),
 }
 
 
@@ -84,6 +88,12 @@ upstreams:
     endpoints: [127.0.0.1:{upstream}]
   customer-service:
     endpoints: [127.0.0.1:{upstream}]
+  resilient-service:
+    endpoints: [127.0.0.1:{upstream}]
+    balancer: ewma
+    retry: {{attempts: 3, on: [gateway-error], per_try_timeout: 5s}}
+    circuit_breaker: {{max_requests: 10000, max_pending: 1000, max_retries: 100}}
+    outlier_detection: {{}}
 routes:
 - path: /api/orders/**
   upstream: order-service
@@ -95,6 +105,8 @@ routes:
   upstream: order-service
   auth: jwt
   rate_limit: {{limit: 1000000000, period: 1m, policy: local}}
+- path: /api/resilient/**
+  upstream: resilient-service
 """
 
 

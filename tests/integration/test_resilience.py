@@ -170,3 +170,154 @@ def test_never_all_endpoints_are_ejected(stack: Stack) -> None:
     ejected = [e for e in doc["endpoints"] if e["state"] == "ejected"]
     assert len(ejected) == 1, doc  # 50% of 3 endpoints, rounded down
     assert "stays in" in proxy.stderr_text()
+
+
+# -- retries ---------------------------------------------------------------------------
+
+
+def _retrying(
+    stack: Stack, ups: list[UpstreamServer], upstream: dict[str, Any] | None = None, **retry: Any
+) -> ProxyProcess:
+    return stack.proxy(
+        _config(
+            upstream_block(
+                *ups,
+                balancer="round_robin",
+                retry={"attempts": 3, **retry},
+                timeouts={"connect": "1s"},
+                **(upstream or {}),
+            )
+        )
+    )
+
+
+def _many(port: int, paths: list[str], workers: int = 4) -> list[int]:
+    with ThreadPoolExecutor(workers) as pool:
+        return [status for status, _, _ in pool.map(lambda p: _get(port, p), paths)]
+
+
+def test_a_killed_endpoint_costs_the_client_nothing(stack: Stack) -> None:
+    ups = [stack.upstream(f"k{i}") for i in range(3)]
+    proxy = _retrying(stack, ups)
+    first = _many(proxy.port, [f"/k/{i}" for i in range(150)])
+    ups[1].stop()  # connections to it reset; new ones are refused
+    second = _many(proxy.port, [f"/k/{i}" for i in range(150, 450)])
+    assert set(first) == {200} and set(second) == {200}, Counter(first + second)
+    assert "retry budget exhausted" not in proxy.stderr_text()
+
+
+def test_an_endpoint_answering_500_is_retried_then_ejected(stack: Stack) -> None:
+    """1 of 3 answers 500 every time: its first answers are retried on the
+    others, then it is ejected; at least 99.9% of requests succeed."""
+    ups = [stack.upstream(f"f{i}") for i in range(3)]
+    ups[0].forced = ("status", {"code": "500"})
+    proxy = _retrying(
+        stack,
+        ups,
+        upstream={"outlier_detection": {"consecutive_5xx": 3, "base_ejection_time": "60s"}},
+        on=["5xx"],
+    )
+    statuses = _many(proxy.port, [f"/f/{i}" for i in range(1000)])
+    assert statuses.count(200) >= 999, Counter(statuses)
+    assert 3 <= len(ups[0].requests) < 20  # tried until ejected; its 500s never forwarded
+
+
+def test_no_retry_storm_when_everything_fails(stack: Stack) -> None:
+    """All endpoints answer 503 and every request could be tried 5 times: the
+    budget (20% of requests + 10/s over 10 s) caps what the upstreams get."""
+    ups = [stack.upstream(f"s{i}") for i in range(2)]
+    for up in ups:
+        up.forced = ("status", {"code": "503"})
+    proxy = _retrying(stack, ups, attempts=5, backoff={"base": "1ms", "max": "2ms"})
+    n = 600
+    started = time.monotonic()
+    statuses = _many(proxy.port, [f"/s/{i}" for i in range(n)])
+    elapsed = time.monotonic() - started
+    assert set(statuses) == {503}
+    received = sum(len(up.requests) for up in ups)
+    window = 10.0
+    allowed = n * 1.2 + 10 * max(elapsed, window)
+    assert n < received <= allowed, (received, allowed)
+    assert "retry budget exhausted" in proxy.stderr_text()
+
+
+def test_a_post_is_not_retried_once_its_bytes_were_sent(stack: Stack) -> None:
+    ups = [stack.upstream(f"p{i}") for i in range(2)]
+    for up in ups:
+        up.forced = ("close", {})  # reads the request, closes without answering
+    proxy = _retrying(stack, ups, on=["reset", "connect-failure"])
+    r = fetch(proxy.url("/p"), "-X", "POST", "--data-binary", "order=1")
+    assert r.status == 502, r.describe()
+    posts = [q for up in ups for q in up.requests if q.method == "POST"]
+    assert len(posts) == 1  # the upstream log proves it
+    # The same failure on a GET is retried (attempts: 3).
+    r = fetch(proxy.url("/g"))
+    assert r.status == 502
+    gets = [q for up in ups for q in up.requests if q.method == "GET"]
+    assert len(gets) == 3
+
+
+def test_a_post_is_retried_when_nothing_was_sent(stack: Stack) -> None:
+    dead, alive = stack.upstream("dead"), stack.upstream("alive")
+    proxy = _retrying(stack, [dead, alive])
+    dead.stop()
+    for i in range(6):
+        r = fetch(proxy.url(f"/post/{i}"), "-X", "POST", "--data-binary", f"n={i}")
+        assert r.status == 200, r.describe()
+    bodies = sorted(bytes(q.body) for q in alive.requests)
+    assert bodies == [f"n={i}".encode() for i in range(6)]
+
+
+def test_a_body_is_sent_again_whole_and_a_large_one_is_not_retried(stack: Stack) -> None:
+    bad, good = stack.upstream("bad"), stack.upstream("good")
+    bad.forced = ("close", {})
+    proxy = _retrying(stack, [bad, good], attempts=2)
+    body = bytes(range(256)) * 40  # 10 KiB
+    small = stack.directory / "small.bin"
+    small.write_bytes(body)
+    statuses = []
+    for i in range(4):
+        r = fetch(proxy.url(f"/put/{i}"), "-X", "PUT", "--data-binary", f"@{small}")
+        statuses.append(r.status)
+    assert statuses == [200] * 4
+    assert all(bytes(q.body) == body for q in good.requests)
+    big = stack.directory / "big.bin"
+    big.write_bytes(b"x" * (128 * 1024))  # past the 64 KiB kept for replay
+    results = [
+        fetch(proxy.url(f"/big/{i}"), "-X", "PUT", "--data-binary", f"@{big}").status
+        for i in range(4)
+    ]
+    assert results.count(502) >= 1 and set(results) <= {200, 502}, results
+
+
+# -- deadlines ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "budget_ms"),
+    [("x-meshgate-deadline: 300", 300), ("grpc-timeout: 250m", 250), ("grpc-timeout: 1S", 1000)],
+)
+def test_a_client_deadline_shortens_the_wait_and_goes_upstream(
+    stack: Stack, header: str, budget_ms: int
+) -> None:
+    up = stack.upstream("deadline")
+    proxy = stack.proxy(_config(upstream_block(up, timeouts={"read": "30s", "total": "30s"})))
+    delay = 3.0
+    started = time.monotonic()
+    r = fetch(proxy.url(f"/slow?headers_delay={delay}"), "-H", header)
+    elapsed = time.monotonic() - started
+    assert r.status == 504, r.describe()
+    assert elapsed < delay  # answered on the client's deadline, not the upstream's pace
+    sent = up.requests[0].header("x-meshgate-deadline")
+    assert sent is not None and 0 < int(sent) <= budget_ms, sent
+    # The client's own header is not forwarded as it came.
+    assert up.requests[0].header_all("x-meshgate-deadline") == [sent]
+    assert up.requests[0].header("grpc-timeout") is None
+
+
+def test_the_remaining_budget_goes_upstream_without_a_client_deadline(stack: Stack) -> None:
+    up = stack.upstream("budget")
+    proxy = stack.proxy(_config(upstream_block(up, timeouts={"total": "20s"})))
+    assert fetch(proxy.url("/b"), "-H", "x-meshgate-deadline: soon").status == 200
+    sent = up.requests[0].header("x-meshgate-deadline")
+    assert sent is not None and 19_000 <= int(sent) <= 20_000, sent

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,6 +67,8 @@ FUZZ_SETTINGS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+
+_BUDGET_RE = re.compile(rb"x-meshgate-deadline: \d+\r\n")
 
 
 # -- in-memory transports ------------------------------------------------------------
@@ -305,7 +308,13 @@ class Harness:
                 start = cut
 
     def upstream_streams(self) -> list[bytes]:
-        return [bytes(u.transport.data) for u in self.upstreams if u.transport.data]
+        """The bytes each upstream received, with the deadline budget (which
+        depends on when the request left, not on its bytes) written as `N`."""
+        return [
+            _BUDGET_RE.sub(b"x-meshgate-deadline: N\r\n", bytes(u.transport.data))
+            for u in self.upstreams
+            if u.transport.data
+        ]
 
     def upstream_bytes(self) -> int:
         return sum(len(u.transport.data) for u in self.upstreams)

@@ -135,20 +135,36 @@ def _upstreams(state: ServerState) -> tuple[int, Any]:
     out: dict[str, Any] = {}
     now = state.loop.time()
     for name, cluster in state.runtime.clusters.items():
+        health = cluster.health
+        serving = set(map(id, cluster.balancer.endpoints))
         out[name] = {
             "balancer": cluster.config.balancer,
             "in_flight": cluster.active,
             "waiting_for_connection": cluster.pending,
             "overloaded": cluster.overloaded,
+            "health_check": (
+                {"path": health.cfg.path, "interval_s": health.cfg.interval}
+                if health is not None
+                else None
+            ),
             "endpoints": [
                 {
                     **ep.pool.stats(),
                     "active": ep.active,
                     "ewma_ms": round(ep.ewma * 1000, 3),
-                    "state": "ejected" if ep.ejected_until else "serving",
+                    "state": (
+                        "ejected" if ep.ejected_until else "down" if ep.health_down else "serving"
+                    ),
+                    # False only while it is out (when all are out, all serve).
+                    "in_service": id(ep) in serving,
                     "ejected_for_s": round(max(ep.ejected_until - now, 0.0), 3),
                     "ejections": ep.ejections,
                     "consecutive_failures": ep.failures_5xx,
+                    **(
+                        health.report(ep, now)
+                        if health is not None
+                        else {"health": "unchecked", "last_check": None}
+                    ),
                 }
                 for ep in cluster.endpoints
             ],

@@ -73,9 +73,17 @@ def describe(config: Config) -> list[str]:
     if not config.routes:
         lines.append("no routes are defined: no request will be forwarded to an upstream")
     used = {name for route in config.routes for name in route.upstream_names()}
-    for name in config.upstreams:
+    for name, upstream in config.upstreams.items():
         if name not in used:
             lines.append(f"upstreams.{name} is not used by any route")
+        hc = upstream.health_check
+        if hc is not None:
+            passes = "1 pass" if hc.healthy_threshold == 1 else f"{hc.healthy_threshold} passes"
+            lines.append(
+                f"upstreams.{name}: health check GET {hc.path} every {hc.interval:g}s "
+                f"(timeout {hc.timeout:g}s; out after {_plural(hc.unhealthy_threshold, 'failure')}"
+                f" in a row, back after {passes})"
+            )
     for i, route in enumerate(config.routes):
         if route.split is not None:
             lines += [f"{_label(i, route)}: {line}" for line in _split(route)]

@@ -19,12 +19,13 @@ from meshgate.filters.build import CompiledFilters, FilterServices, compile_filt
 from meshgate.http.router import Router
 from meshgate.http.split import Splitter
 from meshgate.upstream.cluster import Cluster, PoolRegistry
+from meshgate.upstream.retry import RetryPolicy
 
 
 class RouteTarget:
     """What a matched route resolves to."""
 
-    __slots__ = ("chain", "cluster", "drop", "label", "passthrough", "splitter")
+    __slots__ = ("chain", "cluster", "drop", "label", "passthrough", "retry", "splitter")
 
     def __init__(
         self,
@@ -35,8 +36,11 @@ class RouteTarget:
         chain: Chain | None = None,
         drop: frozenset[bytes] | None = None,
         splitter: Splitter[Cluster] | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.cluster = cluster
+        self.retry = retry
+        """The route's own retry policy (else its upstream's), or None."""
         """The route's upstream; with `split:`, its first backend (requests
         take theirs from `splitter`)."""
         self.splitter = splitter
@@ -94,6 +98,7 @@ class Runtime:
                 chain=chain,
                 drop=drop,
                 splitter=splitter,
+                retry=RetryPolicy(route.retry) if route.retry is not None else None,
             )
             pairs.append((route, target))
         shortest = min(
@@ -114,3 +119,24 @@ class Runtime:
 
     def pool_ids(self) -> set[int]:
         return {id(p) for c in self.clusters.values() for p in c.pools()}
+
+    def start_health(self, previous: Runtime | None = None) -> None:
+        """Start the clusters' health checks, now that this runtime is the
+        active one; each takes over the state of the cluster of the same
+        name in `previous` (whose checks must be stopped first)."""
+        old = previous.clusters if previous is not None else {}
+        for name, cluster in self.clusters.items():
+            cluster.start_health(old.get(name))
+
+    def stop_health(self) -> None:
+        """Stop the health checks (a reload replaced this runtime, or the
+        worker drains): no check is sent after this returns."""
+        for cluster in self.clusters.values():
+            cluster.stop_health()
+
+    async def close_health(self) -> None:
+        """`stop_health`, and wait until every check task has ended."""
+        self.stop_health()
+        for cluster in self.clusters.values():
+            if cluster.health is not None:
+                await cluster.health.wait_stopped()

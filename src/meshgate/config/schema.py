@@ -215,6 +215,58 @@ class PoolConfig(_Model):
     (defaults to the connect timeout); past it the answer is 503."""
 
 
+RetryOn = Literal[
+    "connect-failure",
+    "reset",
+    "timeout",
+    "gateway-error",
+    "5xx",
+    "retriable-4xx",
+    "500",
+    "502",
+    "503",
+    "504",
+    "429",
+    "409",
+]
+
+
+_DEFAULT_RETRY_ON: tuple[RetryOn, ...] = ("connect-failure", "reset", "gateway-error")
+
+
+class RetryBackoff(_Model):
+    base: Duration = 0.025
+    """The first retry waits up to this (full jitter: a random time from 0)."""
+    max: Duration = 0.25
+    """Each further retry doubles the bound, up to this."""
+
+
+class RetryConfig(_Model):
+    """Retries of one request (per route, or the default of an upstream)."""
+
+    attempts: int = Field(default=3, ge=1, le=10)
+    """Tries in all, the first one included."""
+    on: list[RetryOn] = Field(default_factory=lambda: list(_DEFAULT_RETRY_ON))
+    """What is retried: connect-failure (nothing was sent), reset (the
+    connection dropped before an answer), timeout (per_try_timeout), a status,
+    `gateway-error` (502, 503, 504), `5xx`, `retriable-4xx` (409)."""
+    per_try_timeout: Duration | None = None
+    """Each try's own deadline; the route's total still bounds them all."""
+    backoff: RetryBackoff = RetryBackoff()
+    non_idempotent: bool = False
+    """Also retry POST/PATCH/... after bytes were sent. Off: those are retried
+    only when nothing was sent (connect failures)."""
+
+
+class RetryBudgetConfig(_Model):
+    """Linkerd's retry budget, per upstream and worker: retries may add at most
+    `ratio` of the requests, plus `min_per_second`, over `window`."""
+
+    ratio: float = Field(default=0.2, ge=0, le=10, allow_inf_nan=False)
+    min_per_second: float = Field(default=10.0, ge=0, allow_inf_nan=False)
+    window: Duration = 10.0
+
+
 class CircuitBreakerConfig(_Model):
     """Limits per upstream (per worker); past one, a request gets an immediate
     503 with `x-meshgate-overloaded: 1` instead of queueing (Envoy's
@@ -224,6 +276,8 @@ class CircuitBreakerConfig(_Model):
     """Requests in flight to this upstream at once."""
     max_pending: int | None = Field(default=None, ge=0)
     """Requests waiting for a connection (every pool full) at once."""
+    max_retries: int | None = Field(default=None, ge=0)
+    """Retries in flight at once; past it a failed try is not retried."""
 
 
 class OutlierDetectionConfig(_Model):
@@ -239,6 +293,53 @@ class OutlierDetectionConfig(_Model):
     max_ejection_time: Duration = 300.0
     max_ejection_percent: int = Field(default=50, ge=0, le=100)
     """Never eject more than this share of the endpoints (at least one stays)."""
+
+
+_HEALTH_TEXT_RE = re.compile(r"[\x21-\x7e]+")
+
+
+class HealthCheckConfig(_Model):
+    """Active health: each endpoint is sent `GET <path>` every `interval`, on
+    a connection of its own; one that keeps failing is taken out until it
+    passes again."""
+
+    path: str
+    """The request target, starting with `/` (a query is allowed)."""
+    interval: Duration = 10.0
+    """Time between the starts of two checks of one endpoint."""
+    timeout: Duration = 2.0
+    """For the whole check, from connecting to the end of the response; past it,
+    the check failed."""
+    healthy_threshold: int = Field(default=2, ge=1)
+    """Passes in a row that put an endpoint that is down back in service."""
+    unhealthy_threshold: int = Field(default=3, ge=1)
+    """Failures in a row that take an endpoint out of service."""
+    expected: list[Annotated[int, Field(ge=100, le=599)]] | None = Field(default=None, min_length=1)
+    """Statuses that pass; absent means any 2xx or 3xx."""
+    host: str | None = None
+    """The Host header; defaults to the endpoint's host:port."""
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"a health check path starts with '/', found {v!r}")
+        if not _HEALTH_TEXT_RE.fullmatch(v):
+            raise ValueError(f"a health check path is printable ASCII without spaces, found {v!r}")
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, v: str | None) -> str | None:
+        if v is not None and not _HEALTH_TEXT_RE.fullmatch(v):
+            raise ValueError(f"a Host is printable ASCII without spaces, found {v!r}")
+        return v
+
+    def passes(self, status: int) -> bool:
+        """Whether a check answered `status` passed."""
+        if self.expected is None:
+            return 200 <= status < 400
+        return status in self.expected
 
 
 HostPolicy = Literal["preserve", "rewrite"]
@@ -257,8 +358,14 @@ class UpstreamConfig(_Model):
     """`preserve` sends the client's Host; `rewrite` sends the endpoint's
     host:port; any other value is sent as the Host verbatim."""
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    retry: RetryConfig | None = None
+    """Retries for routes to this upstream that have no `retry:` of their own."""
+    retry_budget: RetryBudgetConfig = RetryBudgetConfig()
+    """On by default: retries never add more than 20% + 10/s of load."""
     outlier_detection: OutlierDetectionConfig | None = None
     """Off unless given (`outlier_detection: {}` turns it on with defaults)."""
+    health_check: HealthCheckConfig | None = None
+    """Active health checks; off unless given."""
 
 
 RateLimitKey = str
@@ -683,6 +790,8 @@ class RouteConfig(_Model):
     canary: list[CanaryMatch] | None = None
     """With `split:`, requests matching one of these go to its upstream."""
     fault: FaultConfig | None = None
+    retry: RetryConfig | None = None
+    """Retries for this route (else the upstream's `retry:`; else none)."""
     strip_prefix: bool | str = False
     """`true` strips the literal part of `path` before the first wildcard;
     a string strips that exact prefix."""

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from meshgate.config.runtime import RouteTarget, Runtime
     from meshgate.upstream.balancer import Endpoint
     from meshgate.upstream.cluster import Cluster, PoolRegistry
+    from meshgate.upstream.retry import RetryPolicy
 
 log = logging.getLogger("meshgate.proxy")
 access_log = logging.getLogger("meshgate.access")
@@ -86,6 +87,8 @@ REQUEST_OWN = HOP_BY_HOP | {
     b"x-forwarded-host",
     b"x-request-id",
     b"via",
+    b"x-meshgate-deadline",
+    b"grpc-timeout",
 }
 # Request headers looked at while parsing (the forwarded ones among them are
 # copied through as they came).
@@ -191,6 +194,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
 
     __slots__ = (
         "batcher",
+        "budget",
         "chunk_fresh",
         "chunk_pending",
         "chunk_watch",
@@ -266,6 +270,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         self.request_id: bytes | None = None
         self.xff: bytes | None = None
         self.via: bytes | None = None
+        self.budget = 0.0  # seconds the client gave (x-meshgate-deadline, grpc-timeout)
         self.drop: frozenset[bytes] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------
@@ -438,6 +443,10 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             self.request_id = value
         elif name == b"x-forwarded-for":
             self.xff = value if self.xff is None else self.xff + b", " + value
+        elif name == b"x-meshgate-deadline" or name == b"grpc-timeout":
+            budget = _parse_budget(name, value)
+            if budget is not None and (not self.budget or budget < self.budget):
+                self.budget = budget
         elif name == b"via":
             self.via = value if self.via is None else self.via + b", " + value
         elif name == b"content-length":
@@ -611,6 +620,8 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
                 # read these as the identity headers themselves.
                 if b"_" in name and name.replace(b"_", b"-") in identity:
                     drop = drop | {name}
+        ex.route_retry = rt.retry
+        ex.budget = self.budget
         chain = rt.chain
         if chain is None:
             splitter = rt.splitter
@@ -767,6 +778,37 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
                 self.deadline_kind = DEADLINE_CLOSING
 
 
+_GRPC_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def _parse_budget(name: bytes, value: bytes) -> float | None:
+    """A deadline budget in seconds: `x-meshgate-deadline: <ms>` or gRPC's
+    `grpc-timeout: <digits><H|M|S|m|u|n>`; None when malformed (ignored)."""
+    value = value.strip()
+    if name == b"grpc-timeout":
+        digits, unit = value[:-1], value[-1:]
+        if not digits.isdigit() or len(digits) > 8 or unit not in _GRPC_UNITS:
+            return None
+        seconds = int(digits) * _GRPC_UNITS[unit]
+    else:
+        if not value.isdigit() or len(value) > 12:
+            return None
+        seconds = int(value) / 1000
+    return seconds if seconds > 0 else 0.001
+
+
+def _retry_after(conn: UpstreamConnection) -> float | None:
+    """An upstream's `Retry-After` in seconds (delta form only), or None."""
+    parts = conn.parts
+    for i in range(1, len(parts) - 2, 4):
+        if parts[i] == b"retry-after":
+            value = parts[i + 2].strip()
+            if value.isdigit():
+                return float(int(value))
+            return None
+    return None
+
+
 def _unsent_body(expect: bytes | None, complete: bool) -> bool:
     """A refused request whose client waits for `100 Continue` before sending
     its body: close after the answer, rather than wait for a body that may
@@ -858,6 +900,13 @@ class Exchange:
     pending: asyncio.Task[None] | None = None  # the route's filters are waiting
     begun = False  # start() ran
     in_cluster = False  # counted in its cluster's requests in flight
+    route_retry: RetryPolicy | None = None  # the route's own retry policy
+    budget = 0.0  # the client's own deadline, in seconds from its request (0: none)
+    policy: RetryPolicy | None = None  # the one in force (route's, else upstream's)
+    attempt = 1
+    failed_ep: Endpoint | None = None
+    try_deadline = 0.0
+    retry_counted = False
     response_extra = b""  # header lines the filters add to the response
     response_started = False
     head_sent = False  # part of the upstream's response was handed to the client
@@ -1045,13 +1094,103 @@ class Exchange:
         cluster.active += 1
         self.in_cluster = True
         now = self.started = self.last_activity = self.loop.time()
-        self.deadline = now + cluster.total_timeout
-        ep = cluster.balancer.pick()
+        total = cluster.total_timeout
+        if self.budget and self.budget < total:
+            total = self.budget  # the caller's deadline is sooner
+        self.deadline = now + total
+        policy = self.route_retry or cluster.retry
+        if policy is not None:
+            self.policy = policy
+            cluster.budget.request(now)
+            if policy.per_try_timeout is not None:
+                self.try_deadline = now + policy.per_try_timeout
+        self._go(cluster.balancer.pick())
+
+    def _go(self, ep: Endpoint) -> None:
+        """Send this try to `ep`: on an idle pooled connection, or a new one."""
         conn = ep.pool.take_idle()
         if conn is not None:
             self._attach(ep, conn)
         else:
             self.task = self.loop.create_task(self._connect(ep))
+
+    # -- retries ---------------------------------------------------------------------
+
+    def _maybe_retry(
+        self,
+        cause: str,
+        failed: Endpoint | None,
+        *,
+        sent: bool,
+        retry_after: float | None = None,
+    ) -> bool:
+        """Retry after a failed try, if the policy, the method, the body, the
+        budget, the breaker and the deadline all allow it; True when a retry
+        is scheduled (the caller then answers nothing)."""
+        policy = self.policy
+        cluster = self.cluster
+        if policy is None or cluster is None or self.finished or self.head_sent:
+            return False
+        if self.attempt >= policy.attempts:
+            return False
+        if cause.isdigit():
+            if int(cause) not in policy.statuses:
+                return False
+        elif cause not in policy.causes:
+            return False
+        if sent and not (self.method in IDEMPOTENT or policy.non_idempotent):
+            return False  # the upstream may have acted on it
+        if sent and self.has_body and self.replay is None:
+            return False  # the body is too large to send again
+        limit = cluster.max_retries
+        if limit is not None and cluster.retries_active >= limit:
+            return False
+        now = self.loop.time()
+        delay = policy.backoff(self.attempt) if retry_after is None else retry_after
+        if now + delay >= self.deadline:
+            return False
+        if not cluster.budget.try_retry(now):
+            return False
+        self.attempt += 1
+        if not self.retry_counted:
+            self.retry_counted = True
+            cluster.retries_active += 1
+        cluster.retried += 1
+        self.failed_ep = failed
+        if self.replay is not None:
+            self.body_buf = self.replay + self.body_buf
+        self.replay = None
+        self.sent_body = 0
+        self.response_started = False
+        self.chunked_out = False
+        self.out = []
+        self.status = 0
+        self.last_activity = now
+        self.try_deadline = 0.0
+        self.task = self.loop.create_task(self._retry(delay))
+        return True
+
+    async def _retry(self, delay: float) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.task = None
+        if self.finished:
+            return
+        cluster = self.cluster
+        assert cluster is not None
+        policy = self.policy
+        now = self.last_activity = self.loop.time()
+        if policy is not None and policy.per_try_timeout is not None:
+            self.try_deadline = now + policy.per_try_timeout
+        # Another endpoint than the one that failed, when there is one.
+        ep = cluster.balancer.pick()
+        failed = self.failed_ep
+        if ep is failed and len(cluster.balancer.endpoints) > 1:
+            for _ in range(4):
+                ep = cluster.balancer.pick()
+                if ep is not failed:
+                    break
+        self._go(ep)
 
     async def _connect(self, ep: Endpoint) -> None:
         cluster = self.cluster
@@ -1096,13 +1235,19 @@ class Exchange:
             )
             return
         except TimeoutError:
+            self.task = None
             if cluster.outlier is not None:
                 cluster.outlier.failure(ep, gateway=True)
+            if self._maybe_retry("connect-failure", ep, sent=False):
+                return
             self.fail(504, "upstream-connect-timeout", f"connecting to {pool.address} timed out")
             return
         except OSError as exc:
+            self.task = None
             if cluster.outlier is not None:
                 cluster.outlier.failure(ep, gateway=True)
+            if self._maybe_retry("connect-failure", ep, sent=False):
+                return
             reason = exc.strerror or exc.__class__.__name__
             self.fail(502, "upstream-connect-failed", f"cannot connect to {pool.address}: {reason}")
             return
@@ -1131,9 +1276,15 @@ class Exchange:
             assert parts is not None
             parts[4] = b"host: " + ep.authority + CRLF
             head = b"".join(parts)
+        # What is left of this request's deadline goes to the next hop, in
+        # milliseconds (a budget, not a time: hops need no common clock).
+        left = int((self.deadline - self.loop.time()) * 1000)
+        head = head[:-2] + b"x-meshgate-deadline: %d\r\n\r\n" % (left if left > 1 else 1)
         # Keep what is needed to replay on a fresh connection if this pooled
         # one turns out to be stale (closed by the peer while idle).
-        self.replay = [] if conn.reused and self.sent_body == 0 else None
+        self.replay = (
+            [] if (conn.reused or self.policy is not None) and self.sent_body == 0 else None
+        )
         if self.body_buf:
             body = self.body_buf
             self.body_buf = []
@@ -1234,6 +1385,17 @@ class Exchange:
                 cluster.outlier.failure(self.endpoint, gateway=status in (502, 503, 504))
             else:
                 cluster.outlier.success(self.endpoint)
+        policy = self.policy
+        if policy is not None and status in policy.statuses and not self.head_sent:
+            failed = self.endpoint
+            if self._maybe_retry(str(status), failed, sent=True, retry_after=_retry_after(conn)):
+                # This answer is dropped: the connection goes, mid-response.
+                conn.sink = None
+                conn.keep_alive = False
+                self.conn = None
+                self._release_endpoint()
+                conn.abort()
+                return
         self.last_activity = self.loop.time()
         # The connection collected the forwardable header lines while parsing
         # (parts[0] is kept for the status line).
@@ -1334,10 +1496,13 @@ class Exchange:
     def on_upstream_error(self, conn: UpstreamConnection, reason: str) -> None:
         self.conn = None
         self._gateway_failure()
+        failed = self.endpoint
         self._release_endpoint()
         conn.abort()
         if self.head_sent:
             self._abort_client()  # bytes already went to the client
+        elif self._maybe_retry("reset", failed, sent=True):
+            return
         else:
             # Whatever this read produced is still held: a 502 is still possible.
             self.out = []
@@ -1382,6 +1547,8 @@ class Exchange:
             return
         if self.cluster is not None and self.cluster.outlier is not None and conn_ep is not None:
             self.cluster.outlier.failure(conn_ep, gateway=True)
+        if self._maybe_retry("reset", conn_ep, sent=True):
+            return
         self.fail(
             502,
             "upstream-reset",
@@ -1437,6 +1604,15 @@ class Exchange:
             return
         if now >= self.deadline:
             self._timeout(f"the upstream exchange took longer than {cluster.total_timeout:g}s")
+        elif self.try_deadline and now >= self.try_deadline and not self.response_started:
+            self.try_deadline = 0.0
+            self._gateway_failure()
+            failed = self.endpoint
+            self._drop_upstream()
+            if not self._maybe_retry("timeout", failed, sent=True):
+                policy = self.policy
+                per_try = policy.per_try_timeout if policy is not None else 0.0
+                self.fail(504, "upstream-timeout", f"the try took longer than {per_try:g}s")
         elif now - self.last_activity >= cluster.read_timeout:
             self._timeout(f"the upstream was silent for {cluster.read_timeout:g}s")
 
@@ -1507,6 +1683,9 @@ class Exchange:
             cluster = self.cluster
             assert cluster is not None
             cluster.active -= 1
+            if self.retry_counted:
+                self.retry_counted = False
+                cluster.retries_active -= 1
 
     def _finish(self) -> None:
         if self.finished:

@@ -118,6 +118,7 @@ class Worker:
     async def start(self) -> None:
         # JWKS are fetched before the first request is accepted.
         await self.services.activate(self.state.runtime.filters)
+        self.state.runtime.start_health()
         cfg = self.config
         listen = cfg.listen
         if self.opts.listen_port is not None:
@@ -199,11 +200,19 @@ class Worker:
         # New JWKS are fetched before the new runtime takes requests; what
         # only the old runtime used is closed once it is swapped out.
         await self.services.prepare(runtime.filters)
+        old = self.state.runtime
         self.state.runtime = runtime
+        # Health checks move with the swap: the old runtime's stop before the
+        # new one's start (never both at once), and the new ones take over
+        # the state of endpoints both check. A draining worker checks nothing.
+        old.stop_health()
+        if not self.stopping.is_set():
+            runtime.start_health(old)
         await self.services.activate(runtime.filters)
         self.state.access_log = config.access_log
         self.config = config
         self.registry.retain_only(runtime.pool_ids())
+        await old.close_health()
         log.info(
             "reloaded %s: %d routes, %d upstreams", path, len(config.routes), len(config.upstreams)
         )
@@ -212,6 +221,7 @@ class Worker:
         await self.stopping.wait()
         state = self.state
         log.info("worker %d draining", self.opts.worker_id)
+        await state.runtime.close_health()
         for server in self.servers[:1]:
             server.close()
         state.drain()

@@ -47,6 +47,7 @@ class Endpoint:
         "ewma_stamp",
         "failures_5xx",
         "failures_gateway",
+        "health_down",
         "pool",
     )
 
@@ -62,21 +63,36 @@ class Endpoint:
         self.ejections = 0
         self.failures_5xx = 0
         self.failures_gateway = 0
+        # Active health checks (see health.py): True once the endpoint failed
+        # `unhealthy_threshold` checks in a row, until it passes enough again.
+        self.health_down = False
+
+    @property
+    def in_service(self) -> bool:
+        """Neither ejected by outlier detection nor down by health checks."""
+        return not self.ejected_until and not self.health_down
 
 
 class Balancer:
     """Chooses an endpoint; `observe` is told each request's latency."""
 
-    __slots__ = ("endpoints",)
+    __slots__ = ("all", "endpoints")
 
     needs_latency = False
 
     def __init__(self, endpoints: Sequence[Endpoint]) -> None:
-        # The endpoints in service: outlier detection replaces this tuple
-        # when it ejects or restores one.
-        self.endpoints = tuple(endpoints)
-        for ep in self.endpoints:
+        self.all = tuple(endpoints)
+        # The endpoints in service: `refresh` replaces this tuple when outlier
+        # detection or a health check takes one out or puts it back.
+        self.endpoints = self.all
+        for ep in self.all:
             ep.balancer = self
+
+    def refresh(self) -> None:
+        """Rebuild the in-service tuple from each endpoint's state: those
+        neither ejected nor down by health checks. Never none: when every
+        endpoint is out, all of them serve (a guess beats a certain 503)."""
+        self.endpoints = tuple(e for e in self.all if e.in_service) or self.all
 
     def pick(self) -> Endpoint:
         raise NotImplementedError

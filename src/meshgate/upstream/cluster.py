@@ -15,8 +15,10 @@ from typing import Any
 from meshgate.config.schema import UpstreamConfig
 from meshgate.protocol.batch import WriteBatcher
 from meshgate.upstream.balancer import BALANCERS, Balancer, Endpoint
+from meshgate.upstream.health import HealthChecker
 from meshgate.upstream.outlier import OutlierDetector
 from meshgate.upstream.pool import EndpointPool
+from meshgate.upstream.retry import RetryBudget, RetryPolicy
 
 # Host policy, resolved at load: keep the client's Host, or send this value.
 HOST_PRESERVE: bytes | None = None
@@ -74,17 +76,23 @@ class Cluster:
         "acquire_timeout",
         "active",
         "balancer",
+        "budget",
         "config",
         "connect_timeout",
         "endpoints",
+        "health",
         "host_value",
         "max_pending",
         "max_requests",
+        "max_retries",
         "name",
         "outlier",
         "overloaded",
         "pending",
         "read_timeout",
+        "retried",
+        "retries_active",
+        "retry",
         "total_timeout",
     )
 
@@ -103,9 +111,23 @@ class Cluster:
         self.overloaded = 0
         self.max_requests = cfg.circuit_breaker.max_requests
         self.max_pending = cfg.circuit_breaker.max_pending
+        self.max_retries = cfg.circuit_breaker.max_retries
+        self.retries_active = 0
+        self.retried = 0
+        # The default retry policy of routes to this upstream, and the budget
+        # every retry to it draws on.
+        self.retry = RetryPolicy(cfg.retry) if cfg.retry is not None else None
+        self.budget = RetryBudget(name, cfg.retry_budget)
         self.outlier = (
             OutlierDetector(name, cfg.outlier_detection, self.balancer, registry.loop)
             if cfg.outlier_detection is not None
+            else None
+        )
+        # Active health checks: built here, started only when the runtime
+        # becomes active (`start_health`).
+        self.health = (
+            HealthChecker(name, cfg.health_check, self.balancer, registry.loop)
+            if cfg.health_check is not None
             else None
         )
         self.connect_timeout = cfg.timeouts.connect
@@ -122,3 +144,16 @@ class Cluster:
 
     def pools(self) -> list[EndpointPool]:
         return [ep.pool for ep in self.endpoints]
+
+    def start_health(self, previous: Cluster | None = None) -> None:
+        """Start the health checks, taking over the state of `previous` (the
+        cluster of the same name this one replaces) where they agree."""
+        if self.health is None:
+            return
+        if previous is not None and previous.health is not None:
+            self.health.adopt(previous.health)
+        self.health.start()
+
+    def stop_health(self) -> None:
+        if self.health is not None:
+            self.health.stop()

@@ -4,11 +4,12 @@ Each answer an endpoint gives is reported here by the exchange: a success
 resets its counters; a 5xx, or a gateway failure (connect failure, reset,
 timeout, an unparsable response), adds one. After `consecutive_5xx` failures
 in a row (or `consecutive_gateway_failure` gateway failures in a row) the
-endpoint is ejected: the balancer's endpoint list is rebuilt without it, so
-picking costs nothing more per request. The n-th ejection of an endpoint
-lasts n x `base_ejection_time` (up to `max_ejection_time`); then a timer puts
-it back. At most `max_ejection_percent` of the endpoints are out at once,
-and never all of them.
+endpoint is ejected: the balancer's endpoint list is rebuilt without it
+(`Balancer.refresh`, shared with active health checks), so picking costs
+nothing more per request. The n-th ejection of an endpoint lasts n x
+`base_ejection_time` (up to `max_ejection_time`); then a timer puts it back
+(unless its health checks hold it out). At most `max_ejection_percent` of
+the endpoints are ejected at once, and never all of them.
 
 Every ejection and return is logged, and visible in `GET /upstreams`.
 State lives with the cluster's endpoints, so a reload starts it afresh.
@@ -53,7 +54,7 @@ class OutlierDetector:
     ) -> None:
         self.cluster = cluster
         self.balancer = balancer
-        self.all = balancer.endpoints
+        self.all = balancer.all
         self.loop = loop
         self.limit_5xx = cfg.consecutive_5xx or 0
         self.limit_gateway = cfg.consecutive_gateway_failure or 0
@@ -97,7 +98,7 @@ class OutlierDetector:
         duration = min(self.base * ep.ejections, self.max_time)
         ep.ejected_until = self.loop.time() + duration
         ep.failures_5xx = ep.failures_gateway = 0
-        self._rebuild()
+        self.balancer.refresh()
         self.timers.append(self.loop.call_later(duration, self.restore, ep))
         log.warning(
             "upstream %s: ejected %s for %gs after consecutive %s (ejection #%d)",
@@ -113,12 +114,15 @@ class OutlierDetector:
             return
         ep.ejected_until = 0.0
         ep.failures_5xx = ep.failures_gateway = 0
-        self._rebuild()
+        self.balancer.refresh()
+        if ep.health_down:
+            log.info(
+                "upstream %s: the ejection of %s ended; it stays out while its health checks fail",
+                self.cluster,
+                ep.authority.decode(),
+            )
+            return
         log.info("upstream %s: %s is back after its ejection", self.cluster, ep.authority.decode())
-
-    def _rebuild(self) -> None:
-        healthy = tuple(e for e in self.all if not e.ejected_until)
-        self.balancer.endpoints = healthy or self.all
 
     def close(self) -> None:
         for timer in self.timers:
