@@ -321,3 +321,21 @@ def test_the_remaining_budget_goes_upstream_without_a_client_deadline(stack: Sta
     assert fetch(proxy.url("/b"), "-H", "x-meshgate-deadline: soon").status == 200
     sent = up.requests[0].header("x-meshgate-deadline")
     assert sent is not None and 19_000 <= int(sent) <= 20_000, sent
+
+
+# -- load balancing away from 429/503 -----------------------------------------------------
+
+
+@pytest.mark.parametrize("balancer", ["round_robin", "least_request", "ewma"])
+def test_an_endpoint_answering_503_is_avoided_for_a_while(stack: Stack, balancer: str) -> None:
+    busy, calm = stack.upstream("busy"), stack.upstream("calm")
+    busy.forced = ("status", {"code": "503"})
+    proxy = stack.proxy(_config(upstream_block(busy, calm, balancer=balancer)))
+    started = time.monotonic()
+    statuses = [fetch(proxy.url(f"/a/{i}")).status for i in range(30)]
+    elapsed = time.monotonic() - started
+    # It is picked until it first says 503; then, for SHUN_TIME (5 s), only
+    # when nothing else can serve (a slow machine may see the 5 s pass).
+    allowed = 2 + int(elapsed // 5)
+    assert len(busy.requests) <= allowed, (Counter(statuses), elapsed)
+    assert statuses.count(200) >= 30 - allowed

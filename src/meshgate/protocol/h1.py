@@ -41,6 +41,7 @@ from meshgate.http.problem import problem_response
 from meshgate.http.router import normalize_path
 from meshgate.protocol.batch import BatchedWriter
 from meshgate.protocol.headers import HOP_BY_HOP, connection_tokens, status_line
+from meshgate.upstream.balancer import shun
 from meshgate.upstream.pool import PoolTimeout, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -1385,6 +1386,8 @@ class Exchange:
                 cluster.outlier.failure(self.endpoint, gateway=status in (502, 503, 504))
             else:
                 cluster.outlier.success(self.endpoint)
+        if (status == 503 or status == 429) and self.endpoint is not None:
+            shun(self.endpoint, _retry_after(conn))
         policy = self.policy
         if policy is not None and status in policy.statuses and not self.head_sent:
             failed = self.endpoint

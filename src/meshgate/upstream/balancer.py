@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,7 @@ class Endpoint:
         "failures_gateway",
         "health_down",
         "pool",
+        "shunned_until",
     )
 
     def __init__(self, pool: EndpointPool, authority: bytes) -> None:
@@ -66,6 +68,9 @@ class Endpoint:
         # Active health checks (see health.py): True once the endpoint failed
         # `unhealthy_threshold` checks in a row, until it passes enough again.
         self.health_down = False
+        # Answered 429 or 503 lately: picked only when nothing else can serve,
+        # until this time.monotonic() instant.
+        self.shunned_until = 0.0
 
     @property
     def in_service(self) -> bool:
@@ -76,7 +81,7 @@ class Endpoint:
 class Balancer:
     """Chooses an endpoint; `observe` is told each request's latency."""
 
-    __slots__ = ("all", "endpoints")
+    __slots__ = ("all", "avoid_until", "endpoints")
 
     needs_latency = False
 
@@ -85,6 +90,7 @@ class Balancer:
         # The endpoints in service: `refresh` replaces this tuple when outlier
         # detection or a health check takes one out or puts it back.
         self.endpoints = self.all
+        self.avoid_until = 0.0  # the latest shunned_until of its endpoints
         for ep in self.all:
             ep.balancer = self
 
@@ -97,11 +103,47 @@ class Balancer:
     def pick(self) -> Endpoint:
         raise NotImplementedError
 
+    def steer(self, ep: Endpoint) -> Endpoint:
+        """`ep`, or another endpoint when `ep` answered 429/503 lately and
+        another has not (one float compare when no endpoint did)."""
+        until = self.avoid_until
+        if not until:
+            return ep
+        now = time.monotonic()
+        if now >= until:
+            self.avoid_until = 0.0
+            return ep
+        if ep.shunned_until <= now:
+            return ep
+        eps = self.endpoints
+        n = len(eps)
+        start = random.randrange(n) if n > 1 else 0
+        for k in range(n):
+            other = eps[(start + k) % n]
+            if other.shunned_until <= now:
+                return other
+        return ep
+
     def observe(self, endpoint: Endpoint, latency: float, now: float) -> None:
         return None
 
 
 _NO_BALANCER = Balancer(())
+
+
+SHUN_TIME = 5.0
+"""How long an endpoint that answered 429 or 503 is avoided (unless its
+Retry-After says otherwise, up to SHUN_MAX)."""
+SHUN_MAX = 30.0
+
+
+def shun(ep: Endpoint, seconds: float | None) -> None:
+    """`ep` answered 429 or 503: steer picks away from it for a while."""
+    until = time.monotonic() + min(seconds if seconds is not None else SHUN_TIME, SHUN_MAX)
+    ep.shunned_until = until
+    balancer = ep.balancer
+    if until > balancer.avoid_until:
+        balancer.avoid_until = until
 
 
 class RoundRobin(Balancer):
@@ -117,7 +159,7 @@ class RoundRobin(Balancer):
         if i >= len(eps):
             i = 0
         self._next = i + 1
-        return eps[i]
+        return self.steer(eps[i])
 
 
 class LeastRequest(Balancer):
@@ -128,7 +170,7 @@ class LeastRequest(Balancer):
         if len(eps) == 1:
             return eps[0]
         ea, eb = _two_of(eps)
-        return ea if ea.active <= eb.active else eb
+        return self.steer(ea if ea.active <= eb.active else eb)
 
 
 class PeakEwma(Balancer):
@@ -152,7 +194,7 @@ class PeakEwma(Balancer):
         if len(eps) == 1:
             return eps[0]
         ea, eb = _two_of(eps)
-        return ea if self._cost(ea) <= self._cost(eb) else eb
+        return self.steer(ea if self._cost(ea) <= self._cost(eb) else eb)
 
     def observe(self, endpoint: Endpoint, latency: float, now: float) -> None:
         if latency > endpoint.ewma:
