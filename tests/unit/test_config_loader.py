@@ -720,3 +720,21 @@ def test_numeric_header_matcher_is_an_exact_value() -> None:
         "routes:\n- {path: /x, upstream: a, headers: {x-canary: 1, x-off: false}}\n"
     )
     assert config.routes[0].headers == {"x-canary": "1", "x-off": False}
+
+
+def test_plain_on_and_yes_keys_are_words_and_statuses_may_be_numbers() -> None:
+    config = load_config_text(
+        """\
+upstreams:
+  orders:
+    endpoints: [127.0.0.1:9001]
+    retry: {attempts: 2, on: [reset, 503]}
+routes:
+- {path: /x, upstream: orders, retry: {on: [gateway-error]}}
+""",
+        env={},
+    )
+    retry = config.upstreams["orders"].retry
+    assert retry is not None and retry.on == ["reset", "503"]
+    route_retry = config.routes[0].retry
+    assert route_retry is not None and route_retry.on == ["gateway-error"]

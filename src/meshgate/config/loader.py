@@ -58,6 +58,9 @@ _TYPE_NAMES = {
     _TAG_TIMESTAMP: "date",
 }
 
+# Plain scalars YAML 1.1 resolves to booleans although YAML 1.2 does not.
+_YAML11_BOOL_WORDS = frozenset({"on", "off", "yes", "no", "y", "n"})
+
 # Values built from the document, counting every alias expansion: a guard
 # against "billion laughs" documents. A real config has a few hundred.
 _MAX_VALUES = 100_000
@@ -351,6 +354,15 @@ class _Builder:
 
     def _key(self, key_node: Node, path: Path) -> str | None:
         if isinstance(key_node, ScalarNode) and key_node.tag in (_TAG_STR, _TAG_TIMESTAMP):
+            return str(key_node.value)
+        if (
+            isinstance(key_node, ScalarNode)
+            and key_node.tag == _TAG_BOOL
+            and key_node.style is None
+            and key_node.value.lower() in _YAML11_BOOL_WORDS
+        ):
+            # YAML 1.1 reads a plain `on:` (`yes:`, `off:` ...) as a boolean; as
+            # a key it is always the word (YAML 1.2 agrees): `retry: {on: [...]}`.
             return str(key_node.value)
         if isinstance(key_node, ScalarNode) and key_node.tag in _TYPE_NAMES:
             kind = _TYPE_NAMES[key_node.tag]

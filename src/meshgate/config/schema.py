@@ -234,6 +234,13 @@ RetryOn = Literal[
 _DEFAULT_RETRY_ON: tuple[RetryOn, ...] = ("connect-failure", "reset", "gateway-error")
 
 
+def _statuses_as_text(value: Any) -> Any:
+    # `on: [503]` reads as a number in YAML; the status is meant.
+    if isinstance(value, list):
+        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return value
+
+
 class RetryBackoff(_Model):
     base: Duration = 0.025
     """The first retry waits up to this (full jitter: a random time from 0)."""
@@ -246,7 +253,9 @@ class RetryConfig(_Model):
 
     attempts: int = Field(default=3, ge=1, le=10)
     """Tries in all, the first one included."""
-    on: list[RetryOn] = Field(default_factory=lambda: list(_DEFAULT_RETRY_ON))
+    on: Annotated[list[RetryOn], BeforeValidator(_statuses_as_text)] = Field(
+        default_factory=lambda: list(_DEFAULT_RETRY_ON)
+    )
     """What is retried: connect-failure (nothing was sent), reset (the
     connection dropped before an answer), timeout (per_try_timeout), a status,
     `gateway-error` (502, 503, 504), `5xx`, `retriable-4xx` (409)."""
