@@ -25,7 +25,17 @@ from meshgate.upstream.retry import RetryPolicy
 class RouteTarget:
     """What a matched route resolves to."""
 
-    __slots__ = ("chain", "cluster", "drop", "label", "passthrough", "retry", "splitter")
+    __slots__ = (
+        "chain",
+        "cluster",
+        "drop",
+        "label",
+        "passthrough",
+        "read_timeout",
+        "retry",
+        "splitter",
+        "total_timeout",
+    )
 
     def __init__(
         self,
@@ -37,8 +47,13 @@ class RouteTarget:
         drop: frozenset[bytes] | None = None,
         splitter: Splitter[Cluster] | None = None,
         retry: RetryPolicy | None = None,
+        read_timeout: float = 0.0,
+        total_timeout: float = 0.0,
     ) -> None:
         self.cluster = cluster
+        self.read_timeout = read_timeout
+        self.total_timeout = total_timeout
+        """The route's own timeouts in seconds; 0.0 = its upstream's."""
         self.retry = retry
         """The route's own retry policy (else its upstream's), or None."""
         """The route's upstream; with `split:`, its first backend (requests
@@ -99,11 +114,20 @@ class Runtime:
                 drop=drop,
                 splitter=splitter,
                 retry=RetryPolicy(route.retry) if route.retry is not None else None,
+                read_timeout=(route.timeouts.read or 0.0) if route.timeouts else 0.0,
+                total_timeout=(route.timeouts.total or 0.0) if route.timeouts else 0.0,
             )
             pairs.append((route, target))
         shortest = min(
             [config.limits.header_timeout, config.limits.keepalive_timeout]
             + [min(u.timeouts.read, u.timeouts.total) for u in config.upstreams.values()]
+            + [
+                t
+                for r in config.routes
+                if r.timeouts
+                for t in (r.timeouts.read, r.timeouts.total)
+                if t
+            ]
         )
         cacheable = not any(route.headers for route in config.routes)
         return cls(

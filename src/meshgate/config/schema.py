@@ -774,6 +774,15 @@ class FaultConfig(_Model):
         return self
 
 
+class RouteTimeouts(_Model):
+    """A route's own timeouts; each one absent uses its upstream's."""
+
+    read: Duration | None = None
+    """Longest silence while waiting for response bytes (read-idle)."""
+    total: Duration | None = None
+    """The whole exchange, retries included."""
+
+
 class RouteConfig(_Model):
     """One route: what it matches, and where it sends the request."""
 
@@ -801,6 +810,9 @@ class RouteConfig(_Model):
     fault: FaultConfig | None = None
     retry: RetryConfig | None = None
     """Retries for this route (else the upstream's `retry:`; else none)."""
+    timeouts: RouteTimeouts | None = None
+    """Read-idle and total timeouts for this route (connect timeouts belong to
+    the upstream's pools; per-try timeouts to `retry:`)."""
     strip_prefix: bool | str = False
     """`true` strips the literal part of `path` before the first wildcard;
     a string strips that exact prefix."""

@@ -623,6 +623,8 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
                     drop = drop | {name}
         ex.route_retry = rt.retry
         ex.budget = self.budget
+        ex.route_total = rt.total_timeout
+        ex.route_read = rt.read_timeout
         chain = rt.chain
         if chain is None:
             splitter = rt.splitter
@@ -903,6 +905,9 @@ class Exchange:
     in_cluster = False  # counted in its cluster's requests in flight
     route_retry: RetryPolicy | None = None  # the route's own retry policy
     budget = 0.0  # the client's own deadline, in seconds from its request (0: none)
+    route_total = 0.0  # the route's own timeouts (0: the upstream's)
+    route_read = 0.0
+    read_limit = 0.0
     policy: RetryPolicy | None = None  # the one in force (route's, else upstream's)
     attempt = 1
     failed_ep: Endpoint | None = None
@@ -1095,7 +1100,8 @@ class Exchange:
         cluster.active += 1
         self.in_cluster = True
         now = self.started = self.last_activity = self.loop.time()
-        total = cluster.total_timeout
+        total = self.route_total or cluster.total_timeout
+        self.read_limit = self.route_read or cluster.read_timeout
         if self.budget and self.budget < total:
             total = self.budget  # the caller's deadline is sooner
         self.deadline = now + total
@@ -1606,7 +1612,11 @@ class Exchange:
         if self.finished or not self.started or cluster is None:
             return
         if now >= self.deadline:
-            self._timeout(f"the upstream exchange took longer than {cluster.total_timeout:g}s")
+            total = self.route_total or cluster.total_timeout
+            if self.budget and self.budget < total:
+                self._timeout(f"the client's deadline of {self.budget:g}s passed")
+            else:
+                self._timeout(f"the upstream exchange took longer than {total:g}s")
         elif self.try_deadline and now >= self.try_deadline and not self.response_started:
             self.try_deadline = 0.0
             self._gateway_failure()
@@ -1616,8 +1626,8 @@ class Exchange:
                 policy = self.policy
                 per_try = policy.per_try_timeout if policy is not None else 0.0
                 self.fail(504, "upstream-timeout", f"the try took longer than {per_try:g}s")
-        elif now - self.last_activity >= cluster.read_timeout:
-            self._timeout(f"the upstream was silent for {cluster.read_timeout:g}s")
+        elif now - self.last_activity >= self.read_limit:
+            self._timeout(f"the upstream was silent for {self.read_limit:g}s")
 
     def _timeout(self, detail: str) -> None:
         self._gateway_failure()
@@ -1672,6 +1682,15 @@ class Exchange:
         cluster = self.cluster
         assert cluster is not None
         cluster.overloaded += 1
+        now = self.loop.time()
+        if now - cluster.overload_logged >= 1.0:
+            cluster.overload_logged = now
+            log.warning(
+                "upstream %s: circuit breaker open: %s (%d refused so far)",
+                cluster.name,
+                detail,
+                cluster.overloaded,
+            )
         self.reply_local(
             503,
             "upstream-overloaded",

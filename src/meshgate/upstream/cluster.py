@@ -87,6 +87,7 @@ class Cluster:
         "max_retries",
         "name",
         "outlier",
+        "overload_logged",
         "overloaded",
         "pending",
         "read_timeout",
@@ -109,6 +110,7 @@ class Cluster:
         self.active = 0
         self.pending = 0
         self.overloaded = 0
+        self.overload_logged = -1.0  # loop time of the last "breaker open" log line
         self.max_requests = cfg.circuit_breaker.max_requests
         self.max_pending = cfg.circuit_breaker.max_pending
         self.max_retries = cfg.circuit_breaker.max_retries
