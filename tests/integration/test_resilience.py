@@ -245,6 +245,8 @@ def test_no_retry_storm_when_everything_fails(stack: Stack) -> None:
     allowed = n * 1.2 + 10 * max(elapsed, window)
     assert n < received <= allowed, (received, allowed)
     assert "retry budget exhausted" in proxy.stderr_text()
+    doc = fetch(proxy.admin_url("/upstreams")).json()["up"]
+    assert doc["retry_budget_exhausted"] > 0 and doc["retried"] == received - n, doc
 
 
 def test_a_post_is_not_retried_once_its_bytes_were_sent(stack: Stack) -> None:

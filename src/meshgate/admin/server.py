@@ -142,6 +142,9 @@ def _upstreams(state: ServerState) -> tuple[int, Any]:
             "in_flight": cluster.active,
             "waiting_for_connection": cluster.pending,
             "overloaded": cluster.overloaded,
+            "retried": cluster.retried,
+            "retries_in_flight": cluster.retries_active,
+            "retry_budget_exhausted": cluster.budget.exhausted,
             "health_check": (
                 {"path": health.cfg.path, "interval_s": health.cfg.interval}
                 if health is not None

@@ -302,6 +302,12 @@ class OutlierDetectionConfig(_Model):
     max_ejection_time: Duration = 300.0
     max_ejection_percent: int = Field(default=50, ge=0, le=100)
     """Never eject more than this share of the endpoints (at least one stays)."""
+    success_rate_minimum: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    """Also eject an endpoint whose share of answers that are not 5xx (nor
+    gateway failures) falls below this over `success_rate_interval`, once it
+    had `success_rate_request_volume` requests in it (e.g. 0.9). Off if absent."""
+    success_rate_request_volume: int = Field(default=100, ge=1)
+    success_rate_interval: Duration = 10.0
 
 
 _HEALTH_TEXT_RE = re.compile(r"[\x21-\x7e]+")

@@ -51,6 +51,8 @@ class Endpoint:
         "health_down",
         "pool",
         "shunned_until",
+        "window_failed",
+        "window_ok",
     )
 
     def __init__(self, pool: EndpointPool, authority: bytes) -> None:
@@ -71,6 +73,9 @@ class Endpoint:
         # Answered 429 or 503 lately: picked only when nothing else can serve,
         # until this time.monotonic() instant.
         self.shunned_until = 0.0
+        # Answers in the outlier detector's current success-rate window.
+        self.window_ok = 0
+        self.window_failed = 0
 
     @property
     def in_service(self) -> bool:

@@ -42,7 +42,11 @@ class OutlierDetector:
         "loop",
         "max_ejected",
         "max_time",
+        "rate_interval",
+        "rate_minimum",
+        "rate_volume",
         "timers",
+        "window_end",
     )
 
     def __init__(
@@ -63,14 +67,42 @@ class OutlierDetector:
         n = len(self.all)
         self.max_ejected = min(n - 1, n * cfg.max_ejection_percent // 100)
         self.timers: list[asyncio.TimerHandle] = []
+        self.rate_minimum = cfg.success_rate_minimum
+        self.rate_volume = cfg.success_rate_request_volume
+        self.rate_interval = cfg.success_rate_interval
+        self.window_end = loop.time() + self.rate_interval
 
     def success(self, ep: Endpoint) -> None:
         ep.failures_5xx = 0
         ep.failures_gateway = 0
+        if self.rate_minimum is not None:
+            ep.window_ok += 1
+            self._window()
+
+    def _window(self) -> None:
+        """At the end of each success-rate window (checked as answers come,
+        no timer), eject the endpoints whose rate fell below the minimum."""
+        now = self.loop.time()
+        if now < self.window_end:
+            return
+        self.window_end = now + self.rate_interval
+        minimum = self.rate_minimum
+        assert minimum is not None
+        for ep in self.all:
+            total = ep.window_ok + ep.window_failed
+            rate = ep.window_ok / total if total else 1.0
+            ep.window_ok = ep.window_failed = 0
+            if total >= self.rate_volume and rate < minimum and not ep.ejected_until:
+                self.eject(
+                    ep, f"a success rate of {rate:.0%} over {total} answers, below {minimum:.0%}"
+                )
 
     def failure(self, ep: Endpoint, *, gateway: bool) -> None:
         """A 5xx answer (`gateway=False`) or a gateway failure (`True`, which
         also counts as a 5xx, as in Envoy)."""
+        if self.rate_minimum is not None:
+            ep.window_failed += 1
+            self._window()
         ep.failures_5xx += 1
         if gateway:
             ep.failures_gateway += 1
@@ -79,7 +111,7 @@ class OutlierDetector:
         if (self.limit_5xx and ep.failures_5xx >= self.limit_5xx) or (
             self.limit_gateway and gateway and ep.failures_gateway >= self.limit_gateway
         ):
-            self.eject(ep, "gateway failures" if gateway else "5xx answers")
+            self.eject(ep, "consecutive gateway failures" if gateway else "consecutive 5xx answers")
 
     def eject(self, ep: Endpoint, why: str) -> None:
         ejected = sum(1 for e in self.all if e.ejected_until)
@@ -101,7 +133,7 @@ class OutlierDetector:
         self.balancer.refresh()
         self.timers.append(self.loop.call_later(duration, self.restore, ep))
         log.warning(
-            "upstream %s: ejected %s for %gs after consecutive %s (ejection #%d)",
+            "upstream %s: ejected %s for %gs after %s (ejection #%d)",
             self.cluster,
             ep.authority.decode(),
             duration,
