@@ -318,9 +318,13 @@ def test_a_client_deadline_shortens_the_wait_and_goes_upstream(
     assert elapsed < delay  # answered on the client's deadline, not the upstream's pace
     sent = up.requests[0].header("x-meshgate-deadline")
     assert sent is not None and 0 < int(sent) <= budget_ms, sent
-    # The client's own header is not forwarded as it came.
+    # The client's own header is not forwarded as it came: it is renewed.
     assert up.requests[0].header_all("x-meshgate-deadline") == [sent]
-    assert up.requests[0].header("grpc-timeout") is None
+    grpc = up.requests[0].header_all("grpc-timeout")
+    if header.startswith("grpc"):
+        assert len(grpc) == 1 and 0 < int(grpc[0][:-1]) <= budget_ms, grpc
+    else:
+        assert grpc == []
 
 
 def test_the_remaining_budget_goes_upstream_without_a_client_deadline(stack: Stack) -> None:
@@ -365,3 +369,69 @@ def test_a_route_timeout_overrides_its_upstreams(stack: Stack) -> None:
     assert r.status == 504, r.describe()
     assert time.monotonic() - started < 3  # the route's 300 ms, not the upstream's 30 s
     assert fetch(proxy.url("/slow?headers_delay=0.5")).status == 200
+
+
+# -- review regressions ----------------------------------------------------------------
+
+
+def test_a_try_that_runs_out_of_time_is_retried_elsewhere(stack: Stack) -> None:
+    slow, fast = stack.upstream("slow"), stack.upstream("fast")
+    slow.forced = ("slow", {"headers_delay": "5"})
+    proxy = _retrying(stack, [slow, fast], per_try_timeout="300ms")  # on: the defaults
+    statuses = [fetch(proxy.url(f"/t/{i}")).status for i in range(4)]
+    assert statuses == [200] * 4
+    assert len(fast.requests) == 4
+
+
+@pytest.mark.parametrize("balancer", ["least_request", "ewma"])
+def test_a_retry_leaves_the_dead_endpoint_whatever_the_balancer(
+    stack: Stack, balancer: str
+) -> None:
+    dead, alive = stack.upstream("dead"), stack.upstream("alive")
+    proxy = stack.proxy(
+        _config(upstream_block(dead, alive, balancer=balancer, retry={"attempts": 2}))
+    )
+    dead.stop()
+    statuses = [fetch(proxy.url(f"/r/{i}")).status for i in range(20)]
+    assert statuses == [200] * 20
+
+
+def test_a_client_deadline_does_not_eject_endpoints(stack: Stack) -> None:
+    up = stack.upstream("patient")
+    proxy = stack.proxy(
+        _config(upstream_block(up, outlier_detection={"consecutive_gateway_failure": 2}))
+    )
+    for i in range(6):
+        r = fetch(proxy.url(f"/slow?headers_delay=2&i={i}"), "-H", "x-meshgate-deadline: 50")
+        assert r.status == 504
+    doc = fetch(proxy.admin_url("/upstreams")).json()["up"]
+    assert [e["state"] for e in doc["endpoints"]] == ["serving"], doc
+
+
+def test_grpc_timeout_goes_on_renewed(stack: Stack) -> None:
+    up = stack.upstream("grpc")
+    proxy = stack.proxy(_config(upstream_block(up)))
+    assert fetch(proxy.url("/g"), "-H", "grpc-timeout: 2S").status == 200
+    sent = up.requests[0].header("grpc-timeout")
+    assert sent is not None and sent.endswith("m") and 0 < int(sent[:-1]) <= 2000, sent
+
+
+def test_an_overloaded_request_with_an_unsent_body_closes(stack: Stack) -> None:
+    up = stack.upstream("busy")
+    proxy = stack.proxy(
+        _config(upstream_block(up, circuit_breaker={"max_requests": 1}, timeouts={"total": "30s"}))
+    )
+    with ThreadPoolExecutor(1) as pool:
+        hold = pool.submit(_get, proxy.port, "/slow?headers_delay=2")
+        up.wait_for(lambda s: len(s.requests) >= 1, what="the request holding the slot")
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        conn.putrequest("POST", "/p")
+        conn.putheader("Content-Length", "5")
+        conn.putheader("Expect", "100-continue")
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert resp.status == 503
+        assert resp.getheader("connection") == "close"
+        assert resp.getheader("x-meshgate-overloaded") == "1"
+        conn.close()
+        assert hold.result()[0] == 200

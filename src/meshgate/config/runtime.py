@@ -128,6 +128,17 @@ class Runtime:
                 for t in (r.timeouts.read, r.timeouts.total)
                 if t
             ]
+            # Per-try timeouts fire on the same tick.
+            + [
+                r.retry.per_try_timeout
+                for r in config.routes
+                if r.retry and r.retry.per_try_timeout
+            ]
+            + [
+                u.retry.per_try_timeout
+                for u in config.upstreams.values()
+                if u.retry and u.retry.per_try_timeout
+            ]
         )
         cacheable = not any(route.headers for route in config.routes)
         return cls(

@@ -29,6 +29,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import random
 import socket
 from collections.abc import Coroutine
 from random import getrandbits as _getrandbits
@@ -206,6 +207,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         "deadline_kind",
         "drop",
         "expect",
+        "grpc",
         "has_length",
         "head_limit",
         "head_size",
@@ -272,6 +274,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         self.xff: bytes | None = None
         self.via: bytes | None = None
         self.budget = 0.0  # seconds the client gave (x-meshgate-deadline, grpc-timeout)
+        self.grpc = False  # the client sent grpc-timeout: it goes on, renewed
         self.drop: frozenset[bytes] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------
@@ -445,6 +448,8 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         elif name == b"x-forwarded-for":
             self.xff = value if self.xff is None else self.xff + b", " + value
         elif name == b"x-meshgate-deadline" or name == b"grpc-timeout":
+            if name == b"grpc-timeout":
+                self.grpc = True
             budget = _parse_budget(name, value)
             if budget is not None and (not self.budget or budget < self.budget):
                 self.budget = budget
@@ -623,6 +628,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
                     drop = drop | {name}
         ex.route_retry = rt.retry
         ex.budget = self.budget
+        ex.grpc = self.grpc
         ex.route_total = rt.total_timeout
         ex.route_read = rt.read_timeout
         chain = rt.chain
@@ -800,6 +806,11 @@ def _parse_budget(name: bytes, value: bytes) -> float | None:
     return seconds if seconds > 0 else 0.001
 
 
+def _has_header(conn: UpstreamConnection, name: bytes) -> bool:
+    parts = conn.parts
+    return any(parts[i] == name for i in range(1, len(parts) - 2, 4))
+
+
 def _retry_after(conn: UpstreamConnection) -> float | None:
     """An upstream's `Retry-After` in seconds (delta form only), or None."""
     parts = conn.parts
@@ -905,6 +916,8 @@ class Exchange:
     in_cluster = False  # counted in its cluster's requests in flight
     route_retry: RetryPolicy | None = None  # the route's own retry policy
     budget = 0.0  # the client's own deadline, in seconds from its request (0: none)
+    grpc = False  # send grpc-timeout on, too
+    try_started = 0.0
     route_total = 0.0  # the route's own timeouts (0: the upstream's)
     route_read = 0.0
     read_limit = 0.0
@@ -1115,6 +1128,7 @@ class Exchange:
 
     def _go(self, ep: Endpoint) -> None:
         """Send this try to `ep`: on an idle pooled connection, or a new one."""
+        self.try_started = self.loop.time()
         conn = ep.pool.take_idle()
         if conn is not None:
             self._attach(ep, conn)
@@ -1153,6 +1167,8 @@ class Exchange:
         if limit is not None and cluster.retries_active >= limit:
             return False
         now = self.loop.time()
+        if retry_after is not None and retry_after > policy.cap:
+            return False  # the upstream asks for longer than retries may wait
         delay = policy.backoff(self.attempt) if retry_after is None else retry_after
         if now + delay >= self.deadline:
             return False
@@ -1189,15 +1205,12 @@ class Exchange:
         now = self.last_activity = self.loop.time()
         if policy is not None and policy.per_try_timeout is not None:
             self.try_deadline = now + policy.per_try_timeout
-        # Another endpoint than the one that failed, when there is one.
-        ep = cluster.balancer.pick()
+        # Another endpoint than the one that failed, when there is one. (Not
+        # by asking the balancer again: least-request and EWMA would pick a
+        # dead endpoint again, its load being zero.)
         failed = self.failed_ep
-        if ep is failed and len(cluster.balancer.endpoints) > 1:
-            for _ in range(4):
-                ep = cluster.balancer.pick()
-                if ep is not failed:
-                    break
-        self._go(ep)
+        others = [e for e in cluster.balancer.endpoints if e is not failed]
+        self._go(random.choice(others) if others else cluster.balancer.pick())
 
     async def _connect(self, ep: Endpoint) -> None:
         cluster = self.cluster
@@ -1285,8 +1298,19 @@ class Exchange:
             head = b"".join(parts)
         # What is left of this request's deadline goes to the next hop, in
         # milliseconds (a budget, not a time: hops need no common clock).
-        left = int((self.deadline - self.loop.time()) * 1000)
-        head = head[:-2] + b"x-meshgate-deadline: %d\r\n\r\n" % (left if left > 1 else 1)
+        end = self.deadline
+        if self.try_deadline and self.try_deadline < end:
+            end = self.try_deadline
+        left = int((end - self.loop.time()) * 1000)
+        if left < 1:
+            left = 1
+        if self.grpc:
+            head = head[:-2] + b"x-meshgate-deadline: %d\r\ngrpc-timeout: %dm\r\n\r\n" % (
+                left,
+                left,
+            )
+        else:
+            head = head[:-2] + b"x-meshgate-deadline: %d\r\n\r\n" % left
         # Keep what is needed to replay on a fresh connection if this pooled
         # one turns out to be stale (closed by the peer while idle).
         self.replay = (
@@ -1395,7 +1419,12 @@ class Exchange:
         if (status == 503 or status == 429) and self.endpoint is not None:
             shun(self.endpoint, _retry_after(conn))
         policy = self.policy
-        if policy is not None and status in policy.statuses and not self.head_sent:
+        if (
+            policy is not None
+            and status in policy.statuses
+            and not self.head_sent
+            and not (status == 503 and _has_header(conn, b"x-meshgate-overloaded"))
+        ):
             failed = self.endpoint
             if self._maybe_retry(str(status), failed, sent=True, retry_after=_retry_after(conn)):
                 # This answer is dropped: the connection goes, mid-response.
@@ -1488,7 +1517,9 @@ class Exchange:
             balancer = ep.balancer
             if balancer.needs_latency:
                 now = self.loop.time()
-                balancer.observe(ep, now - self.started, now)
+                # This try's latency: earlier failed tries and backoff are not
+                # this endpoint's.
+                balancer.observe(ep, now - (self.try_started or self.started), now)
         if not self.request_complete:
             conn.keep_alive = False
         if proto.write_paused and conn.transport is not None:
@@ -1614,23 +1645,30 @@ class Exchange:
         if now >= self.deadline:
             total = self.route_total or cluster.total_timeout
             if self.budget and self.budget < total:
-                self._timeout(f"the client's deadline of {self.budget:g}s passed")
+                # The client's own deadline: nothing to blame the endpoint for.
+                self._timeout(f"the client's deadline of {self.budget:g}s passed", blame=False)
             else:
                 self._timeout(f"the upstream exchange took longer than {total:g}s")
         elif self.try_deadline and now >= self.try_deadline and not self.response_started:
             self.try_deadline = 0.0
             self._gateway_failure()
             failed = self.endpoint
+            sent = self.conn is not None  # still connecting: nothing was sent
             self._drop_upstream()
-            if not self._maybe_retry("timeout", failed, sent=True):
+            if not self._maybe_retry("timeout", failed, sent=sent):
                 policy = self.policy
                 per_try = policy.per_try_timeout if policy is not None else 0.0
                 self.fail(504, "upstream-timeout", f"the try took longer than {per_try:g}s")
-        elif now - self.last_activity >= self.read_limit:
+        elif self.conn is not None and now - self.last_activity >= self.read_limit:
+            # (Not while connecting or backing off before a retry: those have
+            # their own limits.)
             self._timeout(f"the upstream was silent for {self.read_limit:g}s")
 
-    def _timeout(self, detail: str) -> None:
-        self._gateway_failure()
+    def _timeout(self, detail: str, *, blame: bool = True) -> None:
+        if blame and not self.response_started and not self.proto.write_paused:
+            # Only the gateway's own timeouts, before the answer began, and
+            # not while a slow client held the upstream's reading paused.
+            self._gateway_failure()
         self._drop_upstream()
         if self.response_started:
             self._abort_client()
@@ -1682,6 +1720,8 @@ class Exchange:
         cluster = self.cluster
         assert cluster is not None
         cluster.overloaded += 1
+        if not self.request_complete:
+            self.keep_alive = False  # the body is not coming (no 100 Continue)
         now = self.loop.time()
         if now - cluster.overload_logged >= 1.0:
             cluster.overload_logged = now

@@ -143,10 +143,17 @@ SHUN_MAX = 30.0
 
 
 def shun(ep: Endpoint, seconds: float | None) -> None:
-    """`ep` answered 429 or 503: steer picks away from it for a while."""
-    until = time.monotonic() + min(seconds if seconds is not None else SHUN_TIME, SHUN_MAX)
-    ep.shunned_until = until
+    """`ep` answered 429 or 503: steer picks away from it for a while. At most
+    half of the endpoints are avoided at once (a 429 may be one tenant's
+    quota, and the rest must not herd onto one endpoint)."""
+    now = time.monotonic()
     balancer = ep.balancer
+    if ep.shunned_until <= now:
+        shunned = sum(1 for e in balancer.all if e.shunned_until > now)
+        if (shunned + 1) * 2 > len(balancer.all):
+            return
+    until = now + min(seconds if seconds is not None else SHUN_TIME, SHUN_MAX)
+    ep.shunned_until = until
     if until > balancer.avoid_until:
         balancer.avoid_until = until
 

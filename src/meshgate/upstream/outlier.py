@@ -114,8 +114,11 @@ class OutlierDetector:
             self.eject(ep, "consecutive gateway failures" if gateway else "consecutive 5xx answers")
 
     def eject(self, ep: Endpoint, why: str) -> None:
-        ejected = sum(1 for e in self.all if e.ejected_until)
+        # Endpoints out for any reason count, health checks' included.
+        ejected = sum(1 for e in self.all if not e.in_service)
         if ejected >= self.max_ejected:
+            # Counted afresh: the next warning comes after as many failures.
+            ep.failures_5xx = ep.failures_gateway = 0
             log.warning(
                 "upstream %s: %s is failing (%s) but stays in: %d of %d endpoints are "
                 "already ejected (max_ejection_percent)",

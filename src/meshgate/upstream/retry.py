@@ -55,8 +55,9 @@ class RetryPolicy:
         statuses |= {int(x) for x in on if x.isdigit()}
         self.statuses = frozenset(statuses)
         if "gateway-error" in on or "5xx" in on:
-            # A gateway error includes the failures a gateway sees itself.
-            self.causes |= {"connect-failure", "reset"}
+            # A gateway error includes the failures a gateway sees itself,
+            # a try that ran out of time among them (as in Envoy).
+            self.causes |= {"connect-failure", "reset", "timeout"}
 
     def backoff(self, retry: int) -> float:
         """Full jitter: a random wait below min(cap, base x 2^(retry-1))."""
