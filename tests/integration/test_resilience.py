@@ -435,3 +435,26 @@ def test_an_overloaded_request_with_an_unsent_body_closes(stack: Stack) -> None:
         assert resp.getheader("x-meshgate-overloaded") == "1"
         conn.close()
         assert hold.result()[0] == 200
+
+
+def test_retry_after_is_waited_for_within_the_cap_and_forwarded_past_it(stack: Stack) -> None:
+    busy, calm = stack.upstream("busy"), stack.upstream("calm")
+    busy.forced = ("status", {"code": "503", "retry_after": "1"})
+    proxy = _retrying(stack, [busy, calm], on=["503"], backoff={"base": "10ms", "max": "2s"})
+    # Round robin: one of two requests starts on `busy`; its retry waits the
+    # 1 s it asked for (and then `busy` is avoided, so it is tried once).
+    times = []
+    for i in range(2):
+        started = time.monotonic()
+        r = fetch(proxy.url(f"/ra/{i}"))
+        times.append(time.monotonic() - started)
+        assert r.status == 200, r.describe()
+    assert len(busy.requests) == 1
+    assert max(times) >= 1.0, times
+    # A Retry-After beyond backoff.max is not waited for: the 503 goes back.
+    busy.forced = ("status", {"code": "503", "retry_after": "30"})
+    only = _retrying(stack, [busy], on=["503"], backoff={"base": "10ms", "max": "2s"})
+    started = time.monotonic()
+    r = fetch(only.url("/ra2"))
+    assert r.status == 503 and r.header("retry-after") == "30", r.describe()
+    assert time.monotonic() - started < 30

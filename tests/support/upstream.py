@@ -26,7 +26,8 @@ route prefix: `/svc/download`), with parameters in the query:
     answer-close    `echo`, then closes without saying `connection: close`.
     truncate        size=N mode=length|chunked: promises N bytes, sends half, closes.
     status          /status/<code> or code=N; no body for 204 and 304 (cl=N puts
-                    a content-length on a 304, which still has no body).
+                    a content-length on a 304, which still has no body);
+                    retry_after=S adds a Retry-After.
     hop             `echo` plus hop-by-hop response headers a proxy must drop.
     bad-response    kind=garbage|dup-cl|cl-te|bad-chunk: a malformed response,
                     then closes.
@@ -790,7 +791,10 @@ class UpstreamServer:
                 extra.append(("ETag", '"v1"'))
             await out.start(code, extra)
             return out.keep_alive
-        return await out.simple(code, f"status {code}\n".encode())
+        extra = []
+        if "retry_after" in rec.params:
+            extra.append(("Retry-After", rec.params["retry_after"]))
+        return await out.simple(code, f"status {code}\n".encode(), extra=extra)
 
     async def _b_download(self, out: _Responder, rec: _LiveRequest, seq: int) -> bool:
         size = int(rec.params.get("size", "1048576"))
