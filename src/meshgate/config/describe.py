@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from meshgate.config.schema import Config, RateLimitConfig, RouteConfig
+from meshgate.config.schema import Config, CorsConfig, RateLimitConfig, RouteConfig
 
 __all__ = ["describe"]
 
@@ -60,6 +60,20 @@ def _split(route: RouteConfig) -> list[str]:
     return lines
 
 
+def _cors(cors: CorsConfig, inherited: bool) -> str:
+    """`CORS for https://app.example.com (GET, POST; credentials; max age 600s)`."""
+    how = [", ".join(cors.methods)]
+    if cors.headers:
+        how.append("headers " + ", ".join(cors.headers))
+    if cors.credentials:
+        how.append("credentials")
+    if cors.max_age is not None:
+        how.append(f"max age {cors.max_age:g}s")
+    origins = "any origin" if "*" in cors.origins else ", ".join(cors.origins)
+    source = "; from the top-level cors:" if inherited else ""
+    return f"CORS for {origins} ({'; '.join(how)}{source})"
+
+
 def describe(config: Config) -> list[str]:
     """Human-readable lines: a summary first, then one notice per thing to know."""
     summary = (
@@ -87,6 +101,14 @@ def describe(config: Config) -> list[str]:
     for i, route in enumerate(config.routes):
         if route.split is not None:
             lines += [f"{_label(i, route)}: {line}" for line in _split(route)]
+        cors = config.route_cors(route)
+        if cors is not None:
+            lines.append(f"{_label(i, route)}: {_cors(cors, route.cors is None)}")
+            if route.methods is not None and "OPTIONS" not in route.methods:
+                lines.append(
+                    f"{_label(i, route)}: methods has no OPTIONS, so CORS preflights "
+                    "do not match this route"
+                )
         if route.auth is not None:
             lines.append(f"{_label(i, route)}: auth by any of {', '.join(route.auth.use)}")
         rl = route.rate_limit

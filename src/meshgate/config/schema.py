@@ -780,6 +780,111 @@ class FaultConfig(_Model):
         return self
 
 
+_ORIGIN_RE = re.compile(
+    r"^(?P<scheme>[a-z][a-z0-9+.-]*)://"
+    r"(?P<host>(?:\*\.)?[a-z0-9_-]+(?:\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\])"
+    r"(?::(?P<port>\d{1,5}))?$"
+)
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _check_origin(value: str) -> str:
+    """`https://App.example.com:443` -> `https://app.example.com` (as browsers send it)."""
+    if value == "*":
+        return value
+    text = value.strip().lower()
+    m = _ORIGIN_RE.fullmatch(text)
+    if m is None:
+        _, sep, rest = text.partition("://")
+        if sep and "/" in rest:
+            raise ValueError(
+                f"an origin is scheme://host[:port] with no path (not even '/'), found {value!r}"
+            )
+        raise ValueError(
+            "expected an origin such as https://app.example.com, https://*.example.com "
+            f"or *, found {value!r}"
+        )
+    port = m.group("port")
+    if port is not None and not 0 < int(port) <= 65535:
+        raise ValueError(f"an origin's port is 1 to 65535, found {value!r}")
+    if port is not None and _DEFAULT_PORTS.get(m.group("scheme")) == port:
+        text = text[: -len(port) - 1]  # browsers leave the default port out
+    return text
+
+
+def _check_method_token(value: str) -> str:
+    if not _TOKEN_RE.fullmatch(value):
+        raise ValueError(f"expected an HTTP method such as GET, found {value!r}")
+    return value.upper()
+
+
+class CorsConfig(_Model):
+    """Cross-origin resource sharing, answered at the gateway."""
+
+    origins: list[str] = Field(min_length=1)
+    """Exact origins (`https://app.example.com`), `*` (any origin), or one
+    wildcard label (`https://*.example.com`: `https://a.example.com`, not
+    `https://example.com` nor `https://a.b.example.com`)."""
+    methods: list[str] = Field(default_factory=lambda: ["GET", "HEAD", "POST"], min_length=1)
+    """Methods a preflight may ask for."""
+    headers: list[str] = Field(default_factory=list)
+    """Request headers a preflight may ask for (`*`: any, without credentials)."""
+    expose_headers: list[str] = Field(default_factory=list)
+    """Response headers scripts may read (`*`: any, without credentials)."""
+    credentials: bool = False
+    """Allow cookies and Authorization (`Access-Control-Allow-Credentials`);
+    the request's origin is then echoed, never `*`."""
+    max_age: Duration | None = None
+    """How long a browser may cache a preflight's answer."""
+
+    @field_validator("origins")
+    @classmethod
+    def _check_origins(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(_check_origin(o) for o in v))
+
+    @field_validator("methods")
+    @classmethod
+    def _check_methods(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(_check_method_token(m) for m in v))
+
+    @field_validator("headers", "expose_headers")
+    @classmethod
+    def _check_headers(cls, v: list[str]) -> list[str]:
+        out = []
+        for name in v:
+            if name != "*" and not _TOKEN_RE.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header name")
+            out.append(name.lower())
+        return list(dict.fromkeys(out))
+
+    @model_validator(mode="after")
+    def _check_credentials(self) -> CorsConfig:
+        if self.credentials:
+            if "*" in self.origins:
+                raise ValueError(
+                    "origins: '*' cannot go with credentials: true (browsers refuse it); "
+                    "list the origins"
+                )
+            for name in ("headers", "expose_headers"):
+                if "*" in getattr(self, name):
+                    raise ValueError(
+                        f"{name}: '*' cannot go with credentials: true (browsers read it as "
+                        "a header named '*'); list the headers"
+                    )
+        return self
+
+
+def _route_cors(value: Any) -> Any:
+    if value is True:
+        raise ValueError(
+            "cors: true says nothing about which origins; give a cors block "
+            "({origins: [...]}), or false to turn the top-level cors: off for this route"
+        )
+    if value is not False and isinstance(value, int | float | str):  # not 0, nor "no"
+        raise ValueError("expected a cors block ({origins: [...]}) or false")
+    return value
+
+
 class RouteTimeouts(_Model):
     """A route's own timeouts; each one absent uses its upstream's."""
 
@@ -829,6 +934,9 @@ class RouteConfig(_Model):
     """Name of an `auth:` entry, a list of names (any one of them admits the
     request), or `{use: [...], scopes: [...], required_claims: [...]}`."""
     rate_limit: RateLimitSpec | None = None
+    cors: Annotated[CorsConfig | Literal[False] | None, BeforeValidator(_route_cors)] = None
+    """CORS for this route (else the top-level `cors:`); `false` turns the
+    top-level one off here."""
 
     @field_validator("path")
     @classmethod
@@ -913,6 +1021,14 @@ class Config(_Model):
     auth: dict[str, AuthEntry] = Field(default_factory=dict)
     """Named authentication entries that routes refer to."""
     consumers: dict[str, ConsumerConfig] = Field(default_factory=dict)
+    cors: CorsConfig | None = None
+    """CORS for every route without a `cors:` of its own."""
+
+    def route_cors(self, route: RouteConfig) -> CorsConfig | None:
+        """The CORS a route applies: its own, else the top-level one; None if off."""
+        if route.cors is False:
+            return None
+        return route.cors if route.cors is not None else self.cors
 
     @model_validator(mode="after")
     def _check_references(self) -> Config:

@@ -1,4 +1,5 @@
-"""Compile a config's `auth:`, `fault:`, `consumers:` and `rate_limit:` into route filter chains.
+"""Compile a config's `cors:`, `auth:`, `fault:`, `consumers:` and `rate_limit:` into
+route filter chains.
 
 `FilterServices` holds what outlives one runtime: the JWT verifiers (with
 their JWKS refresh tasks), the Redis clients, and the table that `policy:
@@ -32,6 +33,7 @@ from meshgate.filters.auth import (
     AuthFilter,
     JwtAuthenticator,
 )
+from meshgate.filters.cors import CorsFilter
 from meshgate.filters.fault import FaultFilter
 from meshgate.filters.ratelimit import RateLimitFilter
 from meshgate.ratelimit.local import SharedTable
@@ -125,6 +127,7 @@ class CompiledFilters:
     auth_filters: list[tuple[str, AuthFilter]] = field(default_factory=list)
     limit_filters: list[tuple[str, RateLimitFilter]] = field(default_factory=list)
     fault_filters: list[tuple[str, FaultFilter]] = field(default_factory=list)
+    cors_filters: list[tuple[str, CorsFilter]] = field(default_factory=list)
 
 
 def compile_filters(
@@ -166,6 +169,13 @@ def _chain(
     out: CompiledFilters,
 ) -> Chain | None:
     filters: list[tuple[str, Filter]] = []
+    cors_cfg = config.route_cors(route)
+    if cors_cfg is not None:
+        # First: a preflight carries no credentials, and is answered before
+        # auth, faults or limits could refuse it.
+        cors = CorsFilter(cors_cfg)
+        filters.append(("cors", cors))
+        out.cors_filters.append((label, cors))
     if route.auth is not None:
         auth = AuthFilter(
             [authenticators[name] for name in route.auth.use],

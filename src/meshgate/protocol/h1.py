@@ -677,7 +677,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
                 result.kind,
                 result.detail,
                 close=result.close or _unsent_body(self.expect, False),
-                extra=result.headers,
+                extra=result.headers + _header_pairs(req.response_extra),
             )
         else:
             ex.pending = self.loop.create_task(ex.await_filters(result, head, req))
@@ -804,6 +804,18 @@ def _parse_budget(name: bytes, value: bytes) -> float | None:
             return None
         seconds = int(value) / 1000
     return seconds if seconds > 0 else 0.001
+
+
+def _header_pairs(raw: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    """Header lines filters added for the response (CORS), for a local reply."""
+    if not raw:
+        return ()
+    pairs = []
+    for line in raw.split(b"\r\n"):
+        name, sep, value = line.partition(b": ")
+        if sep:
+            pairs.append((name, value))
+    return tuple(pairs)
 
 
 def _has_header(conn: UpstreamConnection, name: bytes) -> bool:
@@ -1031,7 +1043,8 @@ class Exchange:
             head = [status_line(status)]
             for name, value in extra:
                 head.append(name + b": " + value + CRLF)
-            head.append(b"content-length: 0\r\n")
+            if status != 204:  # a 204 has no Content-Length (RFC 9110 8.6)
+                head.append(b"content-length: 0\r\n")
             if not self.keep_alive:
                 head.append(b"connection: close\r\n")
             head.append(CRLF)
@@ -1083,7 +1096,7 @@ class Exchange:
                 reply.kind,
                 reply.detail,
                 close=reply.close or _unsent_body(head.expect, self.request_complete),
-                extra=reply.headers,
+                extra=reply.headers + _header_pairs(req.response_extra),
             )
             proto = self.proto
             if proto.pause_reasons & PAUSE_BUFFER:
