@@ -10,6 +10,7 @@ a bare number of bytes. Validation here is about shape; cross references
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
 from typing import Annotated, Any, Literal
@@ -894,6 +895,32 @@ class RouteTimeouts(_Model):
     """The whole exchange, retries included."""
 
 
+class DeprecationConfig(_Model):
+    """Tell clients a route is going away: `Deprecation` (RFC 9745),
+    `Sunset` (RFC 8594) and a `Link` to what replaces it, on every response."""
+
+    since: datetime.datetime
+    """When it was (or will be) deprecated: `2025-06-30` or `2025-06-30T12:00:00Z`."""
+    sunset: datetime.datetime | None = None
+    """When it stops answering."""
+    link: str | None = None
+    """Where the replacement is documented (`rel="deprecation"`)."""
+
+    @field_validator("since", "sunset")
+    @classmethod
+    def _aware(cls, v: Any) -> Any:
+        if isinstance(v, datetime.datetime) and v.tzinfo is None:
+            return v.replace(tzinfo=datetime.UTC)
+        return v
+
+    @field_validator("link")
+    @classmethod
+    def _check_link(cls, v: str | None) -> str | None:
+        if v is not None and (not re.fullmatch(r"[\x21-\x7e]+", v) or ">" in v):
+            raise ValueError(f"expected a URL without spaces, found {v!r}")
+        return v
+
+
 class RouteConfig(_Model):
     """One route: what it matches, and where it sends the request."""
 
@@ -935,6 +962,8 @@ class RouteConfig(_Model):
     request), or `{use: [...], scopes: [...], required_claims: [...]}`."""
     rate_limit: RateLimitSpec | None = None
     cors: Annotated[CorsConfig | Literal[False] | None, BeforeValidator(_route_cors)] = None
+    deprecation: DeprecationConfig | None = None
+    """`Deprecation`, `Sunset` and `Link` response fields for a route going away."""
     """CORS for this route (else the top-level `cors:`); `false` turns the
     top-level one off here."""
 

@@ -34,6 +34,7 @@ from meshgate.filters.auth import (
     JwtAuthenticator,
 )
 from meshgate.filters.cors import CorsFilter
+from meshgate.filters.deprecation import DeprecationFilter
 from meshgate.filters.fault import FaultFilter
 from meshgate.filters.ratelimit import RateLimitFilter
 from meshgate.ratelimit.local import SharedTable
@@ -184,6 +185,8 @@ def _chain(
         )
         filters.append(("auth", auth))
         out.auth_filters.append((label, auth))
+    if route.deprecation is not None:
+        filters.append(("deprecation", DeprecationFilter(route.deprecation)))
     if route.fault is not None:
         # After auth, as in Istio: a rehearsed outage still refuses strangers
         # with 401 (as a real one would), and they cannot trigger faults.
