@@ -27,24 +27,21 @@ refill interval is 36 s and "exactly the limit" is deterministic.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import http.client
 import json
-import os
 import re
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from support.client import IncompleteResponse, RawConnection, parse_response, wait_until
-from support.proxy import ProxyProcess, Stack, upstream_block
+from support.proxy import ProxyProcess, Stack, socket_owners, upstream_block
 from support.redis import RedisServer
 from support.upstream import UpstreamServer
 
@@ -239,25 +236,7 @@ def burst(reqs: list[Req], while_open: Callable[[list[int]], None] | None = None
 
 def server_side_owners(proxy: ProxyProcess, client_ports: list[int]) -> dict[int, int]:
     """Client port -> pid of the gateway process holding the accepted socket."""
-    inode_pid: dict[str, int] = {}
-    for pid in proxy.pids():
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    if target.startswith("socket:["):
-                        inode_pid[target[8:-1]] = pid
-    wanted = set(client_ports)
-    owners: dict[int, int] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                local = int(fields[1].rpartition(":")[2], 16)
-                remote = int(fields[2].rpartition(":")[2], 16)
-                if local == proxy.port and remote in wanted and fields[9] in inode_pid:
-                    owners[remote] = inode_pid[fields[9]]
-    return owners
+    return socket_owners(client_ports, proxy.pids(), accepted_on=proxy.port)
 
 
 def away_from_window_edge(period_s: float, clock: Callable[[], float], margin_s: float) -> None:

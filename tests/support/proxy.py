@@ -297,8 +297,14 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def socket_owners(local_ports: Iterable[int], pids: Iterable[int]) -> dict[int, int]:
-    """Map each TCP local port (on this host) to the pid, among `pids`, owning it."""
+def socket_owners(
+    local_ports: Iterable[int], pids: Iterable[int], *, accepted_on: int | None = None
+) -> dict[int, int]:
+    """Map each TCP local port (on this host) to the pid, among `pids`, owning it.
+
+    With `accepted_on`, the ports are the peers' instead: each maps to the pid
+    owning the socket it has with local port `accepted_on` (which of a
+    server's processes accepted that client)."""
     inode_pid: dict[str, int] = {}
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -314,6 +320,10 @@ def socket_owners(local_ports: Iterable[int], pids: Iterable[int]) -> dict[int, 
             for line in Path(table).read_text().splitlines()[1:]:
                 fields = line.split()
                 port = int(fields[1].rpartition(":")[2], 16)
+                if accepted_on is not None:
+                    if port != accepted_on:
+                        continue
+                    port = int(fields[2].rpartition(":")[2], 16)
                 if port in wanted and fields[9] in inode_pid:
                     owners[port] = inode_pid[fields[9]]
     return owners

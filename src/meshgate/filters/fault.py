@@ -20,60 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 from collections.abc import Callable
 
 from meshgate.config.schema import FaultConfig
 from meshgate.filters import FilterRequest, FilterResult, LocalReply
+from meshgate.http.router import headers_match, parse_header_checks
 
-__all__ = ["FAULT_HEADER", "FaultFilter", "compile_header_checks"]
+__all__ = ["FAULT_HEADER", "FaultFilter"]
 
 FAULT_HEADER = b"x-meshgate-fault"
 ABORT_KIND = "fault-injected"
-
-_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-HeaderCheck = tuple[bytes, bytes | bool]
-
-
-def compile_header_checks(
-    headers: dict[str, str | bool] | None, where: str
-) -> tuple[HeaderCheck, ...]:
-    """`{X-Fault: "1", X-Debug: true}` -> ((b"x-fault", b"1"), (b"x-debug", True))."""
-    if not headers:
-        return ()
-    checks: list[HeaderCheck] = []
-    seen: set[bytes] = set()
-    for name, want in headers.items():
-        if _TOKEN_RE.fullmatch(name) is None:
-            raise ValueError(f"{where}: headers: {name!r} is not a valid header name")
-        key = name.lower().encode("ascii")
-        if key in seen:
-            raise ValueError(f"{where}: headers: {name!r} is given twice (names ignore case)")
-        seen.add(key)
-        checks.append((key, want if isinstance(want, bool) else want.encode("utf-8")))
-    return tuple(checks)
-
-
-def _matches(checks: tuple[HeaderCheck, ...], headers: list[tuple[bytes, bytes]]) -> bool:
-    """All checks hold: `True` present, `False` absent, bytes an exact value
-    on one of the header's lines (names are lower-case on both sides)."""
-    for name, want in checks:
-        if want is True or want is False:
-            present = False
-            for n, _ in headers:
-                if n == name:
-                    present = True
-                    break
-            if present is not want:
-                return False
-        else:
-            for n, v in headers:
-                if n == name and v == want:
-                    break
-            else:
-                return False
-    return True
 
 
 class FaultFilter:
@@ -104,7 +60,7 @@ class FaultFilter:
         self.rand = rand
         """A float in [0, 1) per draw (tests pass their own)."""
         where = f"{route_label}: fault"
-        self.checks = compile_header_checks(cfg.headers, where)
+        self.checks = parse_header_checks(cfg.headers, where)
         delay, abort = cfg.delay, cfg.abort
         self.delay_percent = delay.percent if delay is not None else 0.0
         self.delay_seconds = delay.duration if delay is not None else 0.0
@@ -118,7 +74,7 @@ class FaultFilter:
         self.aborted = 0
 
     def __call__(self, req: FilterRequest) -> FilterResult:
-        if self.checks and not _matches(self.checks, req.headers):
+        if self.checks and not headers_match(self.checks, req.headers):
             return None
         if self.delay_percent and self.rand() * 100 < self.delay_percent:
             self.delayed += 1

@@ -112,7 +112,7 @@ _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 # with its leading dot for _HOST_WILD ('.example.com'), '' for _HOST_ANY.
 _HostEntry = tuple[int, str]
 # A compiled header matcher: (lowercase name, exact value | True | False).
-_HeaderCheck = tuple[bytes, bytes | bool]
+HeaderCheck = tuple[bytes, bytes | bool]
 
 
 # --------------------------------------------------------------------------
@@ -328,10 +328,14 @@ def _host_text(entry: _HostEntry) -> str:
     return value if kind == _HOST_EXACT else "*" + value if kind == _HOST_WILD else "*"
 
 
-def _parse_headers(headers: dict[str, str | bool] | None, where: str) -> tuple[_HeaderCheck, ...]:
+def parse_header_checks(
+    headers: dict[str, str | bool] | None, where: str
+) -> tuple[HeaderCheck, ...]:
+    """`{X-Fault: "1", X-Debug: true}` -> ((b"x-fault", b"1"), (b"x-debug", True)):
+    exact value, `true` present, `false` absent. Routes and filters share it."""
     if not headers:
         return ()
-    checks: list[_HeaderCheck] = []
+    checks: list[HeaderCheck] = []
     seen: set[bytes] = set()
     for name, want in headers.items():
         if _TOKEN_RE.fullmatch(name) is None:
@@ -344,7 +348,7 @@ def _parse_headers(headers: dict[str, str | bool] | None, where: str) -> tuple[_
     return tuple(checks)
 
 
-def _header_ok(headers: Sequence[tuple[bytes, bytes]], name: bytes, want: bytes | bool) -> bool:
+def header_ok(headers: Sequence[tuple[bytes, bytes]], name: bytes, want: bytes | bool) -> bool:
     ln = len(name)
     if isinstance(want, bool):
         for n, _ in headers:
@@ -355,6 +359,14 @@ def _header_ok(headers: Sequence[tuple[bytes, bytes]], name: bytes, want: bytes 
         if v == want and len(n) == ln and (n == name or n.lower() == name):
             return True
     return False
+
+
+def headers_match(checks: tuple[HeaderCheck, ...], headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Every check holds (no checks: True)."""
+    for name, want in checks:  # noqa: SIM110 - hot path, no generator
+        if not header_ok(headers, name, want):
+            return False
+    return True
 
 
 def _parse_rewrite(template: str, pattern: _Pattern, where: str) -> tuple[tuple[int, str], ...]:
@@ -435,7 +447,7 @@ class Route(Generic[T]):
         if config.methods is not None and not config.methods:
             raise ValueError(f"{where}: methods is an empty list (omit it to allow every method)")
         self._methods = frozenset(config.methods) if config.methods is not None else None
-        self._header_checks = _parse_headers(config.headers, where)
+        self._header_checks = parse_header_checks(config.headers, where)
         self._plain = self._methods is None and not self._header_checks
         # Rules 3-5 of the precedence, shared by every host group and node.
         self._order = (
@@ -505,10 +517,7 @@ class Route(Generic[T]):
         methods = self._methods
         if methods is not None and method not in methods:
             return False
-        for name, want in self._header_checks:  # noqa: SIM110 - hot path, no generator
-            if not _header_ok(headers, name, want):
-                return False
-        return True
+        return headers_match(self._header_checks, headers)
 
     def _key_for(self, host: str) -> tuple[object, ...]:
         """The full precedence key of this route for a request to `host`."""
@@ -536,7 +545,7 @@ class Route(Generic[T]):
         if self._methods is not None and method not in self._methods:
             return f"method {method} not in [{', '.join(self.config.methods or ())}]"
         for name, want in self._header_checks:
-            if _header_ok(headers, name, want):
+            if header_ok(headers, name, want):
                 continue
             shown = name.decode("ascii")
             if want is True:
@@ -552,7 +561,7 @@ class Route(Generic[T]):
         return None
 
 
-def _headers_text(checks: Iterable[_HeaderCheck]) -> str:
+def _headers_text(checks: Iterable[HeaderCheck]) -> str:
     parts = []
     for name, want in checks:
         shown = name.decode("ascii")
