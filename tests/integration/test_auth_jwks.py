@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
-import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshgate.auth.jwt import AuthError, JwtVerifier, UnknownKeyId
 from meshgate.config.schema import JwtAuthConfig
+from support.jwks import JwksServer
 
 RSA_A = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 RSA_B = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -39,56 +37,6 @@ def token(private: Any, kid: str | None, **claims: Any) -> str:
     alg = "RS256" if isinstance(private, rsa.RSAPrivateKey) else "ES256"
     payload = {"sub": "alice", "exp": time.time() + 300, **claims}
     return jwt.encode(payload, private, algorithm=alg, headers={"kid": kid} if kid else None)
-
-
-class JwksServer:
-    """A JWKS endpoint on 127.0.0.1:0 whose document, status and latency the
-    test changes; counts the fetches it answers."""
-
-    def __init__(self) -> None:
-        self.keys: list[dict[str, Any]] = []
-        self.body: bytes | None = None  # served instead of {"keys": ...} when set
-        self.status = 200
-        self.delay = 0.0
-        self.hits = 0
-        self._lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                with server._lock:
-                    server.hits += 1
-                    delay, status = server.delay, server.status
-                    body = server.body or orjson.dumps({"keys": server.keys})
-                if delay:
-                    time.sleep(delay)
-                try:
-                    self.send_response(status)
-                    self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except OSError:  # the client gave up (the timeout test)
-                    pass
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/.well-known/jwks.json"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-        self.running = True
-
-    def stop(self) -> None:
-        if self.running:
-            self.running = False
-            self.httpd.shutdown()
-            self.httpd.server_close()
 
 
 @pytest.fixture

@@ -16,11 +16,9 @@ import json
 import re
 import secrets
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from support.client import CurlResponse, RawConnection, RawResponse, assert_problem, fetch
+from support.jwks import JwksServer
 from support.proxy import ProxyProcess, Stack, meshgate_cmd, run_meshgate, upstream_block
 from support.upstream import RecordedRequest, UpstreamServer
 
@@ -121,54 +120,6 @@ def bearer(token: str) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------
 # a JWKS endpoint
-
-
-class JwksServer:
-    """A JWKS endpoint on 127.0.0.1:0 whose keys the test changes; counts the
-    fetches it answers."""
-
-    def __init__(self, keys: list[dict[str, Any]]) -> None:
-        self.keys = keys
-        self.hits = 0
-        self._lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                with server._lock:
-                    server.hits += 1
-                    body = json.dumps({"keys": server.keys}).encode()
-                try:
-                    self.send_response(200)
-                    self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except OSError:
-                    pass
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/.well-known/jwks.json"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def set_keys(self, keys: list[dict[str, Any]]) -> None:
-        with self._lock:
-            self.keys = keys
-
-    def hit_count(self) -> int:
-        with self._lock:
-            return self.hits
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 # ---------------------------------------------------------------------------

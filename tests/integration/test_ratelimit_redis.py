@@ -23,21 +23,9 @@ import pytest
 from meshgate.config.schema import RedisConfig
 from meshgate.ratelimit import Decision, LimitSpec, gcra, sliding_window
 from meshgate.ratelimit.redis import RedisLimiter
+from support.limits import SECOND, spec
 from support.redis import RedisServer
 from support.redis_fixtures import module_redis, redis_server  # noqa: F401
-
-SECOND = 1_000_000
-
-
-def spec(
-    limit: int, period_s: float, burst: int | None = None, algorithm: str = "gcra"
-) -> LimitSpec:
-    return LimitSpec(
-        limit=limit,
-        period_us=round(period_s * SECOND),
-        burst=limit if burst is None else burst,
-        algorithm=algorithm,
-    )
 
 
 def config(url: str, **kwargs: object) -> RedisConfig:

@@ -16,20 +16,9 @@ from meshgate.config.schema import RateLimitConfig, RedisConfig
 from meshgate.ratelimit import Decision, LimitSpec, gcra, sliding_window
 from meshgate.ratelimit.local import PROBES, SLOT_SIZE, SharedTable
 from meshgate.ratelimit.redis import RedisLimiter, RedisTarget, parse_redis_url
+from support.limits import SECOND, spec
 
-SECOND = 1_000_000
 T0 = 1_700_000_000 * SECOND  # an absolute time like Redis's (epoch microseconds)
-
-
-def spec(
-    limit: int, period_s: float, burst: int | None = None, algorithm: str = "gcra"
-) -> LimitSpec:
-    return LimitSpec(
-        limit=limit,
-        period_us=round(period_s * SECOND),
-        burst=limit if burst is None else burst,
-        algorithm=algorithm,
-    )
 
 
 class Gcra:
