@@ -818,20 +818,22 @@ def _header_pairs(raw: bytes) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(pairs)
 
 
-def _has_header(conn: UpstreamConnection, name: bytes) -> bool:
+def _response_header(conn: UpstreamConnection, name: bytes) -> bytes | None:
+    """The first value of a response header the connection collected."""
     parts = conn.parts
-    return any(parts[i] == name for i in range(1, len(parts) - 2, 4))
+    for i in range(1, len(parts) - 2, 4):
+        if parts[i] == name:
+            return parts[i + 2]
+    return None
 
 
 def _retry_after(conn: UpstreamConnection) -> float | None:
     """An upstream's `Retry-After` in seconds (delta form only), or None."""
-    parts = conn.parts
-    for i in range(1, len(parts) - 2, 4):
-        if parts[i] == b"retry-after":
-            value = parts[i + 2].strip()
-            if value.isdigit():
-                return float(int(value))
-            return None
+    value = _response_header(conn, b"retry-after")
+    if value is not None:
+        value = value.strip()
+        if value.isdigit():
+            return float(int(value))
     return None
 
 
@@ -1429,17 +1431,17 @@ class Exchange:
                 cluster.outlier.failure(self.endpoint, gateway=status in (502, 503, 504))
             else:
                 cluster.outlier.success(self.endpoint)
-        if (status == 503 or status == 429) and self.endpoint is not None:
-            shun(self.endpoint, _retry_after(conn))
         policy = self.policy
-        if (
-            policy is not None
-            and status in policy.statuses
-            and not self.head_sent
-            and not (status == 503 and _has_header(conn, b"x-meshgate-overloaded"))
+        busy = status == 503 or status == 429
+        retriable = policy is not None and status in policy.statuses and not self.head_sent
+        retry_after = _retry_after(conn) if busy or retriable else None
+        if busy and self.endpoint is not None:
+            shun(self.endpoint, retry_after)
+        if retriable and not (
+            status == 503 and _response_header(conn, b"x-meshgate-overloaded") is not None
         ):
             failed = self.endpoint
-            if self._maybe_retry(str(status), failed, sent=True, retry_after=_retry_after(conn)):
+            if self._maybe_retry(str(status), failed, sent=True, retry_after=retry_after):
                 # This answer is dropped: the connection goes, mid-response.
                 conn.sink = None
                 conn.keep_alive = False
