@@ -16,6 +16,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -921,6 +922,269 @@ class DeprecationConfig(_Model):
         return v
 
 
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_JSON_POINTER_RE = re.compile(r"^(/([^~/]|~[01])*)+$")
+
+
+def _check_token(value: str, what: str) -> str:
+    if not _HEADER_NAME_RE.match(value):
+        raise ValueError(f"expected a {what} (letters, digits and -), found {value!r}")
+    return value
+
+
+def check_pointer(value: str) -> str:
+    """A JSON pointer (RFC 6901) naming a member: `/customer/id`; a segment
+    `*` means every element of an array."""
+    if not _JSON_POINTER_RE.match(value):
+        raise ValueError(f"expected a JSON pointer such as /customer/id, found {value!r}")
+    return value
+
+
+Pointer = Annotated[str, AfterValidator(check_pointer)]
+
+
+class HeaderOps(_Model):
+    """Header edits, applied in this order: remove, rename, set, add.
+    Values are templates: `{path.<param>}`, `{query.<name>}`,
+    `{header.<name>}`, `{claims.<name>}` (dots reach into objects),
+    `{consumer}`, `{request_id}` and `{client_ip}`; `{{` and `}}` are
+    literal braces. A header whose template names a missing value is not
+    sent."""
+
+    remove: list[str] = Field(default_factory=list)
+    rename: dict[str, str] = Field(default_factory=dict)
+    """Old name -> new name (all of its values move)."""
+    set: dict[str, str] = Field(default_factory=dict)
+    """Name -> value, replacing every value the header had."""
+    add: dict[str, str] = Field(default_factory=dict)
+    """Name -> value, as one more line (existing values are kept)."""
+
+    @model_validator(mode="after")
+    def _check_names(self) -> HeaderOps:
+        names = [*self.remove, *self.rename, *self.rename.values(), *self.set, *self.add]
+        for name in names:
+            _check_token(name, "header name")
+            if name.lower() in _FRAMING_HEADERS:
+                raise ValueError(
+                    f"{name!r} is set by the gateway from the message itself and cannot be edited"
+                )
+        return self
+
+
+_FRAMING_HEADERS = frozenset(
+    {
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "host",
+        "proxy-connection",
+    }
+)
+
+
+class QueryOps(_Model):
+    """Query parameter edits, in this order: remove, rename, set, add
+    (values are templates, as for headers)."""
+
+    remove: list[str] = Field(default_factory=list)
+    rename: dict[str, str] = Field(default_factory=dict)
+    set: dict[str, str] = Field(default_factory=dict)
+    add: dict[str, str] = Field(default_factory=dict)
+
+
+class PathRewrite(_Model):
+    """Envoy's `regex_rewrite`: every match of `pattern` in the upstream
+    path is replaced by `substitution` (`\\1` or `\\g<name>` insert captures)."""
+
+    pattern: str
+    substitution: str
+
+    @model_validator(mode="after")
+    def _compiles(self) -> PathRewrite:
+        try:
+            compiled = re.compile(self.pattern)
+        except re.error as exc:
+            raise ValueError(f"pattern {self.pattern!r} is not a valid regex: {exc}") from None
+        for m in _GROUP_REF_RE.finditer(self.substitution):
+            ref = m.group(1) or m.group(2)
+            if ref.isdigit():
+                if int(ref) > compiled.groups:
+                    raise ValueError(
+                        f"substitution uses group {ref}; the pattern has {compiled.groups}"
+                    )
+            elif ref not in compiled.groupindex:
+                raise ValueError(f"substitution uses group {ref!r}, which the pattern lacks")
+        return self
+
+
+_GROUP_REF_RE = re.compile(r"\\g<(\w+)>|\\(\d+)")
+
+
+class BodyMap(_Model):
+    """A JSON body mapping, applied in this order: allow, deny, rename,
+    move, defaults, set, drop_nulls. Pointers are RFC 6901; a `*` segment
+    means every element of an array. A body that is not JSON is left alone."""
+
+    allow: list[Pointer] | None = None
+    """Keep only these members (and what is under them)."""
+    deny: list[Pointer] = Field(default_factory=list)
+    """Remove these members."""
+    rename: dict[Pointer, str] = Field(default_factory=dict)
+    """Pointer -> new member name in the same object: `{/customer: customer_id}`."""
+    move: dict[Pointer, Pointer] = Field(default_factory=dict)
+    """Pointer -> pointer; objects on the way are created (nesting)."""
+    defaults: dict[Pointer, Any] = Field(default_factory=dict)
+    """Pointer -> value, set only where the member is absent."""
+    set: dict[Pointer, Any] = Field(default_factory=dict)
+    """Pointer -> value, always set."""
+    drop_nulls: bool = False
+    """Remove members whose value is null, at every depth."""
+
+    @field_validator("rename")
+    @classmethod
+    def _names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v.values():
+            if not name or "/" in name:
+                raise ValueError(
+                    f"rename gives a member name (no '/'), found {name!r}; use move: to nest"
+                )
+        return v
+
+
+def _status_map(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in value.items()}
+    return value
+
+
+StatusCode = Annotated[int, Field(ge=200, le=599)]
+
+
+class RequestTransform(_Model):
+    headers: HeaderOps | None = None
+    path: PathRewrite | None = None
+    query: QueryOps | None = None
+    body: BodyMap | None = None
+
+
+class ResponseTransform(_Model):
+    headers: HeaderOps | None = None
+    status: Annotated[dict[StatusCode, StatusCode], BeforeValidator(_status_map)] = Field(
+        default_factory=dict
+    )
+    """Upstream status -> the status sent to the client: `{404: 410}`."""
+    body: BodyMap | None = None
+
+
+class TransformConfig(_Model):
+    """Request and response transformation on a route (Kong's
+    request-transformer and response-transformer, plus JSON body mapping)."""
+
+    request: RequestTransform | None = None
+    response: ResponseTransform | None = None
+    max_body: Size = 1024 * 1024
+    """Largest body buffered for a body mapping (413 for a larger request,
+    502 for a larger response)."""
+
+    def buffers(self) -> bool:
+        """Whether bodies must be buffered (a body mapping is configured)."""
+        return (self.request is not None and self.request.body is not None) or (
+            self.response is not None and self.response.body is not None
+        )
+
+
+_GROUP_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_RESERVED_GROUPS = frozenset({"query", "header", "path"})
+
+
+class AggregateBackend(_Model):
+    """One call of an aggregation."""
+
+    upstream: str
+    path: str
+    """The request target, a template: `{id}` is the route's path parameter,
+    `{query.<name>}` and `{header.<name>}` the client's, and
+    `{<group>.<field>...}` a field of another backend's result (that
+    backend is then called first)."""
+    method: str = "GET"
+    group: str | None = None
+    """The key the result lands under; absent merges its members into the
+    top level."""
+    target: Pointer | None = None
+    """A JSON pointer: only this part of the backend's response is used."""
+    required: bool = True
+    """A required backend that fails fails the whole response (502);
+    an optional one is left out and reported under `errors`."""
+    timeout: Duration | None = None
+    """This call's own timeout (within the aggregation's)."""
+    encoding: Literal["json", "string"] = "json"
+    """`json`: the response must be JSON; `string`: its text is used as a
+    JSON string."""
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"a backend path starts with '/', found {v!r}")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _check_method(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z]+", v):
+            raise ValueError(f"expected an HTTP method such as GET, found {v!r}")
+        return v.upper()
+
+    @field_validator("group")
+    @classmethod
+    def _check_group(cls, v: str | None) -> str | None:
+        if v is not None:
+            if not _GROUP_RE.match(v):
+                raise ValueError(f"expected a group name (letters, digits, _ and -), found {v!r}")
+            if v in _RESERVED_GROUPS:
+                raise ValueError(f"{v!r} names a template source; choose another group name")
+        return v
+
+
+class AggregateConfig(_Model):
+    """One client request answered from several backend calls (the seed's
+    aggregation)."""
+
+    backends: list[AggregateBackend] = Field(min_length=1)
+    timeout: Duration = 3.0
+    """The whole aggregation: every call ends by then."""
+    errors_key: str = "errors"
+    """Where optional backends' failures are listed (RFC 9457 objects)."""
+    forward_headers: list[str] = Field(
+        default_factory=lambda: ["accept-language", "authorization", "traceparent", "tracestate"]
+    )
+    """Client headers sent on to every backend (identity headers set by the
+    gateway's auth, and X-Request-Id, always are)."""
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _check_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            _check_token(name, "header name")
+        return [name.lower() for name in v]
+
+    @model_validator(mode="after")
+    def _unique_groups(self) -> AggregateConfig:
+        seen: set[str] = set()
+        for b in self.backends:
+            if b.group is not None:
+                if b.group in seen:
+                    raise ValueError(f"two backends use the group {b.group!r}")
+                seen.add(b.group)
+            if b.group == self.errors_key:
+                raise ValueError(f"group {b.group!r} is also the errors_key")
+        return self
+
+
 class RouteConfig(_Model):
     """One route: what it matches, and where it sends the request."""
 
@@ -962,10 +1226,15 @@ class RouteConfig(_Model):
     request), or `{use: [...], scopes: [...], required_claims: [...]}`."""
     rate_limit: RateLimitSpec | None = None
     cors: Annotated[CorsConfig | Literal[False] | None, BeforeValidator(_route_cors)] = None
-    deprecation: DeprecationConfig | None = None
-    """`Deprecation`, `Sunset` and `Link` response fields for a route going away."""
     """CORS for this route (else the top-level `cors:`); `false` turns the
     top-level one off here."""
+    deprecation: DeprecationConfig | None = None
+    """`Deprecation`, `Sunset` and `Link` response fields for a route going away."""
+    aggregate: AggregateConfig | None = None
+    """Answer from several backend calls instead of one `upstream:`."""
+    transform: TransformConfig | None = None
+    """Request and response transformation (headers, path, query, JSON
+    bodies, status)."""
 
     @field_validator("path")
     @classmethod
@@ -983,8 +1252,17 @@ class RouteConfig(_Model):
 
     @model_validator(mode="after")
     def _target(self) -> RouteConfig:
-        if (self.upstream is None) == (self.split is None):
-            raise ValueError("a route has exactly one of upstream: or split:")
+        if (self.upstream is not None) + (self.split is not None) + (
+            self.aggregate is not None
+        ) != 1:
+            raise ValueError("a route has exactly one of upstream:, split: or aggregate:")
+        if self.aggregate is not None:
+            t = self.transform
+            if t is not None and t.request is not None and t.request.body is not None:
+                raise ValueError(
+                    "transform.request.body does not apply to aggregate: (its backends "
+                    "are called without the client's body)"
+                )
         if self.split is not None and not any(b.weight for b in self.split):
             raise ValueError("split: at least one backend needs a weight above 0")
         if self.split is None and (self.sticky is not None or self.canary):
@@ -993,6 +1271,8 @@ class RouteConfig(_Model):
 
     def target_label(self) -> str:
         """`orders`, or `split(orders:90, orders-v2:10)`, for tables and logs."""
+        if self.aggregate is not None:
+            return "aggregate(" + ", ".join(b.upstream for b in self.aggregate.backends) + ")"
         if self.split is None:
             return self.upstream or "?"
         return "split(" + ", ".join(f"{b.upstream}:{b.weight}" for b in self.split) + ")"
@@ -1002,6 +1282,8 @@ class RouteConfig(_Model):
         names = [self.upstream] if self.upstream is not None else []
         names += [b.upstream for b in self.split or ()]
         names += [c.upstream for c in self.canary or ()]
+        if self.aggregate is not None:
+            names += [b.upstream for b in self.aggregate.backends]
         return list(dict.fromkeys(names))
 
     @field_validator("methods")
@@ -1071,6 +1353,9 @@ class Config(_Model):
                 targets.append((("routes", i, "split", j, "upstream"), b.upstream))
             for j, c in enumerate(route.canary or ()):
                 targets.append((("routes", i, "canary", j, "upstream"), c.upstream))
+            if route.aggregate is not None:
+                for j, ab in enumerate(route.aggregate.backends):
+                    targets.append((("routes", i, "aggregate", "backends", j, "upstream"), ab.upstream))
             for loc, name in targets:
                 if name not in self.upstreams:
                     errors.append(

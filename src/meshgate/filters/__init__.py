@@ -64,7 +64,10 @@ class FilterRequest:
         "drop",
         "headers",
         "method",
+        "params",
         "query_credentials",
+        "request_id",
+        "response_edits",
         "response_extra",
         "subject",
         "target",
@@ -76,8 +79,17 @@ class FilterRequest:
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         client: bytes,
+        params: dict[str, str] | None = None,
+        request_id: bytes = b"",
     ) -> None:
         self.method = method
+        self.params = params
+        """The route's path parameters (`{id}` -> value), or None."""
+        self.request_id = request_id
+        """The request's X-Request-Id, as sent upstream."""
+        self.response_edits: Any = None
+        """Edits to the response's status and headers, rendered for this
+        request by the transform filter (`filters.transform.ResponseEdits`)."""
         self.target = target
         """The upstream request target; a filter may replace it."""
         self.headers = headers
