@@ -16,8 +16,12 @@ from dataclasses import dataclass
 from meshgate.config.schema import Config, RouteConfig, ServerLimits
 from meshgate.filters import Chain
 from meshgate.filters.build import CompiledFilters, FilterServices, compile_filters
+from meshgate.handlers import Handler
+from meshgate.handlers.aggregate import Aggregator
+from meshgate.handlers.transform import BodyTransformer
 from meshgate.http.router import Router
 from meshgate.http.split import Splitter
+from meshgate.transform.jsonmap import JsonMap
 from meshgate.upstream.cluster import Cluster, PoolRegistry
 from meshgate.upstream.retry import RetryPolicy
 
@@ -29,6 +33,7 @@ class RouteTarget:
         "chain",
         "cluster",
         "drop",
+        "handler",
         "label",
         "passthrough",
         "read_timeout",
@@ -49,8 +54,12 @@ class RouteTarget:
         retry: RetryPolicy | None = None,
         read_timeout: float = 0.0,
         total_timeout: float = 0.0,
+        handler: Handler | None = None,
     ) -> None:
         self.cluster = cluster
+        self.handler = handler
+        """For an `aggregate:` route or one that maps JSON bodies: what
+        answers the whole request (the body is buffered); else None."""
         self.read_timeout = read_timeout
         self.total_timeout = total_timeout
         """The route's own timeouts in seconds; 0.0 = its upstream's."""
@@ -79,8 +88,9 @@ class Runtime:
     limits: ServerLimits
     tick: float
     filters: CompiledFilters
-    route_cache: dict[tuple[bytes, bytes, bytes], tuple[RouteTarget, bytes]] | None
-    """(method, Host, target) -> (route target, upstream target); None when
+    route_cache: dict[tuple[bytes, bytes, bytes], tuple[RouteTarget, bytes, dict[str, str]]] | None
+    """(method, Host, target) -> (route target, upstream target, path
+    parameters); None when
     a route matches on headers. Mutable on purpose, and private to this
     runtime: a reload starts with an empty one."""
     """How often timeouts are checked: a tenth of the shortest one, so a
@@ -106,6 +116,23 @@ class Runtime:
         for route, label, chain in zip(config.routes, labels, filters.chains, strict=True):
             passthrough = route.rewrite is None and not route.strip_prefix
             splitter = Splitter(route, clusters, label) if route.split is not None else None
+            retry = RetryPolicy(route.retry) if route.retry is not None else None
+            total = (route.timeouts.total or 0.0) if route.timeouts else 0.0
+            handler: Handler | None = None
+            transform = route.transform
+            if route.aggregate is not None:
+                response = transform.response if transform is not None else None
+                handler = Aggregator(
+                    route.aggregate,
+                    clusters,
+                    route.path,
+                    f"{label}.",
+                    response_map=JsonMap(response.body, f"{label}.transform.response.body")
+                    if response is not None and response.body is not None
+                    else None,
+                )
+            elif transform is not None and transform.buffers():
+                handler = BodyTransformer(transform, label, timeout=total, retry=retry)
             target = RouteTarget(
                 clusters[route.upstream_names()[0]],
                 label,
@@ -113,9 +140,10 @@ class Runtime:
                 chain=chain,
                 drop=drop,
                 splitter=splitter,
-                retry=RetryPolicy(route.retry) if route.retry is not None else None,
+                retry=retry,
                 read_timeout=(route.timeouts.read or 0.0) if route.timeouts else 0.0,
-                total_timeout=(route.timeouts.total or 0.0) if route.timeouts else 0.0,
+                total_timeout=total,
+                handler=handler,
             )
             pairs.append((route, target))
         shortest = min(

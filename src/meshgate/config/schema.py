@@ -1079,6 +1079,16 @@ class ResponseTransform(_Model):
     """Upstream status -> the status sent to the client: `{404: 410}`."""
     body: BodyMap | None = None
 
+    @field_validator("status")
+    @classmethod
+    def _no_bodiless(cls, v: dict[int, int]) -> dict[int, int]:
+        for src, dst in v.items():
+            if (src in (204, 304)) != (dst in (204, 304)):
+                raise ValueError(
+                    f"{src} -> {dst}: a status with no body (204, 304) maps only to another"
+                )
+        return v
+
 
 class TransformConfig(_Model):
     """Request and response transformation on a route (Kong's
@@ -1257,6 +1267,9 @@ class RouteConfig(_Model):
         ) != 1:
             raise ValueError("a route has exactly one of upstream:, split: or aggregate:")
         if self.aggregate is not None:
+            from meshgate.handlers.aggregate import check_plan
+
+            check_plan(self.aggregate, self.path)
             t = self.transform
             if t is not None and t.request is not None and t.request.body is not None:
                 raise ValueError(
@@ -1355,7 +1368,9 @@ class Config(_Model):
                 targets.append((("routes", i, "canary", j, "upstream"), c.upstream))
             if route.aggregate is not None:
                 for j, ab in enumerate(route.aggregate.backends):
-                    targets.append((("routes", i, "aggregate", "backends", j, "upstream"), ab.upstream))
+                    targets.append(
+                        (("routes", i, "aggregate", "backends", j, "upstream"), ab.upstream)
+                    )
             for loc, name in targets:
                 if name not in self.upstreams:
                     errors.append(

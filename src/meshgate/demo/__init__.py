@@ -88,6 +88,55 @@ class DemoIdp:
             writer.close()
 
 
+# The demo's data: orders as order-service (v1 shape) and order-service-v2
+# (v2 shape) store them, and customers.
+_ORDERS = {
+    "7": {"customer_id": "c-42", "total": 12.5, "status": "paid"},
+    "8": {"customer_id": "c-7", "total": 99.0, "status": "shipped"},
+}
+_CUSTOMERS = {
+    "c-42": {"id": "c-42", "name": "Ada Lovelace", "tier": "gold"},
+    "c-7": {"id": "c-7", "name": "Grace Hopper", "tier": "silver"},
+}
+
+
+def _domain(name: str, method: str, target: str, sent: bytes) -> tuple[int, bytes] | None:
+    """Answers about orders and customers, or None (the echo answers)."""
+    path = target.split("?", 1)[0]
+    parts = path.strip("/").split("/")
+    if name == "order-service" and len(parts) == 2 and parts[0] == "orders":
+        order = _ORDERS.get(parts[1])
+        if order is None:
+            return 404, orjson.dumps({"error": "no such order"})
+        return 200, orjson.dumps({"id": int(parts[1]), **order})
+    if name == "customer-service" and len(parts) == 2 and parts[0] == "customers":
+        customer = _CUSTOMERS.get(parts[1])
+        if customer is None:
+            return 404, orjson.dumps({"error": "no such customer"})
+        return 200, orjson.dumps(customer)
+    if name == "order-service-v2" and len(parts) == 3 and parts[:2] == ["v2", "orders"]:
+        if method in ("POST", "PUT"):
+            # Echo what was stored, in v2's shape, as a v2 service would.
+            try:
+                doc = orjson.loads(sent)
+            except orjson.JSONDecodeError:
+                return 400, orjson.dumps({"error": "not JSON"})
+            return 200, orjson.dumps({"id": int(parts[2]) if parts[2].isdigit() else 0, **doc})
+        order = _ORDERS.get(parts[2])
+        if order is None:
+            return 404, orjson.dumps({"error": "no such order"})
+        return 200, orjson.dumps(
+            {
+                "id": int(parts[2]),
+                "customer": {"id": order["customer_id"]},
+                "amount": {"value": order["total"], "currency": "EUR"},
+                "state": order["status"],
+                "api_version": 2,
+            }
+        )
+    return None
+
+
 async def _serve_backend(
     name: str, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
@@ -103,8 +152,17 @@ async def _serve_backend(
                     k, _, v = line.partition(":")
                     headers[k.strip().lower()] = v.strip()
             length = int(headers.get("content-length", "0") or 0)
-            if length:
-                await reader.readexactly(length)
+            sent = await reader.readexactly(length) if length else b""
+            data = _domain(name, method, target, sent)
+            if data is not None:
+                status, body = data
+                writer.write(
+                    b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\n\r\n%s"
+                    % (status, b"OK" if status == 200 else b"Not Found", len(body), body)
+                )
+                await writer.drain()
+                continue
             body = orjson.dumps(
                 {
                     "service": name,
@@ -129,8 +187,10 @@ async def _serve_backend(
         writer.close()
 
 
-def _fetch(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], str]:
-    req = urllib.request.Request(url, headers=headers)
+def _fetch(
+    url: str, headers: dict[str, str], data: bytes | None = None
+) -> tuple[int, dict[str, str], str]:
+    req = urllib.request.Request(url, headers=headers, data=data)
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
             return resp.status, dict(resp.headers.items()), resp.read().decode()
@@ -140,16 +200,32 @@ def _fetch(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], str]
         return 0, {}, f"failed: {exc}"
 
 
-_SHOWN_HEADERS = ("WWW-Authenticate", "RateLimit", "RateLimit-Policy", "Retry-After")
+_SHOWN_HEADERS = (
+    "WWW-Authenticate",
+    "RateLimit",
+    "RateLimit-Policy",
+    "Retry-After",
+    "Meshgate-Partial",
+    "Deprecation",
+    "Sunset",
+)
 
 
 async def _request(
-    base: str, path: str, headers: dict[str, str], shown: dict[str, str], *, quiet: bool = False
+    base: str,
+    path: str,
+    headers: dict[str, str],
+    shown: dict[str, str],
+    *,
+    quiet: bool = False,
+    data: bytes | None = None,
 ) -> int:
-    status, got, body = await asyncio.to_thread(_fetch, base + path, headers)
+    status, got, body = await asyncio.to_thread(_fetch, base + path, headers, data)
     if quiet:
         return status
     flags = "".join(f' -H "{k}: {v}"' for k, v in shown.items())
+    if data is not None:
+        flags += f" -d '{data.decode()}'"
     try:
         text = json.dumps(json.loads(body), indent=None)
     except ValueError:
@@ -186,6 +262,30 @@ async def _show(port: int, idp: DemoIdp, admin_port: int) -> None:
     await _request(base, "/api/partners/1", key, key)
     await _request(base, "/nowhere", {}, {})
     await _show_split(base, idp, bearer, shown_bearer, admin_port)
+    await _show_composition(base)
+
+
+async def _show_composition(base: str) -> None:
+    print(
+        "Aggregation: /api/order-summary/{id} calls order-service, then customer-service "
+        "with the order's customer_id (optional, 500 ms).\n",
+        flush=True,
+    )
+    await _request(base, "/api/order-summary/7", {}, {})
+    print(
+        "Version mediation: /v1/orders/** is served by order-service-v2; the gateway maps "
+        "v1 bodies to v2 and back.\n",
+        flush=True,
+    )
+    await _request(base, "/v1/orders/7", {}, {})
+    json_type = {"Content-Type": "application/json"}
+    await _request(
+        base,
+        "/v1/orders/9",
+        json_type,
+        json_type,
+        data=b'{"customer_id": "c-7", "total": 20.0, "status": "new"}',
+    )
 
 
 def _services(url: str, tokens: list[str], per_token: int) -> dict[str, int]:

@@ -38,10 +38,11 @@ from typing import TYPE_CHECKING, Any, cast
 import httptools
 
 from meshgate.filters import FilterRequest, LocalReply
+from meshgate.handlers import BufferedRequest, Handler, HandlerResponse
 from meshgate.http.problem import problem_response
 from meshgate.http.router import normalize_path
 from meshgate.protocol.batch import BatchedWriter
-from meshgate.protocol.headers import HOP_BY_HOP, connection_tokens, status_line
+from meshgate.protocol.headers import HOP_BY_HOP, IDEMPOTENT, connection_tokens, status_line
 from meshgate.upstream.balancer import shun
 from meshgate.upstream.pool import PoolTimeout, UpstreamConnection
 
@@ -78,7 +79,6 @@ PAUSE_BUFFER = 2  # body buffered while waiting for an upstream connection
 PAUSE_PIPELINE = 4  # too many queued pipelined requests
 PAUSE_DONE = 8  # the connection is closing: read nothing more
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 # Request headers that meshgate writes itself instead of copying through.
 REQUEST_OWN = HOP_BY_HOP | {
@@ -96,6 +96,9 @@ REQUEST_OWN = HOP_BY_HOP | {
 # copied through as they came).
 REQUEST_SPECIAL = REQUEST_OWN | {b"content-length"}
 
+# Request headers a buffered request does not pass on (its framing is new).
+_NOT_BUFFERED = REQUEST_OWN | {b"content-length"}
+
 CRLF = b"\r\n"
 COLON_SP = b": "
 # What meshgate adds to every forwarded request and response, as one format.
@@ -107,6 +110,8 @@ _REQUEST_TAIL_NO_HOST = (
     b"x-forwarded-for: %s\r\nx-forwarded-proto: %s\r\n%sx-request-id: %s\r\nvia: %s\r\n%s"
 )
 _RESPONSE_TAIL = b"x-request-id: %s\r\nvia: 1.1 meshgate\r\n%s"
+# Response headers a whole response does not copy from a handler's answer.
+_NOT_FORWARDED_RESPONSE = HOP_BY_HOP | {b"content-length", b"x-request-id", b"via"}
 CHUNK_END = b"0\r\n\r\n"
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 VIA_TOKEN = b"1.1 meshgate"
@@ -547,7 +552,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
                         417, "expectation-failed", "only 'Expect: 100-continue' is supported"
                     )
                     return
-                self._set_target(ex, hit[0], hit[1], host)
+                self._set_target(ex, hit[0], hit[1], host, hit[2])
                 return
         if url[:1] == b"/":
             path_b, _, query_b = url.partition(b"?")
@@ -613,10 +618,17 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         ):
             if len(cache) >= ROUTE_CACHE_SIZE:
                 cache.clear()
-            cache[(ex.method, host, url)] = (rt, target)
-        self._set_target(ex, rt, target, host)
+            cache[(ex.method, host, url)] = (rt, target, match.params)
+        self._set_target(ex, rt, target, host, match.params)
 
-    def _set_target(self, ex: Exchange, rt: RouteTarget, target: bytes, host: bytes) -> None:
+    def _set_target(
+        self,
+        ex: Exchange,
+        rt: RouteTarget,
+        target: bytes,
+        host: bytes,
+        params: dict[str, str],
+    ) -> None:
         drop = self.drop
         identity = rt.drop
         if identity is not None:
@@ -632,7 +644,8 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         ex.route_total = rt.total_timeout
         ex.route_read = rt.read_timeout
         chain = rt.chain
-        if chain is None:
+        handler = rt.handler
+        if chain is None and handler is None:
             splitter = rt.splitter
             ex.set_target(
                 rt.cluster
@@ -650,8 +663,11 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
                 via=self.via,
             )
             return
-        req = FilterRequest(ex.method, target, self.headers, self.client)
+        req = FilterRequest(ex.method, target, self.headers, self.client, params, ex.request_id)
         ex.route_label = rt.label
+        if handler is not None:
+            # The whole body is read (up to this) before the handler runs.
+            ex.max_body = handler.max_body
         head = _Head(
             rt,
             host,
@@ -664,7 +680,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             self.via,
         )
         try:
-            result = chain.run(req)
+            result = chain.run(req) if chain is not None else None
         except Exception:
             log.exception("route %s: a filter failed", rt.label)
             ex.reply_local(500, "filter-error", "the gateway failed to process this request")
@@ -884,8 +900,32 @@ class _Head:
             headers = headers + req.add
         if req.response_extra:
             ex.response_extra = req.response_extra
+        ex.response_edits = req.response_edits
         rt = self.rt
         splitter = rt.splitter
+        if rt.handler is not None:
+            ex.set_handler(
+                rt.handler,
+                BufferedRequest(
+                    method=ex.method,
+                    target=req.target,
+                    host=self.host,
+                    headers=[h for h in headers if h[0] not in _NOT_BUFFERED],
+                    forward=ex.forward_pairs(self.host, self.xff, self.via),
+                    body=b"",
+                    client=req.client,
+                    request_id=ex.request_id,
+                    params=req.params,
+                    consumer=req.consumer,
+                    claims=req.claims,
+                    response_edits=req.response_edits,
+                    cluster=rt.cluster
+                    if splitter is None
+                    else splitter.pick(self.headers, req.client, req.consumer, req.subject),
+                ),
+                expect_continue=self.expect == b"100-continue",
+            )
+            return
         ex.set_target(
             # The client's headers as sent (canary and sticky keys), and who
             # the filters found it was.
@@ -941,6 +981,10 @@ class Exchange:
     try_deadline = 0.0
     retry_counted = False
     response_extra = b""  # header lines the filters add to the response
+    response_edits: Any = None  # the transform filter's status and header edits
+    max_body = 0  # a buffered route: the largest body read (0: streamed)
+    handler: Handler | None = None
+    buffered: BufferedRequest | None = None
     response_started = False
     head_sent = False  # part of the upstream's response was handed to the client
     chunked_out = False
@@ -1087,7 +1131,9 @@ class Exchange:
             self.pending = None
         if self.finished:
             return
-        if reply is None:
+        if self.local_reply is not None:
+            pass  # decided meanwhile (a body past the route's max_body)
+        elif reply is None:
             head.apply(self, req)
         else:
             # Body bytes that arrived meanwhile are not going anywhere.
@@ -1115,6 +1161,8 @@ class Exchange:
         ahead of it): only the first call counts."""
         if self.finished or self.pending is not None or self.begun:
             return
+        if self.max_body and self.local_reply is None:
+            return  # a buffered route: its handler has not answered yet
         self.begun = True
         if self.local_reply is not None:
             self._send_local()
@@ -1389,10 +1437,17 @@ class Exchange:
             self.body_buf.append(data)
             self.body_buffered += len(data)
             if self.body_buffered > BUFFER_LIMIT:
-                self.proto.pause_reading(PAUSE_BUFFER)
+                if not self.max_body:
+                    self.proto.pause_reading(PAUSE_BUFFER)
+                elif self.body_buffered > self.max_body:
+                    self._body_too_large()
 
     def on_request_end(self) -> None:
         self.request_complete = True
+        if self.max_body:
+            if self.handler is not None and not self.finished and self.local_reply is None:
+                self._run_handler()
+            return
         if self.finished or not self.chunked_in:
             return
         conn = self.conn
@@ -1402,6 +1457,112 @@ class Exchange:
                 self.replay.append(CHUNK_END)
         elif self.local_reply is None:
             self.body_buf.append(CHUNK_END)
+
+    # -- buffered routes (aggregation, body transforms) ------------------------------
+
+    def forward_pairs(
+        self, host: bytes, xff: bytes | None, via: bytes | None
+    ) -> list[tuple[bytes, bytes]]:
+        """What `set_target` adds to an upstream request, as header pairs."""
+        proto = self.proto
+        pairs = [
+            (b"x-forwarded-for", proto.client if xff is None else xff + b", " + proto.client),
+            (b"x-forwarded-proto", proto.state.scheme),
+        ]
+        if host:
+            pairs.append((b"x-forwarded-host", host))
+        pairs.append((b"x-request-id", self.request_id))
+        pairs.append((b"via", VIA_TOKEN if via is None else via + b", " + VIA_TOKEN))
+        return pairs
+
+    def set_handler(self, handler: Handler, req: BufferedRequest, *, expect_continue: bool) -> None:
+        """The route's filters passed: the handler answers once the body is in."""
+        self.handler = handler
+        self.buffered = req
+        if self.request_complete:
+            self._run_handler()
+            return
+        if self.proto.pause_reasons & PAUSE_BUFFER:
+            self.proto.resume_reading(PAUSE_BUFFER)
+        if expect_continue and not self.http10 and not self.body_buffered:
+            self.proto.write(CONTINUE_100)
+
+    def _body_too_large(self) -> None:
+        self.body_buf = []
+        self.body_buffered = 0
+        if self.pending is not None and self.handler is None:
+            self.pending.cancel()  # the filters' verdict no longer matters
+            self.pending = None
+        self.reply_local(
+            413,
+            "body-too-large",
+            f"the request body is larger than this route's {self.max_body} bytes",
+            close=True,
+            extra=_header_pairs(self.response_extra),
+        )
+        self.proto.pause_reading(PAUSE_DONE)
+        self.local_reply_now()
+
+    def _run_handler(self) -> None:
+        req = self.buffered
+        handler = self.handler
+        assert req is not None and handler is not None
+        req.body = b"".join(self.body_buf)
+        self.body_buf = []
+        self.body_buffered = 0
+        now = self.started = self.loop.time()
+        deadline = now + (self.budget or self.route_total or 3600.0)
+        self.pending = self.loop.create_task(self._handle(handler, req, deadline))
+
+    async def _handle(self, handler: Handler, req: BufferedRequest, deadline: float) -> None:
+        try:
+            resp = await handler.handle(req, deadline)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("route %s: the handler failed", self.route_label)
+            self.pending = None
+            self.reply_local(500, "handler-error", "the gateway failed to answer this request")
+        else:
+            self.pending = None
+            self._reply_whole(resp)
+        if self.finished:
+            return
+        queue = self.proto.queue
+        if queue and queue[0] is self:
+            self.start()
+
+    def _reply_whole(self, resp: HandlerResponse) -> None:
+        """A handler's answer, framed as a whole response."""
+        status = self.status = resp.status
+        parts = [status_line(status)]
+        for name, value in resp.headers:
+            if name not in _NOT_FORWARDED_RESPONSE:
+                parts += (name, COLON_SP, value, CRLF)
+        body = resp.body
+        if status in NO_BODY_STATUS:
+            body = b""
+        else:
+            parts.append(b"content-length: %d\r\n" % len(body))
+        if self.method == b"HEAD":
+            body = b""
+        if self.proto.state.draining:
+            self.keep_alive = False
+        if self.response_extra:
+            parts.append(self.response_extra)
+        parts.append(
+            _RESPONSE_TAIL
+            % (
+                self.request_id,
+                b"connection: close\r\n\r\n"
+                if not self.keep_alive
+                else b"connection: keep-alive\r\n\r\n"
+                if self.http10
+                else CRLF,
+            )
+        )
+        parts.append(body)
+        self.local_reply = b"".join(parts)
 
     def abort_request(self, status: int, kind: str, detail: str) -> None:
         """The client's body broke mid-stream: reset the upstream request."""
@@ -1462,6 +1623,13 @@ class Exchange:
                 if parts[i] not in drop:
                     kept += parts[i : i + 4]
             parts = kept
+        edits = self.response_edits
+        if edits is not None:
+            # The route's status and header edits (the framing below keeps
+            # to the upstream's status: a mapping never adds or drops a body).
+            self.status = edits.status(status)
+            parts[0] = status_line(self.status)
+            parts = edits.apply_parts(parts)
         if conn.no_body or status in NO_BODY_STATUS:
             pass
         elif not conn.has_length:

@@ -65,3 +65,7 @@ def phrase(code: int) -> str:
         return HTTPStatus(code).phrase
     except ValueError:
         return "Unknown"
+
+
+# Methods a retry may repeat (RFC 9110 9.2.2).
+IDEMPOTENT: frozenset[bytes] = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
