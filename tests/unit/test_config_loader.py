@@ -134,7 +134,7 @@ def test_merge_keys_and_aliases(tmp_path: Path) -> None:
 
 
 def test_unknown_upstream_names_file_line_and_field(tmp_path: Path) -> None:
-    text = SEED.read_text().replace("upstream: customer-service", "upstream: customer-svc")
+    text = SEED.read_text().replace("upstream: customer-service", "upstream: customer-svc", 1)
     path = write(tmp_path, text)
     problem = only_problem(path)
     line = text.splitlines().index("  upstream: customer-svc") + 1
@@ -265,7 +265,7 @@ def test_a_route_needs_an_upstream_or_a_split(tmp_path: Path) -> None:
     problem = only_problem(path)
     assert (problem.line, problem.column) == (7, 3)
     assert problem.field == "routes[1]"
-    assert "exactly one of upstream: or split:" in problem.message
+    assert "exactly one of upstream:, split: or aggregate:" in problem.message
 
 
 def test_union_errors_are_reported_once(tmp_path: Path) -> None:
@@ -518,7 +518,7 @@ def test_lone_dollar_is_kept() -> None:
 def test_describe_seed() -> None:
     lines = describe(load_config(SEED, env={}))
     assert lines == [
-        "3 upstreams, 3 routes, listening on 0.0.0.0:8080, admin on 127.0.0.1:9901",
+        "3 upstreams, 5 routes, listening on 0.0.0.0:8080, admin on 127.0.0.1:9901",
         "routes[0] (/api/orders/**): split order-service 90% (weight 90), "
         "order-service-v2 10% (weight 10), random per request",
         'routes[0] (/api/orders/**): canary: header x-canary = "1" -> order-service-v2',
@@ -526,6 +526,10 @@ def test_describe_seed() -> None:
         "routes[0] (/api/orders/**): rate limit 100/min per default (gcra, local)",
         "routes[2] (/api/partners/**): auth by any of jwt, keys",
         "routes[2] (/api/partners/**): rate limit 5/min per consumer (gcra, local)",
+        "routes[3] (/api/order-summary/{id}): aggregate order (order-service), "
+        "customer (customer-service, optional, 0.5s) within 2s",
+        "routes[4] (/v1/orders/**): transform: request headers, body; response body "
+        "(bodies buffered up to 1048576 bytes)",
     ]
 
 

@@ -74,6 +74,38 @@ def _cors(cors: CorsConfig, inherited: bool) -> str:
     return f"CORS for {origins} ({'; '.join(how)}{source})"
 
 
+def _aggregate(route: RouteConfig) -> str:
+    agg = route.aggregate
+    assert agg is not None
+    calls = []
+    for b in agg.backends:
+        notes = [b.upstream]
+        if not b.required:
+            notes.append("optional")
+        if b.timeout is not None:
+            notes.append(f"{b.timeout:g}s")
+        calls.append(f"{b.group or '(merged)'} ({', '.join(notes)})")
+    return f"aggregate {', '.join(calls)} within {agg.timeout:g}s"
+
+
+def _transform(route: RouteConfig) -> str:
+    t = route.transform
+    assert t is not None
+    sides = []
+    for side, part in (("request", t.request), ("response", t.response)):
+        if part is None:
+            continue
+        names = [
+            name
+            for name in ("headers", "path", "query", "status", "body")
+            if getattr(part, name, None)
+        ]
+        if names:
+            sides.append(f"{side} {', '.join(names)}")
+    body = f" (bodies buffered up to {t.max_body} bytes)" if t.buffers() else ""
+    return f"transform: {'; '.join(sides) or 'nothing'}{body}"
+
+
 def describe(config: Config) -> list[str]:
     """Human-readable lines: a summary first, then one notice per thing to know."""
     summary = (
@@ -129,6 +161,10 @@ def describe(config: Config) -> list[str]:
                 f"{_label(i, route)}: fault injection: {', '.join(kinds)} of requests"
                 + (" matching its headers" if fault.headers else "")
             )
+        if route.aggregate is not None:
+            lines.append(f"{_label(i, route)}: {_aggregate(route)}")
+        if route.transform is not None:
+            lines.append(f"{_label(i, route)}: {_transform(route)}")
     for name, entry in config.auth.items():
         if entry.type == "api_key" and not any(c.api_keys for c in config.consumers.values()):
             lines.append(f"auth.{name}: no consumer has an API key, so no key is accepted")

@@ -1,5 +1,5 @@
-"""Compile a config's `cors:`, `auth:`, `fault:`, `consumers:` and `rate_limit:` into
-route filter chains.
+"""Compile a config's `cors:`, `auth:`, `fault:`, `consumers:`, `rate_limit:` and
+`transform:` into route filter chains.
 
 `FilterServices` holds what outlives one runtime: the JWT verifiers (with
 their JWKS refresh tasks), the Redis clients, and the table that `policy:
@@ -37,6 +37,7 @@ from meshgate.filters.cors import CorsFilter
 from meshgate.filters.deprecation import DeprecationFilter
 from meshgate.filters.fault import FaultFilter
 from meshgate.filters.ratelimit import RateLimitFilter
+from meshgate.filters.transform import compile_transform, route_params
 from meshgate.ratelimit.local import SharedTable
 from meshgate.ratelimit.redis import RedisLimiter
 
@@ -203,6 +204,16 @@ def _chain(
         limit = RateLimitFilter(route, label, rl, config.consumers, table=table, redis=redis)
         filters.append(("rate_limit", limit))
         out.limit_filters.append((label, limit))
+    transform = compile_transform(
+        route.transform,
+        label,
+        params=route_params(route.path),
+        identity=out.identity_headers,
+    )
+    if transform is not None:
+        # Last: values render with the consumer and claims auth found, and
+        # a refused request costs no rendering.
+        filters.append(("transform", transform))
     return Chain(filters) if filters else None
 
 

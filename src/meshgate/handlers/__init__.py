@@ -96,12 +96,22 @@ class BufferedRequest:
 class HandlerResponse:
     """A whole response; framing headers are the protocol layer's."""
 
-    __slots__ = ("body", "headers", "status")
+    __slots__ = ("body", "headers", "local", "status")
 
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    def __init__(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        local: bool = False,
+    ) -> None:
         self.status = status
         self.headers = headers
         self.body = body
+        self.local = local
+        """The gateway's own answer (a problem), not an upstream's: the
+        route's status and header edits do not apply to it."""
 
 
 class Handler(Protocol):
@@ -123,7 +133,7 @@ def problem(
 ) -> HandlerResponse:
     """An RFC 9457 answer from the gateway."""
     body = problem_body(status, kind, detail, request_id=request_id.decode("latin-1"), **extra)
-    return HandlerResponse(status, [PROBLEM_TYPE, NO_STORE], body)
+    return HandlerResponse(status, [PROBLEM_TYPE, NO_STORE], body, local=True)
 
 
 def is_json(content_type: bytes | None) -> bool:

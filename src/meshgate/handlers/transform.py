@@ -19,8 +19,9 @@ What is mapped, and what is left alone:
   `Accept-Encoding: gzip` at most; gzip and deflate answers are decoded
   (the client gets identity), anything else is a 502 naming the coding.
 
-Status and header edits of `transform.response` apply to every answer, the
-gateway's own included.
+Status and header edits of `transform.response` apply to what the upstream
+answered, as on streamed routes; the gateway's own problems (413, 502, 504)
+keep their status.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ _ACCEPT_GZIP = (b"accept-encoding", b"gzip")
 
 
 def apply_edits(resp: HandlerResponse, edits: Any) -> HandlerResponse:
-    """The route's status and header edits (`ResponseEdits`), on a whole response."""
-    if edits is not None:
+    """The route's status and header edits (`ResponseEdits`), on a whole
+    response from upstream (not on the gateway's own problems)."""
+    if edits is not None and not resp.local:
         resp.status = edits.status(resp.status)
         resp.headers = edits.apply_pairs(resp.headers)
     return resp

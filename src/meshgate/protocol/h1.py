@@ -664,6 +664,10 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             )
             return
         req = FilterRequest(ex.method, target, self.headers, self.client, params, ex.request_id)
+        if self.drop is not None:
+            # Headers the client's Connection named are hop-by-hop, gone:
+            # filters that rename or set headers must not revive them.
+            req.drop.update(self.drop)
         ex.route_label = rt.label
         if handler is not None:
             # The whole body is read (up to this) before the handler runs.
