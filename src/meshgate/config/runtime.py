@@ -122,11 +122,17 @@ class Runtime:
             transform = route.transform
             if route.aggregate is not None:
                 response = transform.response if transform is not None else None
+                always = set(filters.identity_headers)
+                ops = transform.request.headers if transform and transform.request else None
+                if ops is not None:
+                    for name in (*ops.set, *ops.add, *ops.rename.values()):
+                        always.add(name.lower().encode("latin-1"))
                 handler = Aggregator(
                     route.aggregate,
                     clusters,
                     route.path,
                     f"{label}.",
+                    always=frozenset(always),
                     response_map=JsonMap(response.body, f"{label}.transform.response.body")
                     if response is not None and response.body is not None
                     else None,

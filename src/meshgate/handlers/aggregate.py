@@ -225,12 +225,16 @@ class Aggregator:
         *,
         max_body: int = 64 * 1024,
         response_map: JsonMap | None = None,
+        always: frozenset[bytes] = frozenset(),
     ) -> None:
         self.max_body = max_body
         self.response_map = response_map
         self.timeout = cfg.timeout
         self.errors_key = cfg.errors_key
-        self.forward = frozenset(h.encode("latin-1") for h in cfg.forward_headers)
+        # Headers the gateway itself sets (auth's X-Consumer and claim
+        # headers, the route's transform) always go: a client's own copies
+        # were dropped before.
+        self.forward = frozenset(h.encode("latin-1") for h in cfg.forward_headers) | always
         params = route_params(route_path)
         steps = [
             _Step(

@@ -1440,11 +1440,11 @@ class Exchange:
         elif self.local_reply is None:
             self.body_buf.append(data)
             self.body_buffered += len(data)
-            if self.body_buffered > BUFFER_LIMIT:
-                if not self.max_body:
-                    self.proto.pause_reading(PAUSE_BUFFER)
-                elif self.body_buffered > self.max_body:
+            if self.max_body:
+                if self.body_buffered > self.max_body:
                     self._body_too_large()
+            elif self.body_buffered > BUFFER_LIMIT:
+                self.proto.pause_reading(PAUSE_BUFFER)
 
     def on_request_end(self) -> None:
         self.request_complete = True
@@ -1515,7 +1515,10 @@ class Exchange:
         self.body_buf = []
         self.body_buffered = 0
         now = self.started = self.loop.time()
-        deadline = now + (self.budget or self.route_total or 3600.0)
+        total = self.route_total or 3600.0
+        if self.budget and self.budget < total:
+            total = self.budget  # the caller's deadline is sooner
+        deadline = now + total
         self.pending = self.loop.create_task(self._handle(handler, req, deadline))
 
     async def _handle(self, handler: Handler, req: BufferedRequest, deadline: float) -> None:
