@@ -1044,6 +1044,15 @@ class BodyMap(_Model):
     drop_nulls: bool = False
     """Remove members whose value is null, at every depth."""
 
+    @model_validator(mode="after")
+    def _compiles(self) -> BodyMap:
+        # Contradictory rules (a move out of a denied member...) are refused
+        # here, where the loader can point at the mapping's line.
+        from meshgate.transform.jsonmap import JsonMap
+
+        JsonMap(self, "body")
+        return self
+
     @field_validator("rename")
     @classmethod
     def _names(cls, v: dict[str, str]) -> dict[str, str]:
