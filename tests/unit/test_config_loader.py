@@ -742,3 +742,21 @@ routes:
     assert retry is not None and retry.on == ["reset", "503"]
     route_retry = config.routes[0].retry
     assert route_retry is not None and route_retry.on == ["gateway-error"]
+
+
+def test_a_status_map_takes_numbers_as_keys() -> None:
+    config = load_config_text(
+        """\
+upstreams: {a: {endpoints: ["127.0.0.1:1"]}}
+routes:
+- path: /x
+  upstream: a
+  transform:
+    response:
+      status: {404: 410, "500": 503}
+""",
+        env={},
+    )
+    transform = config.routes[0].transform
+    assert transform is not None and transform.response is not None
+    assert transform.response.status == {404: 410, 500: 503}

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from meshgate.config.loader import load_config_text
+from meshgate.config.loader import ConfigError, load_config_text
 from meshgate.config.schema import ResponseTransform, TransformConfig
 from meshgate.filters import FilterRequest, LocalReply
-from meshgate.filters.build import FilterServices, compile_check, compile_filters
+from meshgate.filters.build import FilterServices, compile_filters
 from meshgate.filters.transform import (
     ResponseEdits,
     TransformFilter,
@@ -612,10 +612,17 @@ def test_transform_runs_last_in_the_chain() -> None:
     assert req.response_edits.status(404) == 410
 
 
-def test_compile_check_names_the_route_field(tmp_path: Path) -> None:
+def test_a_bad_template_is_refused_at_load_naming_its_line() -> None:
     text = CONFIG.replace("'{path.id}'", "'{path.nope}'")
-    config = load_config_text(text, "test.yaml")
-    problem = compile_check(config, str(tmp_path / "gw.yaml"))
-    assert problem is not None
-    assert "routes[0].transform.request.headers.set.X-Order" in problem, problem
-    assert "{path.nope}" in problem, problem
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "test.yaml")
+    (problem,) = info.value.problems
+    assert problem.field == "routes[0].transform.request.headers.set.X-Order", problem
+    assert (
+        problem.line
+        == text.splitlines().index(
+            next(line for line in text.splitlines() if "{path.nope}" in line)
+        )
+        + 1
+    )
+    assert "{path.nope}" in problem.message, problem

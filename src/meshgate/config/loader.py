@@ -212,6 +212,33 @@ def _check_routes(config: Config, filename: str, builder: _Builder) -> None:
         raise ConfigError(
             [ConfigProblem(filename, line, column, format_path(path), message)]
         ) from None
+    _check_transforms(config, filename, builder)
+
+
+def _check_transforms(config: Config, filename: str, builder: _Builder) -> None:
+    """Compile each route's `transform:` header, query and path edits (their
+    templates) here, so that a refusal points at its line like any other."""
+    from meshgate.filters.transform import compile_transform, route_params
+
+    for i, route in enumerate(config.routes):
+        if route.transform is None:
+            continue
+        try:
+            compile_transform(route.transform, f"routes[{i}]", params=route_params(route.path))
+        except ValueError as exc:
+            message = str(exc)
+            # `routes[0].transform.request.headers.set.x-a: ...`: the deepest
+            # part of that dotted field the file has a mark for.
+            path: tuple[str | int, ...] = ("routes", i)
+            for part in message.partition(": ")[0].split(".")[1:]:
+                if (*path, part) not in builder.marks:
+                    break
+                path = (*path, part)
+            line, column = _position(builder.marks.get(path))
+            field, _, why = message.partition(": ")
+            raise ConfigError(
+                [ConfigProblem(filename, line, column, format_path(path), why or field)]
+            ) from None
 
 
 def _file_error(filename: str, message: str) -> ConfigError:
@@ -363,6 +390,15 @@ class _Builder:
         ):
             # YAML 1.1 reads a plain `on:` (`yes:`, `off:` ...) as a boolean; as
             # a key it is always the word (YAML 1.2 agrees): `retry: {on: [...]}`.
+            return str(key_node.value)
+        if (
+            isinstance(key_node, ScalarNode)
+            and key_node.tag == _TAG_INT
+            and path[-1:] == ("status",)
+            and key_node.value.isdigit()
+        ):
+            # A status map (`transform.response.status: {404: 410}`): its
+            # keys are status codes, naturally written as numbers.
             return str(key_node.value)
         if isinstance(key_node, ScalarNode) and key_node.tag in _TYPE_NAMES:
             kind = _TYPE_NAMES[key_node.tag]

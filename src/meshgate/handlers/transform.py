@@ -13,6 +13,8 @@ What is mapped, and what is left alone:
   JSON body that does not parse is a 400. A compressed request body
   (`Content-Encoding`) is refused with 415: the gateway would have to
   decode it to map it, and re-encode it;
+- a route that maps only request bodies reads responses whole too, up to
+  8 MiB (or `max_body` when larger), and passes them unchanged;
 - a response body is mapped when its status is 2xx and it is JSON. Errors
   (a problem body from the upstream) pass unchanged, so a mapping written
   for success shapes never mangles them. The upstream is asked for
@@ -38,9 +40,42 @@ if TYPE_CHECKING:
     from meshgate.config.schema import TransformConfig
     from meshgate.upstream.retry import RetryPolicy
 
+# The most a route that maps only request bodies reads of a response (it
+# is buffered too, but never mapped): `max_body` when that is larger.
+UNMAPPED_RESPONSE_LIMIT = 8 * 1024 * 1024
 # Response headers that describe the bytes, no longer true once they change.
 _REPRESENTATION = frozenset({b"content-encoding", b"content-md5", b"digest", b"etag"})
 _ACCEPT_GZIP = (b"accept-encoding", b"gzip")
+_ACCEPT_IDENTITY = (b"accept-encoding", b"identity")
+
+
+def _accepts_gzip(values: list[bytes]) -> bool:
+    """Whether the client's Accept-Encoding lines take gzip (RFC 9110
+    section 12.5.3): no line at all takes any coding; else gzip (or `*`)
+    must be listed with a q above 0."""
+    if not values:
+        return True
+    star = False
+    for item in b",".join(values).lower().split(b","):
+        coding, _, params = item.partition(b";")
+        coding = coding.strip()
+        q = 1.0
+        for param in params.split(b";"):
+            key, _, value = param.partition(b"=")
+            if key.strip() == b"q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+        if coding in (b"gzip", b"x-gzip"):
+            return q > 0
+        if coding == b"*":
+            star = q > 0
+    return star
+
+
+class _TooLarge(Exception):
+    """A coded body that decodes past the limit."""
 
 
 def apply_edits(resp: HandlerResponse, edits: Any) -> HandlerResponse:
@@ -106,8 +141,11 @@ class BodyTransformer:
         loop = asyncio.get_running_loop()
         timeout = min(self.timeout or cluster.total_timeout, deadline - loop.time())
         if self.response_map is not None:
+            # gzip, which the gateway can decode to map, only when the client
+            # takes it too: answers left unmapped reach the client as they came.
+            accepted = [v for n, v in headers if n == b"accept-encoding"]
             headers = [h for h in headers if h[0] != b"accept-encoding"]
-            headers.append(_ACCEPT_GZIP)
+            headers.append(_ACCEPT_GZIP if _accepts_gzip(accepted) else _ACCEPT_IDENTITY)
         try:
             resp = await send(
                 cluster,
@@ -118,7 +156,9 @@ class BodyTransformer:
                 host=req.host,
                 timeout=max(timeout, 0.001),
                 retry=self.retry,
-                max_body=self.max_body,
+                max_body=self.max_body
+                if self.response_map is not None
+                else max(self.max_body, UNMAPPED_RESPONSE_LIMIT),
             )
         except UpstreamFailure as exc:
             return problem(exc.status, exc.kind, exc.detail, req.request_id)
@@ -131,7 +171,16 @@ class BodyTransformer:
         raw = resp.body
         coding = resp.header(b"content-encoding")
         if coding is not None and coding.strip().lower() not in (b"", b"identity"):
-            decoded = _decode(raw, coding.strip().lower(), self.max_body)
+            try:
+                decoded = _decode(raw, coding.strip().lower(), self.max_body)
+            except _TooLarge:
+                return problem(
+                    502,
+                    "upstream-body-too-large",
+                    f"the response of {cluster.name} is larger than {self.max_body} "
+                    "bytes once decoded",
+                    req.request_id,
+                )
             if decoded is None:
                 return problem(
                     502,
@@ -157,7 +206,7 @@ class BodyTransformer:
 
 def _decode(raw: bytes, coding: bytes, limit: int) -> bytes | None:
     """gzip or deflate, at most `limit` bytes out; None for other codings or
-    a body that does not decode (or decodes past the limit)."""
+    a body that does not decode; _TooLarge past the limit."""
     if coding in (b"gzip", b"x-gzip"):
         wbits = 16 + zlib.MAX_WBITS
     elif coding == b"deflate":
@@ -176,5 +225,5 @@ def _decode(raw: bytes, coding: bytes, limit: int) -> bytes | None:
         except zlib.error:
             return None
     if len(out) > limit or d.unconsumed_tail:
-        return None
+        raise _TooLarge
     return out

@@ -1549,7 +1549,10 @@ class Exchange:
         body = resp.body
         if status in NO_BODY_STATUS:
             body = b""
-        else:
+        elif body or self.method != b"HEAD":
+            # A HEAD answered from upstream has no body to count: its length
+            # is unknown here, and a Content-Length must be the GET's or none
+            # (RFC 9110 section 8.6).
             parts.append(b"content-length: %d\r\n" % len(body))
         if self.method == b"HEAD":
             body = b""
