@@ -456,6 +456,37 @@ def test_optional_backend_stopped_with_a_custom_errors_key(proxy: ProxyProcess) 
     ]
 
 
+def test_metrics_count_partial_answers_and_failed_calls(proxy: ProxyProcess) -> None:
+    def counts() -> dict[str, float]:
+        text = fetch(proxy.admin_url("/metrics")).body.decode()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("meshgate_aggregate_") and 'route="routes[1]"' in line:
+                name, _, value = line.rpartition(" ")
+                out[
+                    name.split("{")[0]
+                    + ":"
+                    + name.split('outcome="')[1].split('"')[0]
+                    + ":"
+                    + (name.split('backend="')[1].split('"')[0] if "backend=" in name else "")
+                ] = float(value)
+        return out
+
+    before = counts()
+    assert _get(proxy, "/api/partial/o-1").status == 200
+    after = counts()
+    assert after["meshgate_aggregate_responses_total:partial:"] == (
+        before["meshgate_aggregate_responses_total:partial:"] + 1
+    )
+    assert (
+        after["meshgate_aggregate_responses_total:complete:"]
+        == (before["meshgate_aggregate_responses_total:complete:"])
+    )
+    for backend, outcome in (("order", "ok"), ("stock", "ok"), ("customer", "failed")):
+        key = f"meshgate_aggregate_calls_total:{outcome}:{backend}"
+        assert after[key] == before[key] + 1, (key, before, after)
+
+
 # ---------------------------------------------------------------------------
 # 3. a required backend fails
 

@@ -97,6 +97,8 @@ class _Step:
     """One backend, compiled."""
 
     __slots__ = (
+        "calls_failed",
+        "calls_ok",
         "cluster",
         "deps",
         "encoding",
@@ -120,6 +122,7 @@ class _Step:
     ) -> None:
         self.index = index
         self.cluster = cluster
+        self.calls_ok = self.calls_failed = 0
         self.method = cfg.method.encode("ascii")
         self.group = cfg.group
         self.name = cfg.group or f"{cfg.upstream}#{index}"
@@ -229,6 +232,9 @@ class Aggregator:
     ) -> None:
         self.max_body = max_body
         self.response_map = response_map
+        self.label = where.rstrip(".")
+        # Counters for /metrics: answers by outcome, calls per backend.
+        self.complete = self.partial = self.failed = 0
         self.timeout = cfg.timeout
         self.errors_key = cfg.errors_key
         # Headers the gateway itself sets (auth's X-Consumer and claim
@@ -354,10 +360,12 @@ class Aggregator:
                     step = running.pop(task)
                     exc = task.exception()
                     if exc is None:
+                        step.calls_ok += 1
                         values[step.index] = task.result()
                         if step.group is not None:
                             results[step.group] = values[step.index]
                     elif isinstance(exc, _Failed):
+                        step.calls_failed += 1
                         failures[step.index] = exc
                     else:
                         raise exc
@@ -447,6 +455,7 @@ class Aggregator:
     def _required_failed(
         self, step: _Step, failure: _Failed, req: BufferedRequest
     ) -> HandlerResponse:
+        self.failed += 1
         status = failure.status if 400 <= failure.status < 500 else 502
         return problem(
             status,
@@ -481,4 +490,7 @@ class Aggregator:
                 for i, f in sorted(failures.items())
             ]
             headers.append(PARTIAL)
+            self.partial += 1
+        else:
+            self.complete += 1
         return HandlerResponse(200, headers, orjson.dumps(doc))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from meshgate.handlers.aggregate import Aggregator
+
 if TYPE_CHECKING:
     from meshgate.protocol.h1 import ServerState
 
@@ -102,4 +104,31 @@ def render(state: ServerState) -> str:
             for name, n in zip(splitter.names, splitter.counts, strict=True):
                 labels = _labels(worker=pid, route=splitter.label, upstream=name)
                 lines.append(f"meshgate_split_requests_total{labels} {n}")
+    lines += [
+        "# HELP meshgate_aggregate_responses_total Answers of aggregate: routes: complete,"
+        " partial (an optional backend failed) or failed (a required one did).",
+        "# TYPE meshgate_aggregate_responses_total counter",
+    ]
+    aggregators = [
+        h
+        for route in state.runtime.router.routes
+        if isinstance(h := route.target.handler, Aggregator)
+    ]
+    for agg in aggregators:
+        for outcome, n in (
+            ("complete", agg.complete),
+            ("partial", agg.partial),
+            ("failed", agg.failed),
+        ):
+            labels = _labels(worker=pid, route=agg.label, outcome=outcome)
+            lines.append(f"meshgate_aggregate_responses_total{labels} {n}")
+    lines += [
+        "# HELP meshgate_aggregate_calls_total Backend calls of aggregate: routes, by outcome.",
+        "# TYPE meshgate_aggregate_calls_total counter",
+    ]
+    for agg in aggregators:
+        for step in agg.steps:
+            for outcome, n in (("ok", step.calls_ok), ("failed", step.calls_failed)):
+                labels = _labels(worker=pid, route=agg.label, backend=step.name, outcome=outcome)
+                lines.append(f"meshgate_aggregate_calls_total{labels} {n}")
     return "\n".join(lines) + "\n"
