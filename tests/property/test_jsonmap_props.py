@@ -53,59 +53,88 @@ values = st.recursive(
 )
 documents = st.one_of(objects(values), st.lists(objects(values), max_size=3))
 
-random_pointers = st.lists(st.sampled_from([*KEYS, "z"]), min_size=1, max_size=3).map(tuple)
-put_values = st.sampled_from([0, "v", None, True, {"k": 1}, [1, None], {}])
+PUT_VALUES: list[Any] = [0, "v", None, True, {"k": 1}, [1, None], {}]
+NEW_NAMES = ["a", "b", "n", "m", "*x"]
 
 
-def doc_pointers(doc: Any) -> list[Ptr]:
-    """The pointers naming something in `doc`, arrays reached with `*`."""
+def doc_pointers(doc: Any) -> tuple[list[Ptr], list[Ptr]]:
+    """The pointers naming something in `doc` (arrays reached with `*`), and
+    those naming, somewhere, a value that is not an object."""
     seen: set[Ptr] = set()
-    for path, _ in leaves(doc):
-        p = tuple("*" if isinstance(k, int) else k for k in path)
-        seen.update(p[:n] for n in range(1, len(p) + 1))
-    return sorted(seen)
+    walls: set[Ptr] = set()
+    stack: list[tuple[Any, Ptr]] = [(doc, ())]
+    while stack:
+        node, p = stack.pop()
+        if p:
+            seen.add(p)
+            if not isinstance(node, dict):
+                walls.add(p)
+        if isinstance(node, dict):
+            stack.extend((v, (*p, k)) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, (*p, "*")) for v in node)
+    return sorted(seen), sorted(walls)
 
 
 @st.composite
 def cases(draw: st.DrawFn) -> tuple[Any, dict[str, Any]]:
-    """A document and candidate rules whose pointers mostly name its parts."""
+    """A document and candidate rules whose pointers mostly name its parts
+    (drawn as indexes into lists, which is much faster than building
+    strategies from the document)."""
     doc = draw(documents)
-    known = doc_pointers(doc)
-    pointers = random_pointers
-    if known:
-        # a part of the document, something just under one (absent, or under a
-        # scalar or an array), or anything
-        parts = st.sampled_from(known)
-        below = st.tuples(parts, st.sampled_from([*KEYS, "*"])).map(lambda t: (*t[0], t[1]))
-        pointers = st.one_of(parts, below, random_pointers)
+    known, walls = doc_pointers(doc)
 
-    @st.composite
-    def moves(draw: st.DrawFn) -> tuple[Ptr, Ptr]:
+    def pick(seq: list[Any]) -> Any:
+        return seq[draw(st.integers(0, len(seq) - 1))]
+
+    def some(make: Any, most: int) -> list[Any]:
+        return [make() for _ in range(draw(st.integers(0, most)))]
+
+    def pointer() -> Ptr:
+        """A part of the document, something just under one (absent, or under
+        a scalar or an array), or anything."""
+        kind = draw(st.integers(0, 2)) if known else 2
+        if kind == 0:
+            found: Ptr = pick(known)
+            return found
+        if kind == 1:
+            return (*pick(known), pick([*KEYS, "*"]))
+        return tuple(pick([*KEYS, "z"]) for _ in range(draw(st.integers(1, 3))))
+
+    def relative(found: list[Ptr], prefix: Ptr) -> list[Ptr]:
+        cut = len(prefix)
+        return [p[cut:] for p in found if p[:cut] == prefix and p[cut:] and "*" not in p[cut:]]
+
+    def move() -> tuple[Ptr, Ptr]:
         """A source, and a target with the same segments up to its last `*`:
-        new names, or a part of the document there, or something under one."""
-        src: Ptr = draw(pointers)
+        new names, a part of the document there, something under one, or
+        something under a value that is not an object (a blocked move)."""
+        src = pick(known) if known and draw(st.booleans()) else pointer()
+        if src[-1] == "*":
+            src = (*src, pick(KEYS[:3]))
         cut = max((i + 1 for i, s in enumerate(src[:-1]) if s == "*"), default=0)
-        names = st.lists(st.sampled_from(["a", "b", "n", "m", "*x"]), min_size=1, max_size=2)
-        there = [p[cut:] for p in known if p[:cut] == src[:cut] and len(p) > cut]
-        if there:
-            parts = st.sampled_from(there)
-            names |= parts | st.tuples(parts, st.sampled_from(KEYS)).map(lambda t: (*t[0], t[1]))
-        rest = draw(names)
+        there = relative(known, src[:cut])
+        blocked = relative(walls, src[:cut])
+        kind = draw(st.integers(0, 3))
+        if kind == 1 and there:
+            rest: Ptr = pick(there)
+        elif kind == 2 and there:
+            rest = (*pick(there), pick(["a", "b", "~0"]))
+        elif kind == 3 and blocked:
+            rest = (*pick(blocked), "w")
+        else:
+            rest = tuple(pick(NEW_NAMES) for _ in range(draw(st.integers(1, 2))))
         return src, (*src[:cut], *rest)
 
-    cand = draw(
-        st.fixed_dictionaries(
-            {
-                "allow": st.one_of(st.none(), st.lists(pointers, min_size=1, max_size=3)),
-                "deny": st.lists(pointers, max_size=2),
-                "rename": st.lists(st.tuples(pointers, st.sampled_from(NAMES)), max_size=3),
-                "move": st.lists(moves(), max_size=3),
-                "defaults": st.lists(st.tuples(pointers, put_values), max_size=2),
-                "set": st.lists(st.tuples(pointers, put_values), max_size=2),
-                "drop_nulls": st.booleans(),
-            }
-        )
-    )
+    cand = {
+        "allow": some(pointer, 3) or None if draw(st.booleans()) else None,
+        "deny": some(pointer, 2),
+        "rename": some(lambda: (pointer(), pick(NAMES)), 3),
+        "move": some(move, 3),
+        "defaults": some(lambda: (pointer(), pick(PUT_VALUES)), 2),
+        "set": some(lambda: (pointer(), pick(PUT_VALUES)), 2),
+        "drop_nulls": draw(st.booleans()),
+    }
     return doc, cand
 
 
@@ -146,9 +175,7 @@ class Rules:
                     src, dst = item
                     value = ptr(dst)
                 mine = [src, dst]
-                if ptr(src) in self.cfg[kind] or any(
-                    nested(m, t) for m in mine for t in touched
-                ):
+                if ptr(src) in self.cfg[kind] or any(nested(m, t) for m in mine for t in touched):
                     continue
                 if self._try(kind, lambda c, k=kind, s=src, v=value: c[k].update({ptr(s): v})):
                     self.shifts.append((src, dst))
@@ -193,12 +220,12 @@ def leaves(doc: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:
 
 def get(doc: Any, path: Path) -> Any:
     for k in path:
-        if isinstance(k, int) and isinstance(doc, list) and k < len(doc):
-            doc = doc[k]
-        elif isinstance(k, str) and isinstance(doc, dict) and k in doc:
-            doc = doc[k]
-        else:
+        if isinstance(k, int):
+            if not isinstance(doc, list) or k >= len(doc):
+                return MISSING
+        elif not isinstance(doc, dict) or k not in doc:
             return MISSING
+        doc = doc[k]
     return doc
 
 
@@ -262,9 +289,12 @@ def check_leaves(rules: Rules, doc: Any, out: Any) -> None:
     targets = [dst for _, dst in rules.shifts]
     for path, value in leaves(doc):
         empty = isinstance(value, dict | list)
-        if rules.allow is not None and not any(under(a, path) for a in rules.allow):
-            if not (empty and any(above(a, path) for a in rules.allow)):
-                continue  # outside allow (or a scalar on the way to it)
+        if (
+            rules.allow is not None
+            and not any(under(a, path) for a in rules.allow)
+            and not (empty and any(above(a, path) for a in rules.allow))
+        ):
+            continue  # outside allow (or a scalar on the way to it)
         if any(under(d, path) for d in rules.deny):
             continue
         if empty and any(above(t, path) for t in [*targets, *rules.puts]):

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from typing import Any
 
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from meshgate.config.schema import BodyMap
 from meshgate.transform.jsonmap import JsonMap, NotJson
@@ -314,8 +316,10 @@ def test_set_values_are_copied_for_every_document() -> None:
 def test_set_values_are_normalized_through_json() -> None:
     m = jm(set={"/d": datetime.date(2024, 1, 2), "/codes": {200: "ok"}})
     assert m.apply({}) == {"d": "2024-01-02", "codes": {"200": "ok"}}
-    with pytest.raises(ValueError, match=r"^route 'orders' response body: set '/x'.*not JSON"):
+    with pytest.raises(ValueError, match=r"set '/x'.*not JSON"):
         jm(set={"/x": object()})
+    with pytest.raises(ValueError, match=r"^route 'orders' response body: set '/x'.*not JSON"):
+        JsonMap(BodyMap.model_construct(set={"/x": object()}), WHERE)
     with pytest.raises(ValueError, match=r"defaults '/x'.*not JSON"):
         jm(defaults={"/x": 2**70})
 
@@ -389,9 +393,12 @@ def test_drop_nulls_on_a_deep_document() -> None:
 )
 def test_contradictory_rules_are_refused(rules: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError) as info:
-        jm(**rules)
+        JsonMap(BodyMap.model_construct(**rules), WHERE)
     assert str(info.value).startswith(WHERE + ": ")
     assert message in str(info.value)
+    # the config refuses them when it loads
+    with pytest.raises(ValidationError, match=re.escape("body: " + message)):
+        BodyMap.model_validate(rules)
 
 
 def test_rename_names_are_checked_by_the_schema() -> None:
