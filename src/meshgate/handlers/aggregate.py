@@ -1,9 +1,9 @@
 """`aggregate:` routes: one client request, several backend calls, one JSON answer.
 
 The plan is compiled at config load. Each backend's path is a template of
-literal text and placeholders: `{id}` (a path parameter of the route),
-`{query.<name>}`, `{header.<name>}`, and `{<group>.<field>...}`, a field of
-another backend's result. A backend that names another group waits for it;
+literal text and placeholders: `{id}` or `{path.id}` (a path parameter of
+the route), `{query.<name>}`, `{header.<name>}`, and `{<group>.<field>...}`,
+a field of another backend's result. A backend that names another group waits for it;
 the others start at once, so independent calls run concurrently and a chain
 `order -> customer` runs in two steps. Cycles, unknown groups and unknown
 parameters are refused at load.
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from meshgate.upstream.cluster import Cluster
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_TARGET_TEXT = re.compile(r"[\x21-\x7e]*")
 _PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 PARTIAL = (b"meshgate-partial", b"true")
 # Pieces of a compiled path template.
@@ -140,6 +141,8 @@ class _Step:
             pos = m.end()
             name = m.group(1).strip()
             head, dot, rest = name.partition(".")
+            if head == "path" and dot:
+                name, dot = rest, ""  # `{path.id}`, as transform templates write it
             if not dot:
                 if name not in params:
                     known = ", ".join(sorted(params)) or "none"
@@ -148,20 +151,24 @@ class _Step:
                         f"(its parameters: {known})"
                     )
                 pieces.append((_PARAM, name))
+            elif not rest:
+                raise ValueError(f"{where}.path: {{{name}}} names no field")
             elif head == "query":
                 pieces.append((_QUERY, rest))
             elif head == "header":
                 pieces.append((_HEADER, rest.lower().encode("latin-1")))
-            elif not rest:
-                raise ValueError(f"{where}.path: {{{name}}} names no field")
             else:
                 pieces.append((_REF, (head, tuple(rest.split(".")))))
         if pos < len(text):
             pieces.append((_LIT, text[pos:]))
-        if "{" in "".join(p for k, p in pieces if k == _LIT) or "}" in "".join(
-            p for k, p in pieces if k == _LIT
-        ):
+        literal = "".join(p for k, p in pieces if k == _LIT)
+        if "{" in literal or "}" in literal:
             raise ValueError(f"{where}.path: unbalanced '{{' or '}}' in {text!r}")
+        if not _TARGET_TEXT.fullmatch(literal):
+            raise ValueError(
+                f"{where}.path: {text!r} has characters a request target cannot hold "
+                "(spaces, controls or non-ASCII: percent-encode them)"
+            )
         self.pieces = tuple(pieces)
 
     def refs(self) -> list[str]:

@@ -79,7 +79,6 @@ PAUSE_BUFFER = 2  # body buffered while waiting for an upstream connection
 PAUSE_PIPELINE = 4  # too many queued pipelined requests
 PAUSE_DONE = 8  # the connection is closing: read nothing more
 
-
 # Request headers that meshgate writes itself instead of copying through.
 REQUEST_OWN = HOP_BY_HOP | {
     b"host",
@@ -95,9 +94,6 @@ REQUEST_OWN = HOP_BY_HOP | {
 # Request headers looked at while parsing (the forwarded ones among them are
 # copied through as they came).
 REQUEST_SPECIAL = REQUEST_OWN | {b"content-length"}
-
-# Request headers a buffered request does not pass on (its framing is new).
-_NOT_BUFFERED = REQUEST_OWN | {b"content-length"}
 
 CRLF = b"\r\n"
 COLON_SP = b": "
@@ -914,7 +910,8 @@ class _Head:
                     method=ex.method,
                     target=req.target,
                     host=self.host,
-                    headers=[h for h in headers if h[0] not in _NOT_BUFFERED],
+                    # (its framing is new: Content-Length too)
+                    headers=[h for h in headers if h[0] not in REQUEST_SPECIAL],
                     forward=ex.forward_pairs(self.host, self.xff, self.via),
                     body=b"",
                     client=req.client,
