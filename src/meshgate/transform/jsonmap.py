@@ -29,8 +29,9 @@ The rules:
   the first two elements of `a`.
 - rename: `{/customer: customer_id}` renames a member within its own object
   (a member of an array element with `/items/*/qty`). An existing member of
-  the new name is overwritten. The renamed member moves to the end of its
-  object's member order. A rename whose parent is an array does nothing.
+  the new name is overwritten (its place in the member order is kept);
+  otherwise the renamed member moves to the end of its object's member
+  order. A rename whose parent is an array does nothing.
 - move: `{/street: /address/street}` removes the source and sets it at the
   target. With wildcards, source and target must have the same segments up
   to their last `*` (`{/items/*/qty: /items/*/quantity}` moves within each
