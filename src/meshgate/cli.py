@@ -155,6 +155,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 1
     m = router.match(method, host, path, headers)
     assert m is not None
+    agg = winner.config.aggregate
+    if agg is not None:
+        print(f"answered by an aggregation (within {agg.timeout:g}s) of:")
+        for b in agg.backends:
+            sent = b.path
+            for name, value in m.params.items():
+                sent = sent.replace("{" + name + "}", value).replace("{path." + name + "}", value)
+            notes = "" if b.required else " (optional)"
+            print(f"   {b.group or '(merged)'}: {b.method} {sent} on {b.upstream}{notes}")
+        return 0
     sent = m.route.upstream_path(path, f"?{query}" if query else "", m.params, m.rest)
     print(f"sent to upstream {winner.config.target_label()} as {method} {sent}")
     return 0

@@ -100,6 +100,15 @@ def test_explain_says_which_route_matched() -> None:
     assert "order-service" in out, out
 
 
+def test_explain_lists_an_aggregations_calls() -> None:
+    proc = run_meshgate("explain", "-c", str(SEED), "GET", "/api/order-summary/7")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "answered by an aggregation (within 2s) of:" in out, out
+    assert "order: GET /orders/7 on order-service\n" in out, out
+    assert "customer: GET /customers/{order.customer_id} on customer-service (optional)" in out
+
+
 def test_explain_no_match() -> None:
     proc = run_meshgate("explain", "-c", str(SEED), "GET", "/nowhere")
     out = proc.stdout + proc.stderr
