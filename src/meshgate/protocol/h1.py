@@ -1216,33 +1216,25 @@ class Exchange:
         cluster = self.cluster
         if policy is None or cluster is None or self.finished or self.head_sent:
             return False
-        if self.attempt >= policy.attempts:
-            return False
-        if cause.isdigit():
-            if int(cause) not in policy.statuses:
-                return False
-        elif cause not in policy.causes:
-            return False
-        if sent and not (self.method in IDEMPOTENT or policy.non_idempotent):
-            return False  # the upstream may have acted on it
         if sent and self.has_body and self.replay is None:
             return False  # the body is too large to send again
-        limit = cluster.max_retries
-        if limit is not None and cluster.retries_active >= limit:
-            return False
         now = self.loop.time()
-        if retry_after is not None and retry_after > policy.cap:
-            return False  # the upstream asks for longer than retries may wait
-        delay = policy.backoff(self.attempt) if retry_after is None else retry_after
-        if now + delay >= self.deadline:
-            return False
-        if not cluster.budget.try_retry(now):
+        delay = policy.next_delay(
+            cluster,
+            cause,
+            self.attempt,
+            method=self.method,
+            sent=sent,
+            now=now,
+            deadline=self.deadline,
+            retry_after=retry_after,
+        )
+        if delay is None:
             return False
         self.attempt += 1
         if not self.retry_counted:
             self.retry_counted = True
             cluster.retries_active += 1
-        cluster.retried += 1
         self.failed_ep = failed
         if self.replay is not None:
             self.body_buf = self.replay + self.body_buf
@@ -1345,13 +1337,7 @@ class Exchange:
         self.endpoint = ep
         ep.active += 1
         self.conn = conn
-        conn.sink = self
-        conn.no_body = self.method == b"HEAD"
-        conn.close_delimited = False
-        conn.bytes_in = 0
-        conn.parts = [b""]
-        conn.has_length = conn.chunked = conn.in_body = False
-        conn.drop = None
+        conn.bind(self, no_body=self.method == b"HEAD")
         transport = conn.transport
         assert transport is not None
         head = self.head
@@ -1536,6 +1522,22 @@ class Exchange:
         if queue and queue[0] is self:
             self.start()
 
+    def _end_head(self, parts: list[bytes]) -> None:
+        """What meshgate adds to every response head, and its blank line."""
+        if self.response_extra:
+            parts.append(self.response_extra)
+        parts.append(
+            _RESPONSE_TAIL
+            % (
+                self.request_id,
+                b"connection: close\r\n\r\n"
+                if not self.keep_alive
+                else b"connection: keep-alive\r\n\r\n"
+                if self.http10
+                else CRLF,
+            )
+        )
+
     def _reply_whole(self, resp: HandlerResponse) -> None:
         """A handler's answer, framed as a whole response."""
         status = self.status = resp.status
@@ -1555,19 +1557,7 @@ class Exchange:
             body = b""
         if self.proto.state.draining:
             self.keep_alive = False
-        if self.response_extra:
-            parts.append(self.response_extra)
-        parts.append(
-            _RESPONSE_TAIL
-            % (
-                self.request_id,
-                b"connection: close\r\n\r\n"
-                if not self.keep_alive
-                else b"connection: keep-alive\r\n\r\n"
-                if self.http10
-                else CRLF,
-            )
-        )
+        self._end_head(parts)
         parts.append(body)
         self.local_reply = b"".join(parts)
 
@@ -1656,19 +1646,7 @@ class Exchange:
             self.keep_alive = False
         if self.proto.state.draining:
             self.keep_alive = False
-        if self.response_extra:
-            parts.append(self.response_extra)
-        parts.append(
-            _RESPONSE_TAIL
-            % (
-                self.request_id,
-                b"connection: close\r\n\r\n"
-                if not self.keep_alive
-                else b"connection: keep-alive\r\n\r\n"
-                if self.http10
-                else CRLF,
-            )
-        )
+        self._end_head(parts)
         self.response_started = True
         # Held until the end of this read, so that the head and the first
         # body bytes leave in one write (one syscall for a small response).

@@ -417,13 +417,7 @@ class _Call:
         self.endpoint = ep
         ep.active += 1
         self.conn = conn
-        conn.sink = self
-        conn.no_body = self.method == b"HEAD"
-        conn.close_delimited = False
-        conn.bytes_in = 0
-        conn.parts = [b""]
-        conn.has_length = conn.chunked = conn.in_body = False
-        conn.drop = None
+        conn.bind(self, no_body=self.method == b"HEAD")
         self.status = 0
         self.head_seen = False
         self.resp_headers = []
@@ -467,32 +461,25 @@ class _Call:
         the breaker and the deadline all allow one (it is then counted); None
         when the try's failure is the answer."""
         policy = self.policy
-        if policy is None or self.attempt >= policy.attempts:
+        if policy is None:
             return None
-        if cause.isdigit():
-            if int(cause) not in policy.statuses:
-                return None
-        elif cause not in policy.causes:
-            return None
-        if sent and not (self.method in IDEMPOTENT or policy.non_idempotent):
-            return None  # the upstream may have acted on it
         cluster = self.cluster
-        limit = cluster.max_retries
-        if limit is not None and cluster.retries_active >= limit:
-            return None
-        if retry_after is not None and retry_after > policy.cap:
-            return None  # the upstream asks for longer than retries may wait
-        now = self.loop.time()
-        delay = policy.backoff(self.attempt) if retry_after is None else retry_after
-        if now + delay >= self.deadline:
-            return None
-        if not cluster.budget.try_retry(now):
+        delay = policy.next_delay(
+            cluster,
+            cause,
+            self.attempt,
+            method=self.method,
+            sent=sent,
+            now=self.loop.time(),
+            deadline=self.deadline,
+            retry_after=retry_after,
+        )
+        if delay is None:
             return None
         self.attempt += 1
         if not self.retry_counted:
             self.retry_counted = True
             cluster.retries_active += 1
-        cluster.retried += 1
         self.try_deadline = 0.0
         return delay
 

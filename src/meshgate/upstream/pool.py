@@ -233,6 +233,17 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
 
     # -- used by the exchange ------------------------------------------------
 
+    def bind(self, sink: ResponseSink, *, no_body: bool) -> None:
+        """Take the next request's response for `sink` (per-message state is
+        reset here: httptools has no on_message_begin callback)."""
+        self.sink = sink
+        self.no_body = no_body
+        self.close_delimited = False
+        self.bytes_in = 0
+        self.parts = [b""]
+        self.has_length = self.chunked = self.in_body = False
+        self.drop = None
+
     def close(self) -> None:
         """Close gracefully (buffered request bytes are still flushed)."""
         self.keep_alive = False

@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import TYPE_CHECKING
 
 from meshgate.config.schema import RetryBudgetConfig, RetryConfig
+from meshgate.protocol.headers import IDEMPOTENT
+
+if TYPE_CHECKING:
+    from meshgate.upstream.cluster import Cluster
 
 __all__ = ["RetryBudget", "RetryPolicy"]
 
@@ -62,6 +67,47 @@ class RetryPolicy:
     def backoff(self, retry: int) -> float:
         """Full jitter: a random wait below min(cap, base x 2^(retry-1))."""
         return random.uniform(0.0, min(self.cap, self.base * (1 << min(retry - 1, 20))))
+
+    def next_delay(
+        self,
+        cluster: Cluster,
+        cause: str,
+        attempt: int,
+        *,
+        method: bytes,
+        sent: bool,
+        now: float,
+        deadline: float,
+        retry_after: float | None = None,
+    ) -> float | None:
+        """The wait before try `attempt + 1` after a try failed with `cause`
+        (a status as digits, or connect-failure, reset, timeout), or None
+        when that failure is the answer: the attempts, the cause, the method
+        (a request that was sent is repeated only when idempotent), the
+        breaker's `max_retries`, an upstream's `Retry-After` beyond the cap,
+        the deadline and the budget all have their say. A retry allowed is
+        drawn from the budget and counted in `cluster.retried`."""
+        if attempt >= self.attempts:
+            return None
+        if cause.isdigit():
+            if int(cause) not in self.statuses:
+                return None
+        elif cause not in self.causes:
+            return None
+        if sent and not (method in IDEMPOTENT or self.non_idempotent):
+            return None  # the upstream may have acted on it
+        limit = cluster.max_retries
+        if limit is not None and cluster.retries_active >= limit:
+            return None
+        if retry_after is not None and retry_after > self.cap:
+            return None  # the upstream asks for longer than retries may wait
+        delay = self.backoff(attempt) if retry_after is None else retry_after
+        if now + delay >= deadline:
+            return None
+        if not cluster.budget.try_retry(now):
+            return None
+        cluster.retried += 1
+        return delay
 
 
 class RetryBudget:
