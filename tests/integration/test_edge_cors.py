@@ -193,3 +193,27 @@ def test_top_level_cors_applies_unless_a_route_turns_it_off(
     assert off.status == 200, off.describe()  # cors: false: the upstream answers it
     assert _cors_names(off) == []
     assert _upstream_saw(proxy, up, "/off/") == ["OPTIONS"]
+
+
+def test_an_upstreams_own_cors_fields_never_reach_the_client(
+    proxy: ProxyProcess, up: UpstreamServer
+) -> None:
+    """On a route with CORS the gateway's policy is the only one a browser
+    sees: the upstream's Access-Control-* fields are dropped, whatever the
+    origin; its other fields pass."""
+    leaky = (
+        "/open/headers?add=Access-Control-Allow-Origin:*|Access-Control-Allow-Credentials:true"
+        "|Access-Control-Max-Age:99|X-Kept:yes"
+    )
+    allowed = fetch(proxy.url(leaky), "-H", f"Origin: {APP}")
+    assert allowed.status == 200, allowed.describe()
+    assert allowed.header_all("access-control-allow-origin") == [APP]
+    assert allowed.header("access-control-allow-credentials") is None
+    assert allowed.header("access-control-max-age") is None
+    assert allowed.header("x-kept") == "yes"
+    stranger = fetch(proxy.url(leaky), "-H", "Origin: https://evil.example.net")
+    assert stranger.status == 200, stranger.describe()
+    assert stranger.header("access-control-allow-origin") is None
+    # without CORS on the route, the upstream's fields are its own business
+    plain = fetch(proxy.url(leaky.replace("/open/", "/plain/")), "-H", f"Origin: {APP}")
+    assert plain.header("access-control-allow-origin") == "*"

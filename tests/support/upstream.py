@@ -29,6 +29,7 @@ route prefix: `/svc/download`), with parameters in the query:
                     a content-length on a 304, which still has no body);
                     retry_after=S adds a Retry-After.
     hop             `echo` plus hop-by-hop response headers a proxy must drop.
+    headers         `echo` plus the response headers in add=Name:Value|Name:Value.
     bad-response    kind=garbage|dup-cl|cl-te|bad-chunk: a malformed response,
                     then closes.
     expect-reject   417 without reading the body, then closes (echo when the
@@ -67,6 +68,7 @@ BEHAVIOURS = frozenset(
         "truncate",
         "status",
         "hop",
+        "headers",
         "expect-reject",
         "bad-response",
     }
@@ -756,6 +758,15 @@ class UpstreamServer:
         return await out.simple(
             200, body, content_type="application/json", extra=list(HOP_RESPONSE_HEADERS)
         )
+
+    async def _b_headers(self, out: _Responder, rec: _LiveRequest, seq: int) -> bool:
+        extra = []
+        for item in rec.params.get("add", "").split("|"):
+            name, sep, value = item.partition(":")
+            if sep:
+                extra.append((name.strip(), value.strip()))
+        body = json.dumps(echo_doc(rec.snapshot())).encode()
+        return await out.simple(200, body, content_type="application/json", extra=extra)
 
     async def _b_expect_reject(self, out: _Responder, rec: _LiveRequest, seq: int) -> bool:
         # Reached only without an expectation (a proxy may answer 100 itself

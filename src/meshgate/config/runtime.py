@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from meshgate.config.schema import Config, RouteConfig, ServerLimits
 from meshgate.filters import Chain
 from meshgate.filters.build import CompiledFilters, FilterServices, compile_filters
+from meshgate.filters.cors import UPSTREAM_DROPPED
 from meshgate.handlers import Handler
 from meshgate.handlers.aggregate import Aggregator
 from meshgate.handlers.transform import BodyTransformer
@@ -37,6 +38,7 @@ class RouteTarget:
         "label",
         "passthrough",
         "read_timeout",
+        "response_drop",
         "retry",
         "splitter",
         "total_timeout",
@@ -55,8 +57,12 @@ class RouteTarget:
         read_timeout: float = 0.0,
         total_timeout: float = 0.0,
         handler: Handler | None = None,
+        response_drop: frozenset[bytes] | None = None,
     ) -> None:
         self.cluster = cluster
+        self.response_drop = response_drop
+        """Upstream response headers never passed on (on a route with CORS,
+        the upstream's own Access-Control-* fields), or None."""
         self.handler = handler
         """For an `aggregate:` route or one that maps JSON bodies: what
         answers the whole request (the body is buffered); else None."""
@@ -150,6 +156,7 @@ class Runtime:
                 read_timeout=(route.timeouts.read or 0.0) if route.timeouts else 0.0,
                 total_timeout=total,
                 handler=handler,
+                response_drop=UPSTREAM_DROPPED if config.route_cors(route) is not None else None,
             )
             pairs.append((route, target))
         shortest = min(

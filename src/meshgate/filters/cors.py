@@ -27,7 +27,21 @@ import re
 from meshgate.config.schema import CorsConfig
 from meshgate.filters import FilterRequest, FilterResult, LocalReply
 
-__all__ = ["REFUSED_KIND", "CorsFilter"]
+__all__ = ["REFUSED_KIND", "UPSTREAM_DROPPED", "CorsFilter"]
+
+# The response fields a route with CORS owns: an upstream's own are dropped,
+# so that a browser sees the gateway's policy only (as with Kong's plugin).
+UPSTREAM_DROPPED = frozenset(
+    {
+        b"access-control-allow-origin",
+        b"access-control-allow-credentials",
+        b"access-control-expose-headers",
+        b"access-control-allow-methods",
+        b"access-control-allow-headers",
+        b"access-control-max-age",
+        b"access-control-allow-private-network",
+    }
+)
 
 REFUSED_KIND = "cors-refused"
 

@@ -902,6 +902,8 @@ class _Head:
             ex.response_extra = req.response_extra
         ex.response_edits = req.response_edits
         rt = self.rt
+        if rt.response_drop is not None:
+            ex.response_drop = rt.response_drop
         splitter = rt.splitter
         if rt.handler is not None:
             ex.set_handler(
@@ -983,6 +985,7 @@ class Exchange:
     retry_counted = False
     response_extra = b""  # header lines the filters add to the response
     response_edits: Any = None  # the transform filter's status and header edits
+    response_drop: frozenset[bytes] | None = None  # upstream headers the route owns
     max_body = 0  # a buffered route: the largest body read (0: streamed)
     handler: Handler | None = None
     buffered: BufferedRequest | None = None
@@ -1542,8 +1545,11 @@ class Exchange:
         """A handler's answer, framed as a whole response."""
         status = self.status = resp.status
         parts = [status_line(status)]
+        skip = _NOT_FORWARDED_RESPONSE
+        if self.response_drop is not None:
+            skip = skip | self.response_drop
         for name, value in resp.headers:
-            if name not in _NOT_FORWARDED_RESPONSE:
+            if name not in skip:
                 parts += (name, COLON_SP, value, CRLF)
         body = resp.body
         if status in NO_BODY_STATUS:
@@ -1613,6 +1619,9 @@ class Exchange:
         parts = conn.parts
         parts[0] = status_line(status)
         drop = conn.drop
+        owned = self.response_drop
+        if owned is not None:
+            drop = owned if drop is None else drop | owned
         if drop is not None:
             # Rare: Connection named more headers to remove.
             kept = [parts[0]]
