@@ -26,7 +26,10 @@ The rules:
   a container is returned as it is.
 - deny: removes the members (or array elements) named. All deny pointers act
   on the document as it was before any of them: `deny: [/a/0, /a/1]` removes
-  the first two elements of `a`.
+  the first two elements of `a`. An object member that the deny empties is
+  removed too, as a move does (`deny: [/amount/currency]` on
+  `{"amount": {"currency": "EUR"}}` gives `{}`); an object that is an array
+  element stays, and an object that was empty already is left alone.
 - rename: `{/customer: customer_id}` renames a member within its own object
   (a member of an array element with `/items/*/qty`). An existing member of
   the new name is overwritten (its place in the member order is kept);
@@ -266,7 +269,12 @@ def _remove(node: _Node, value: Json) -> None:
                     del value[key]
                 else:
                     sub = value[key]
-                    if isinstance(sub, _CONTAINERS):
+                    if isinstance(sub, dict):
+                        if sub:
+                            _remove(child, sub)
+                            if not sub:
+                                del value[key]  # an object the deny emptied goes too
+                    elif isinstance(sub, list):
                         _remove(child, sub)
     elif isinstance(value, list):
         every = node.every
