@@ -125,6 +125,7 @@ class Runtime:
             retry = RetryPolicy(route.retry) if route.retry is not None else None
             total = (route.timeouts.total or 0.0) if route.timeouts else 0.0
             handler: Handler | None = None
+            route_drop = drop
             transform = route.transform
             if route.aggregate is not None:
                 response = transform.response if transform is not None else None
@@ -133,6 +134,10 @@ class Runtime:
                 if ops is not None:
                     for name in (*ops.set, *ops.add, *ops.rename.values()):
                         always.add(name.lower().encode("latin-1"))
+                    # What the route adds reaches the backends, a client's own
+                    # copies of those headers do not (the allow-list's rule).
+                    added = frozenset(name.lower().encode("latin-1") for name in ops.add)
+                    route_drop = added if drop is None else drop | added
                 handler = Aggregator(
                     route.aggregate,
                     clusters,
@@ -150,7 +155,7 @@ class Runtime:
                 label,
                 passthrough=passthrough,
                 chain=chain,
-                drop=drop,
+                drop=route_drop,
                 splitter=splitter,
                 retry=retry,
                 read_timeout=(route.timeouts.read or 0.0) if route.timeouts else 0.0,

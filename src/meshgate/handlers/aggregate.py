@@ -202,7 +202,7 @@ class _Step:
                         "aggregate-missing-input",
                         f"the header {value.decode('latin-1')!r} is missing",
                     )
-                out.append(urllib.parse.quote(hv.decode("latin-1"), safe=""))
+                out.append(urllib.parse.quote_from_bytes(hv, safe=""))
                 continue
             group, fields = value
             found, field = resolve(results.get(group), fields)
@@ -214,7 +214,13 @@ class _Step:
                     f"{where} is not a string or number in the {group!r} result",
                 )
             out.append(urllib.parse.quote(str(field), safe=""))
-        return "".join(out).encode("latin-1")
+        target = "".join(out)
+        if "." in target and any(seg in (".", "..") for seg in target.partition("?")[0].split("/")):
+            # quote() keeps dots: a value `..` would climb the backend's tree.
+            raise _Failed(
+                400, "aggregate-bad-input", "a value would make a '.' or '..' path segment"
+            )
+        return target.encode("latin-1")
 
 
 def check_plan(cfg: AggregateConfig, route_path: str) -> None:
@@ -413,6 +419,8 @@ class Aggregator:
             resp = await send(cluster, step.method, target, headers, host=req.host, timeout=timeout)
         except UpstreamFailure as exc:
             raise _Failed(exc.status, exc.kind, exc.detail) from None
+        except ValueError as exc:  # a header or target the client made unsendable
+            raise _Failed(400, "bad-request", str(exc)) from None
         if resp.status >= 300:
             raise _Failed(
                 resp.status if resp.status < 500 else 502,

@@ -162,6 +162,8 @@ class BodyTransformer:
             )
         except UpstreamFailure as exc:
             return problem(exc.status, exc.kind, exc.detail, req.request_id)
+        except ValueError as exc:  # a header or target the client made unsendable
+            return problem(400, "bad-request", str(exc), req.request_id)
         out = HandlerResponse(resp.status, resp.headers, resp.body)
         mapping = self.response_map
         if mapping is None or not 200 <= resp.status < 300 or not resp.body:

@@ -30,6 +30,7 @@ import collections
 import contextlib
 import logging
 import random
+import re
 import socket
 from collections.abc import Coroutine
 from random import getrandbits as _getrandbits
@@ -112,6 +113,7 @@ CHUNK_END = b"0\r\n\r\n"
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 VIA_TOKEN = b"1.1 meshgate"
 NO_BODY_STATUS = frozenset({204, 304})
+_BAD_HOST = re.compile(rb"[\x00-\x20\x7f]")
 _ID_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+/=")
 
 
@@ -431,6 +433,10 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
 
     def _own_header(self, name: bytes, value: bytes) -> None:
         if name == b"host":
+            if _BAD_HOST.search(value) is not None:
+                # RFC 9112 3.2: a Host that is not an authority is a 400.
+                self.refusal = _Refused(400, "bad-host", "the Host header is not a valid host")
+                raise self.refusal
             self.host = value
             self.host_count += 1
         elif name == b"transfer-encoding":
@@ -666,8 +672,10 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             req.drop.update(self.drop)
         ex.route_label = rt.label
         if handler is not None:
-            # The whole body is read (up to this) before the handler runs.
+            # The whole body is read (up to this) before the handler runs,
+            # and must arrive by the route's (or its upstream's) total timeout.
             ex.max_body = handler.max_body
+            ex.deadline = self.loop.time() + (rt.total_timeout or rt.cluster.total_timeout)
         head = _Head(
             rt,
             host,
@@ -1166,7 +1174,11 @@ class Exchange:
         if self.finished or self.pending is not None or self.begun:
             return
         if self.max_body and self.local_reply is None:
-            return  # a buffered route: its handler has not answered yet
+            # A buffered route: its handler has not answered yet.
+            if self.expect_continue and not self.request_complete and not self.body_buffered:
+                self.expect_continue = False
+                self.proto.write(CONTINUE_100)
+            return
         self.begun = True
         if self.local_reply is not None:
             self._send_local()
@@ -1474,8 +1486,12 @@ class Exchange:
             return
         if self.proto.pause_reasons & PAUSE_BUFFER:
             self.proto.resume_reading(PAUSE_BUFFER)
-        if expect_continue and not self.http10 and not self.body_buffered:
-            self.proto.write(CONTINUE_100)
+        # `100 Continue` goes out when this exchange heads the queue (start):
+        # before that, it would land inside an earlier request's response.
+        self.expect_continue = expect_continue and not self.http10 and not self.body_buffered
+        queue = self.proto.queue
+        if queue and queue[0] is self:
+            self.start()
 
     def _body_too_large(self) -> None:
         self.body_buf = []
@@ -1505,6 +1521,7 @@ class Exchange:
         if self.budget and self.budget < total:
             total = self.budget  # the caller's deadline is sooner
         deadline = now + total
+        self.deadline = deadline + 1.0  # the backstop (`_check_buffered`)
         self.pending = self.loop.create_task(self._handle(handler, req, deadline))
 
     async def _handle(self, handler: Handler, req: BufferedRequest, deadline: float) -> None:
@@ -1816,6 +1833,9 @@ class Exchange:
 
     def check_timeout(self, now: float) -> None:
         """The total and read-idle timeouts, checked on the sweep's tick."""
+        if self.max_body:
+            self._check_buffered(now)
+            return
         cluster = self.cluster
         if self.finished or not self.started or cluster is None:
             return
@@ -1840,6 +1860,22 @@ class Exchange:
             # (Not while connecting or backing off before a retry: those have
             # their own limits.)
             self._timeout(f"the upstream was silent for {self.read_limit:g}s")
+
+    def _check_buffered(self, now: float) -> None:
+        """A buffered route: its body must arrive in time (a client that stops
+        sending is cut off with 408), and its handler must answer by a second
+        past its own deadline (a backstop: handlers keep their deadlines)."""
+        if self.finished or self.local_reply is not None or not self.deadline:
+            return
+        if now < self.deadline:
+            return
+        if not self.request_complete:
+            self.abort_request(408, "request-timeout", "the request body did not arrive in time")
+        elif self.pending is not None and self.handler is not None:
+            self.pending.cancel()
+            self.pending = None
+            log.error("route %s: the handler overran its deadline", self.route_label)
+            self.fail(504, "handler-timeout", "the gateway could not answer in time")
 
     def _timeout(self, detail: str, *, blame: bool = True) -> None:
         if blame and not self.response_started and not self.proto.write_paused:
