@@ -139,3 +139,19 @@ def test_a_host_that_is_not_a_host_is_a_400(proxy: ProxyProcess, host: bytes, ki
     assert resp.status == 400, resp
     assert b"/problems/" + kind + b'"' in resp.body, resp.body
     assert "handler failed" not in proxy.stderr_text()
+
+
+def test_a_declared_length_past_max_body_is_refused_before_the_body(
+    proxy: ProxyProcess, api: JsonApi
+) -> None:
+    api.clear()
+    with RawConnection(proxy.port) as conn:
+        conn.send(
+            b"POST /agg/o-1 HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        resp = conn.read_response("POST", timeout=5)
+        assert resp.status == 413, resp
+        assert resp.interim == []  # no 100 Continue invited the body
+        assert resp.header("connection") == "close"
+    assert api.requests == []

@@ -218,6 +218,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         "host",
         "host_count",
         "in_head",
+        "length",
         "limits",
         "loop",
         "parser",
@@ -273,6 +274,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         self.expect: bytes | None = None
         self.chunked_in = False
         self.has_length = False
+        self.length = b""  # the Content-Length as sent (when there is one)
         self.request_id: bytes | None = None
         self.xff: bytes | None = None
         self.via: bytes | None = None
@@ -464,6 +466,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             self.via = value if self.via is None else self.via + b", " + value
         elif name == b"content-length":
             self.has_length = value.strip() != b"0"
+            self.length = value
         elif name == b"connection":
             tokens = connection_tokens(value) - _CONNECTION_OPTIONS
             if tokens:
@@ -676,6 +679,18 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             # and must arrive by the route's (or its upstream's) total timeout.
             ex.max_body = handler.max_body
             ex.deadline = self.loop.time() + (rt.total_timeout or rt.cluster.total_timeout)
+            length = self.length.strip()
+            if self.has_length and length.isdigit() and int(length) > handler.max_body:
+                # Refused before a byte of it is read (and before any
+                # `100 Continue` invites it).
+                ex.reply_local(
+                    413,
+                    "body-too-large",
+                    f"the request body is larger than this route's {handler.max_body} bytes",
+                    close=True,
+                )
+                self.pause_reading(PAUSE_DONE)
+                return
         head = _Head(
             rt,
             host,
