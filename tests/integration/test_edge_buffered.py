@@ -5,6 +5,8 @@ not a host, header values that are not ASCII."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -64,6 +66,11 @@ def proxy(module_stack: Stack, api: JsonApi, slow_up: UpstreamServer) -> ProxyPr
                     "transform": {"request": {"headers": {"add": {"x-tenant": "acme"}}}},
                 },
                 {"path": "/slow/**", "upstream": "slow"},
+                {
+                    "path": "/mapped/**",
+                    "upstream": "slow",
+                    "transform": {"request": {"body": {"rename": {"/a": "b"}}}},
+                },
             ],
         }
     )
@@ -155,3 +162,24 @@ def test_a_declared_length_past_max_body_is_refused_before_the_body(
         assert resp.interim == []  # no 100 Continue invited the body
         assert resp.header("connection") == "close"
     assert api.requests == []
+
+
+def test_pipelined_big_bodies_behind_a_slow_answer(proxy: ProxyProcess) -> None:
+    """Two mapped requests of 300 KB queued behind a slow one: their bodies
+    are read when their turn comes, and all three are answered in order."""
+    payload = json.dumps({"a": "x" * 300_000}).encode()
+    mapped = json.dumps({"b": "x" * 300_000}, separators=(",", ":")).encode()
+    post = (
+        b"POST /mapped/echo HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+    )
+    with RawConnection(proxy.port) as conn:
+        conn.send(b"GET /slow/slow?headers_delay=0.3&chunks=0 HTTP/1.1\r\nHost: gw\r\n\r\n")
+        conn.send(post + post)
+        assert conn.read_response("GET").status == 200
+        for _ in range(2):
+            resp = conn.read_response("POST")
+            assert resp.status == 200, resp
+            doc = resp.json()
+            assert doc["body_len"] == len(mapped)
+            assert doc["body_sha256"] == hashlib.sha256(mapped).hexdigest()

@@ -1190,6 +1190,8 @@ class Exchange:
             return
         if self.max_body and self.local_reply is None:
             # A buffered route: its handler has not answered yet.
+            if self.proto.pause_reasons & PAUSE_BUFFER:
+                self.proto.resume_reading(PAUSE_BUFFER)
             if self.expect_continue and not self.request_complete and not self.body_buffered:
                 self.expect_continue = False
                 self.proto.write(CONTINUE_100)
@@ -1456,6 +1458,13 @@ class Exchange:
             if self.max_body:
                 if self.body_buffered > self.max_body:
                     self._body_too_large()
+                elif self.body_buffered > BUFFER_LIMIT:
+                    queue = self.proto.queue
+                    if queue and queue[0] is not self:
+                        # Pipelined behind another request: read the rest
+                        # when this one's turn comes (`start`), so that one
+                        # connection never holds many whole bodies.
+                        self.proto.pause_reading(PAUSE_BUFFER)
             elif self.body_buffered > BUFFER_LIMIT:
                 self.proto.pause_reading(PAUSE_BUFFER)
 
