@@ -1369,7 +1369,14 @@ class Exchange:
         self.endpoint = ep
         ep.active += 1
         self.conn = conn
-        conn.bind(self, no_body=self.method == b"HEAD")
+        # `conn.bind(self, ...)`, inlined: this is the hot path.
+        conn.sink = self
+        conn.no_body = self.method == b"HEAD"
+        conn.close_delimited = False
+        conn.bytes_in = 0
+        conn.parts = [b""]
+        conn.has_length = conn.chunked = conn.in_body = False
+        conn.drop = None
         transport = conn.transport
         assert transport is not None
         head = self.head
@@ -1696,7 +1703,20 @@ class Exchange:
             self.keep_alive = False
         if self.proto.state.draining:
             self.keep_alive = False
-        self._end_head(parts)
+        # `_end_head(parts)`, inlined: this is the hot path.
+        if self.response_extra:
+            parts.append(self.response_extra)
+        parts.append(
+            _RESPONSE_TAIL
+            % (
+                self.request_id,
+                b"connection: close\r\n\r\n"
+                if not self.keep_alive
+                else b"connection: keep-alive\r\n\r\n"
+                if self.http10
+                else CRLF,
+            )
+        )
         self.response_started = True
         # Held until the end of this read, so that the head and the first
         # body bytes leave in one write (one syscall for a small response).
