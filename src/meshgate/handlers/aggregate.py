@@ -388,7 +388,10 @@ class Aggregator:
                         return self._required_failed(failed, failures[failed.index], req)
         finally:
             for task in running:
-                task.cancel()
+                if not task.done():
+                    task.cancel()
+                elif not task.cancelled():
+                    task.exception()  # read, so asyncio does not log it as lost
         late = _Failed(
             504, "aggregate-timeout", f"no answer within the aggregation's {self.timeout:g}s"
         )
