@@ -17,8 +17,8 @@ from meshgate.filters.transform import (
     TransformFilter,
     compile_template,
     compile_transform,
-    route_params,
 )
+from meshgate.http.router import route_params
 
 Headers = list[tuple[bytes, bytes]]
 

@@ -218,7 +218,8 @@ def _check_routes(config: Config, filename: str, builder: _Builder) -> None:
 def _check_transforms(config: Config, filename: str, builder: _Builder) -> None:
     """Compile each route's `transform:` header, query and path edits (their
     templates) here, so that a refusal points at its line like any other."""
-    from meshgate.filters.transform import compile_transform, route_params
+    from meshgate.filters.transform import compile_transform
+    from meshgate.http.router import route_params
 
     for i, route in enumerate(config.routes):
         if route.transform is None:

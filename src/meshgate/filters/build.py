@@ -37,7 +37,8 @@ from meshgate.filters.cors import CorsFilter
 from meshgate.filters.deprecation import DeprecationFilter
 from meshgate.filters.fault import FaultFilter
 from meshgate.filters.ratelimit import RateLimitFilter
-from meshgate.filters.transform import compile_transform, route_params
+from meshgate.filters.transform import compile_transform
+from meshgate.http.router import route_params
 from meshgate.ratelimit.local import SharedTable
 from meshgate.ratelimit.redis import RedisLimiter
 

@@ -60,7 +60,6 @@ Source = Callable[[FilterRequest], str | None]
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_ROUTE_PARAM = re.compile(r"\{([^{}/]+)\}")
 # What a path substitution may hold besides group references: visible ASCII
 # but `?`, `#` and `\`. Python's own escapes (`\n`, `\0`) are refused.
 _SUBST_LITERAL = re.compile(r"[\x21-\x3e\x40-\x5b\x5d-\x7e]")
@@ -86,11 +85,6 @@ _EXPECTED = (
     "{path.<param>}, {query.<name>}, {header.<name>}, {claims.<name>}, "
     "{consumer}, {request_id} or {client_ip}"
 )
-
-
-def route_params(path: str) -> frozenset[str]:
-    """The `{name}` parameters of a route's path pattern."""
-    return frozenset(_ROUTE_PARAM.findall(path))
 
 
 # -- templates --------------------------------------------------------------------

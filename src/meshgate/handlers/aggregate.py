@@ -41,6 +41,7 @@ from meshgate.handlers import (
 )
 from meshgate.handlers.transform import apply_edits
 from meshgate.http.problem import PROBLEM_BASE
+from meshgate.http.router import route_params
 from meshgate.protocol.headers import phrase
 from meshgate.upstream.client import UpstreamFailure, send
 
@@ -51,15 +52,9 @@ if TYPE_CHECKING:
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _TARGET_TEXT = re.compile(r"[\x21-\x7e]*")
-_PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 PARTIAL = (b"meshgate-partial", b"true")
 # Pieces of a compiled path template.
 _LIT, _PARAM, _QUERY, _HEADER, _REF = range(5)
-
-
-def route_params(path: str) -> frozenset[str]:
-    """The `{name}` parameters of a route path."""
-    return frozenset(_PARAM_RE.findall(path))
 
 
 def _unescape(segment: str) -> str:

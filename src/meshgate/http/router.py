@@ -101,6 +101,15 @@ _HOST_WILD = 1
 _HOST_ANY = 2
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PARAM_RE = re.compile(r"\{(" + _NAME_RE.pattern + r")\}")
+
+
+def route_params(path: str) -> frozenset[str]:
+    """The `{name}` parameters of a route's path pattern (what `match` puts
+    in `params`), for templates checked at load."""
+    return frozenset(_PARAM_RE.findall(path))
+
+
 _HOST_PORT_RE = re.compile(r"[^:\[\]]+:\d+")
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CTL_RE = re.compile(r"[\x00-\x1f\x7f]")
