@@ -43,6 +43,7 @@ from meshgate.handlers.transform import apply_edits
 from meshgate.http.problem import PROBLEM_BASE
 from meshgate.http.router import route_params
 from meshgate.protocol.headers import phrase
+from meshgate.transform.jsonmap import MISSING, lookup, parse_pointer, path_of
 from meshgate.upstream.client import UpstreamFailure, send
 
 if TYPE_CHECKING:
@@ -55,28 +56,6 @@ _TARGET_TEXT = re.compile(r"[\x21-\x7e]*")
 PARTIAL = (b"meshgate-partial", b"true")
 # Pieces of a compiled path template.
 _LIT, _PARAM, _QUERY, _HEADER, _REF = range(5)
-
-
-def _unescape(segment: str) -> str:
-    return segment.replace("~1", "/").replace("~0", "~")
-
-
-def pointer_segments(pointer: str) -> tuple[str, ...]:
-    return tuple(_unescape(s) for s in pointer.split("/")[1:])
-
-
-def resolve(doc: Any, segments: tuple[str, ...]) -> tuple[bool, Any]:
-    """(found, value) at `segments` in a parsed JSON document."""
-    for seg in segments:
-        if isinstance(doc, dict):
-            if seg not in doc:
-                return False, None
-            doc = doc[seg]
-        elif isinstance(doc, list) and seg.isdigit() and int(seg) < len(doc):
-            doc = doc[int(seg)]
-        else:
-            return False, None
-    return True, doc
 
 
 class _Failed(Exception):
@@ -125,7 +104,7 @@ class _Step:
         self.required = cfg.required
         self.timeout = cfg.timeout
         self.encoding = cfg.encoding
-        self.target = pointer_segments(cfg.target) if cfg.target is not None else None
+        self.target = parse_pointer(cfg.target, where, "target") if cfg.target is not None else None
         self.deps: set[int] = set()
         pieces: list[tuple[int, Any]] = []
         pos = 0
@@ -153,7 +132,7 @@ class _Step:
             elif head == "header":
                 pieces.append((_HEADER, rest.lower().encode("latin-1")))
             else:
-                pieces.append((_REF, (head, tuple(rest.split(".")))))
+                pieces.append((_REF, (head, path_of(tuple(rest.split("."))))))
         if pos < len(text):
             pieces.append((_LIT, text[pos:]))
         literal = "".join(p for k, p in pieces if k == _LIT)
@@ -200,9 +179,9 @@ class _Step:
                 out.append(urllib.parse.quote_from_bytes(hv, safe=""))
                 continue
             group, fields = value
-            found, field = resolve(results.get(group), fields)
-            if not found or isinstance(field, dict | list | bool) or field is None:
-                where = group + "." + ".".join(fields)
+            field = lookup(results.get(group), fields)
+            if field is MISSING or isinstance(field, dict | list | bool) or field is None:
+                where = group + "." + ".".join(name for name, _ in fields)
                 raise _Failed(
                     502,
                     "aggregate-missing-field",
@@ -443,8 +422,8 @@ class Aggregator:
                     502, "backend-not-json", f"{cluster.name} answered invalid JSON"
                 ) from None
         if step.target is not None:
-            found, value = resolve(value, step.target)
-            if not found:
+            value = lookup(value, step.target)
+            if value is MISSING:
                 raise _Failed(
                     502,
                     "aggregate-missing-field",

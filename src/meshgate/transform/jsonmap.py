@@ -98,6 +98,8 @@ _Path = tuple[_Seg, ...]
 _STAR: Final = "*"
 _BAD_ESCAPE_RE = re.compile(r"~(?![01])")
 _MISSING: Final = object()
+MISSING: Final = _MISSING
+"""What `lookup` gives for a path that is not there."""
 _DROP: Final = object()
 _JSON_SPACE = b" \t\r\n"
 _CONTAINERS: Final = (dict, list)
@@ -329,19 +331,36 @@ def _contexts(doc: Json, prefix: _Path) -> list[Json]:
     return level
 
 
-def _walk(node: Json, path: _Path) -> Json:
-    """The container at `path` under `node`, or None (read only)."""
+def parse_pointer(pointer: str, where: str, field: str) -> _Path:
+    """A JSON pointer, compiled once for `lookup` (ValueError names `where`
+    and `field`)."""
+    return _parse(pointer, where, field)
+
+
+def path_of(names: tuple[str, ...]) -> _Path:
+    """The compiled path of member names or array indexes (`a.b.0` split)."""
+    return tuple((name, _index(name)) for name in names)
+
+
+def lookup(node: Json, path: _Path) -> Json:
+    """The value at `path` under `node`, or `MISSING` (read only)."""
     for name, idx in path:
         if isinstance(node, dict):
             node = node.get(name, _MISSING)
             if node is _MISSING:
-                return None
+                return _MISSING
         elif isinstance(node, list):
             if not 0 <= idx < len(node):
-                return None
+                return _MISSING
             node = node[idx]
         else:
-            return None
+            return _MISSING
+    return node
+
+
+def _walk(node: Json, path: _Path) -> Json:
+    """The container at `path` under `node`, or None (read only)."""
+    node = lookup(node, path)
     return node if isinstance(node, _CONTAINERS) else None
 
 
