@@ -553,3 +553,45 @@ def test_shared_table_children_see_the_parents_state():
         assert totals == {b"shared": 6}
     finally:
         table.close()
+
+
+def _remaining_values(
+    table: SharedTable, barrier: Any, results: Any, key: bytes, s: LimitSpec, attempts: int
+) -> None:
+    barrier.wait()
+    given = []
+    for _ in range(attempts):
+        d = table.decide(key, s)
+        if d.allowed:
+            given.append(d.remaining)
+    results.put(given)
+
+
+@pytest.mark.parametrize("algorithm", ["gcra", "sliding_window"])
+def test_shared_table_hands_out_each_remaining_value_once(algorithm: str):
+    """On the real clock, processes racing for the lock: a worker that waited
+    must not decide with a clock read before the state it then reads (issue
+    11: 47 was handed out twice and 48 never)."""
+    for _ in range(5):
+        table = SharedTable(256)
+        try:
+            s = spec(200, 3600, algorithm=algorithm)
+            barrier = _FORK.Barrier(3)
+            results = _FORK.Queue()
+            workers = [
+                _FORK.Process(
+                    target=_remaining_values, args=(table, barrier, results, b"k", s, 300)
+                )
+                for _ in range(3)
+            ]
+            for w in workers:
+                w.start()
+            given: list[int] = []
+            for _ in workers:
+                given += results.get(timeout=60)
+            for w in workers:
+                w.join(60)
+                assert w.exitcode == 0
+            assert sorted(given) == list(range(200)), [v for v in range(200) if given.count(v) != 1]
+        finally:
+            table.close()

@@ -125,9 +125,9 @@ class SharedTable:
 
     def decide(self, key: bytes, spec: LimitSpec, now_us: int | None = None) -> Decision:
         """Decide one request for `key` (which names the limit as well as the
-        client) under `spec`; allowed requests are counted."""
-        if now_us is None:
-            now_us = time.monotonic_ns() // 1000
+        client) under `spec`; allowed requests are counted. The clock is read
+        under the lock: a worker that waited for it must not decide with a
+        `now` older than the state another worker just stored."""
         algorithm = spec.algorithm
         digest = (
             int.from_bytes(
@@ -140,6 +140,8 @@ class SharedTable:
         first = digest % n
         unpack_from = _SLOT.unpack_from
         with self._lock:
+            if now_us is None:
+                now_us = time.monotonic_ns() // 1000
             pos = -1
             found = False
             free = -1
