@@ -153,12 +153,13 @@ def test_an_ejected_endpoint_serves_again_after_its_time(stack: Stack) -> None:
     assert "is back after its ejection" in proxy.stderr_text()
 
 
-def test_a_dead_endpoint_is_ejected_after_gateway_failures(stack: Stack) -> None:
+def test_a_dead_endpoint_leaves_rotation_on_its_first_refused_connect(stack: Stack) -> None:
     ups, proxy = _three(stack, base="60s")
     ups[0].stop()
     statuses = [fetch(proxy.url(f"/d/{i}")).status for i in range(60)]
-    assert statuses.count(502) == 2, Counter(statuses)  # consecutive_gateway_failure: 2
-    assert statuses[-30:] == [200] * 30
+    # Not after consecutive_gateway_failure (2) tries: the first refused
+    # connect takes it out (no retry is configured here, so that one is a 502).
+    assert Counter(statuses) == {200: 59, 502: 1}, Counter(statuses)
 
 
 def test_never_all_endpoints_are_ejected(stack: Stack) -> None:

@@ -426,7 +426,9 @@ class UpstreamServer:
     between requests, the way real servers do, without warning the client.
     """
 
-    def __init__(self, name: str = "upstream", *, idle_timeout: float | None = None) -> None:
+    def __init__(
+        self, name: str = "upstream", *, idle_timeout: float | None = None, port: int = 0
+    ) -> None:
         self.name = name
         self.idle_timeout = idle_timeout
         self.forced: tuple[str, dict[str, str]] | None = None
@@ -441,7 +443,9 @@ class UpstreamServer:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
-        self.port = 0
+        self.port = port
+        """0 until started on an ephemeral port; a given one is bound as it is
+        (a stopped endpoint restarted on its own port)."""
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -459,7 +463,9 @@ class UpstreamServer:
         self._loop = loop
         try:
             self._server = loop.run_until_complete(
-                asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=1024)
+                asyncio.start_server(
+                    self._handle, "127.0.0.1", self.port, backlog=1024, reuse_address=True
+                )
             )
             self.port = self._server.sockets[0].getsockname()[1]
         except BaseException as exc:

@@ -156,7 +156,13 @@ def _upstreams(state: ServerState) -> tuple[int, Any]:
                     "active": ep.active,
                     "ewma_ms": round(ep.ewma * 1000, 3),
                     "state": (
-                        "ejected" if ep.ejected_until else "down" if ep.health_down else "serving"
+                        "ejected"
+                        if ep.ejected_until
+                        else "down"
+                        if ep.health_down
+                        else "unreachable"
+                        if ep.unreachable
+                        else "serving"
                     ),
                     # False only while it is out (when all are out, all serve).
                     "in_service": id(ep) in serving,

@@ -122,6 +122,24 @@ def describe(config: Config) -> list[str]:
     for name, upstream in config.upstreams.items():
         if name not in used:
             lines.append(f"upstreams.{name} is not used by any route")
+        od = upstream.outlier_detection
+        if od is None:
+            lines.append(
+                f"upstreams.{name}: failure accrual is off (outlier_detection: false); "
+                "only endpoints that refuse connections leave rotation"
+            )
+        else:
+            rules = []
+            if od.consecutive_5xx:
+                rules.append(f"{od.consecutive_5xx} 5xx answers")
+            if od.consecutive_gateway_failure:
+                rules.append(f"{od.consecutive_gateway_failure} gateway failures")
+            accrual = " or ".join(rules) + " in a row" if rules else "a low success rate"
+            lines.append(
+                f"upstreams.{name}: failure accrual is on: an endpoint is ejected after "
+                f"{accrual}, for {od.base_ejection_time:g}s at first "
+                f"(at most {od.max_ejection_percent}% of endpoints out at once)"
+            )
         hc = upstream.health_check
         if hc is not None:
             passes = "1 pass" if hc.healthy_threshold == 1 else f"{hc.healthy_threshold} passes"

@@ -379,10 +379,16 @@ class UpstreamConfig(_Model):
     """Retries for routes to this upstream that have no `retry:` of their own."""
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     """On by default: retries never add more than 20% + 10/s of load."""
-    outlier_detection: OutlierDetectionConfig | None = None
-    """Off unless given (`outlier_detection: {}` turns it on with defaults)."""
+    outlier_detection: OutlierDetectionConfig | None = Field(default_factory=OutlierDetectionConfig)
+    """Failure accrual, on by default with these defaults (as Linkerd has it);
+    `outlier_detection: false` (or `null`) turns it off."""
     health_check: HealthCheckConfig | None = None
     """Active health checks; off unless given."""
+
+    @field_validator("outlier_detection", mode="before")
+    @classmethod
+    def _outlier_off(cls, v: Any) -> Any:
+        return None if v is False else v
 
 
 RateLimitKey = str

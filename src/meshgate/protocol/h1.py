@@ -29,7 +29,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import random
 import re
 import socket
 from collections.abc import Coroutine
@@ -43,7 +42,8 @@ from meshgate.handlers import BufferedRequest, Handler, HandlerResponse
 from meshgate.http.problem import problem_response
 from meshgate.http.router import normalize_path
 from meshgate.protocol.batch import BatchedWriter
-from meshgate.protocol.headers import HOP_BY_HOP, IDEMPOTENT, connection_tokens, status_line
+from meshgate.protocol.headers import HOP_BY_HOP, IDEMPOTENT, connection_drop, status_line
+from meshgate.upstream import reachability
 from meshgate.upstream.balancer import shun
 from meshgate.upstream.pool import PoolTimeout, UpstreamConnection
 
@@ -80,8 +80,11 @@ PAUSE_BUFFER = 2  # body buffered while waiting for an upstream connection
 PAUSE_PIPELINE = 4  # too many queued pipelined requests
 PAUSE_DONE = 8  # the connection is closing: read nothing more
 
-# Request headers that meshgate writes itself instead of copying through.
-REQUEST_OWN = HOP_BY_HOP | {
+# Request headers that meshgate writes itself instead of copying through:
+# the framing (Content-Length or chunked, for the body it forwards), Host and
+# the forwarding headers.
+REQUEST_WRITTEN = HOP_BY_HOP | {
+    b"content-length",
     b"host",
     b"expect",
     b"x-forwarded-for",
@@ -92,9 +95,27 @@ REQUEST_OWN = HOP_BY_HOP | {
     b"x-meshgate-deadline",
     b"grpc-timeout",
 }
-# Request headers looked at while parsing (the forwarded ones among them are
-# copied through as they came).
-REQUEST_SPECIAL = REQUEST_OWN | {b"content-length"}
+# Forwarding headers a client could forge and that upstream frameworks believe
+# (a URL's scheme, port and prefix, the client's address or certificate):
+# never copied from a client. A route's own transform may still set them.
+CLIENT_FORGEABLE = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-server",
+        b"x-forwarded-uri",
+        b"x-forwarded-method",
+        b"x-forwarded-ssl",
+        b"x-forwarded-scheme",
+        b"x-forwarded-client-cert",
+        b"x-real-ip",
+    }
+)
+# What is never copied from the client's own header lines.
+REQUEST_OWN = REQUEST_WRITTEN | CLIENT_FORGEABLE
+# Request headers looked at while parsing.
+REQUEST_SPECIAL = REQUEST_OWN
 
 CRLF = b"\r\n"
 COLON_SP = b": "
@@ -173,7 +194,6 @@ class _Refused(Exception):
         self.detail = detail
 
 
-_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 # Host header value -> lowercase host without port; bounded, cleared when full.
 _HOSTS: dict[bytes, str] = {}
@@ -274,7 +294,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         self.expect: bytes | None = None
         self.chunked_in = False
         self.has_length = False
-        self.length = b""  # the Content-Length as sent (when there is one)
+        self.length = b""  # the Content-Length, normalised (when there is one)
         self.request_id: bytes | None = None
         self.xff: bytes | None = None
         self.via: bytes | None = None
@@ -465,10 +485,11 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         elif name == b"via":
             self.via = value if self.via is None else self.via + b", " + value
         elif name == b"content-length":
-            self.has_length = value.strip() != b"0"
-            self.length = value
+            # llhttp has refused anything but digits, and a second one.
+            self.length = b"%d" % int(value)
+            self.has_length = self.length != b"0"
         elif name == b"connection":
-            tokens = connection_tokens(value) - _CONNECTION_OPTIONS
+            tokens = connection_drop(value)
             if tokens:
                 self.drop = tokens if self.drop is None else self.drop | tokens
 
@@ -500,6 +521,16 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         parser = self.parser
         method = parser.get_method()
         http10 = parser.get_http_version() == "1.0"
+        if http10 and self.chunked_in:
+            # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has
+            # faulty framing, whatever else it says; it is answered and the
+            # connection closed, and nothing of it goes upstream.
+            self.refusal = _Refused(
+                400,
+                "bad-framing",
+                "HTTP/1.0 requests cannot use Transfer-Encoding",
+            )
+            raise self.refusal
         request_id = self.request_id
         if (
             request_id is None
@@ -662,6 +693,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
                 drop=drop,
                 host=host,
                 chunked=self.chunked_in,
+                length=self.length,
                 body=self.chunked_in or self.has_length,
                 expect_continue=self.expect == b"100-continue",
                 xff=self.xff,
@@ -679,8 +711,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             # and must arrive by the route's (or its upstream's) total timeout.
             ex.max_body = handler.max_body
             ex.deadline = self.loop.time() + (rt.total_timeout or rt.cluster.total_timeout)
-            length = self.length.strip()
-            if self.has_length and length.isdigit() and int(length) > handler.max_body:
+            if self.has_length and int(self.length) > handler.max_body:
                 # Refused before a byte of it is read (and before any
                 # `100 Continue` invites it).
                 ex.reply_local(
@@ -697,6 +728,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             self.headers,
             drop,
             self.chunked_in,
+            self.length,
             self.has_length,
             self.expect,
             self.xff,
@@ -887,7 +919,18 @@ class _Head:
     """What `Exchange.set_target` needs from a request head, kept while the
     route's filters wait (the protocol object moves on to the next head)."""
 
-    __slots__ = ("chunked", "drop", "expect", "has_length", "headers", "host", "rt", "via", "xff")
+    __slots__ = (
+        "chunked",
+        "drop",
+        "expect",
+        "has_length",
+        "headers",
+        "host",
+        "length",
+        "rt",
+        "via",
+        "xff",
+    )
 
     def __init__(
         self,
@@ -896,6 +939,7 @@ class _Head:
         headers: list[tuple[bytes, bytes]],
         drop: frozenset[bytes] | None,
         chunked: bool,
+        length: bytes,
         has_length: bool,
         expect: bytes | None,
         xff: bytes | None,
@@ -906,6 +950,7 @@ class _Head:
         self.headers = headers
         self.drop = drop
         self.chunked = chunked
+        self.length = length
         self.has_length = has_length
         self.expect = expect
         self.xff = xff
@@ -919,8 +964,7 @@ class _Head:
             drop = req.drop if drop is None else req.drop | drop
         if drop is not None:
             headers = [h for h in headers if h[0] not in drop]
-        if req.add:
-            headers = headers + req.add
+        added = req.add
         if req.response_extra:
             ex.response_extra = req.response_extra
         ex.response_edits = req.response_edits
@@ -936,7 +980,8 @@ class _Head:
                     target=req.target,
                     host=self.host,
                     # (its framing is new: Content-Length too)
-                    headers=[h for h in headers if h[0] not in REQUEST_SPECIAL],
+                    headers=[h for h in headers if h[0] not in REQUEST_OWN]
+                    + [h for h in added if h[0].lower() not in REQUEST_WRITTEN],
                     forward=ex.forward_pairs(self.host, self.xff, self.via),
                     body=b"",
                     client=req.client,
@@ -961,9 +1006,11 @@ class _Head:
             rt.label,
             req.target,
             headers=headers,
+            added=added,
             drop=None,
             host=self.host,
             chunked=self.chunked,
+            length=self.length,
             body=self.chunked or self.has_length,
             expect_continue=self.expect == b"100-continue",
             xff=self.xff,
@@ -1003,7 +1050,7 @@ class Exchange:
     read_limit = 0.0
     policy: RetryPolicy | None = None  # the one in force (route's, else upstream's)
     attempt = 1
-    failed_ep: Endpoint | None = None
+    tried: tuple[Endpoint, ...] = ()  # endpoints whose try failed, in order
     try_deadline = 0.0
     retry_counted = False
     response_extra = b""  # header lines the filters add to the response
@@ -1050,9 +1097,11 @@ class Exchange:
         target: bytes,
         *,
         headers: list[tuple[bytes, bytes]],
+        added: list[tuple[bytes, bytes]] | None = None,
         drop: frozenset[bytes] | None,
         host: bytes,
         chunked: bool,
+        length: bytes,
         body: bool,
         expect_continue: bool,
         xff: bytes | None,
@@ -1082,6 +1131,12 @@ class Exchange:
             for name, value in headers:
                 if name not in REQUEST_OWN and name not in drop:
                     parts += (name, COLON_SP, value, CRLF)
+        if added:
+            # What the route's filters set (identity, transform edits): the
+            # forwarding headers a client may not send are theirs to set.
+            for name, value in added:
+                if name.lower() not in REQUEST_WRITTEN:
+                    parts += (name, COLON_SP, value, CRLF)
         proto = self.proto
         parts.append(
             (_REQUEST_TAIL if host else _REQUEST_TAIL_NO_HOST)
@@ -1091,7 +1146,12 @@ class Exchange:
                 host,
                 self.request_id,
                 VIA_TOKEN if via is None else via + b", " + VIA_TOKEN,
-                b"transfer-encoding: chunked\r\n\r\n" if chunked else CRLF,
+                # The framing is meshgate's own, for the body it forwards.
+                b"transfer-encoding: chunked\r\n\r\n"
+                if chunked
+                else b"content-length: " + length + b"\r\n\r\n"
+                if length
+                else CRLF,
             )
         )
         if hv == b"":
@@ -1250,6 +1310,9 @@ class Exchange:
             return False
         if sent and self.has_body and self.replay is None:
             return False  # the body is too large to send again
+        tried = self.tried
+        if failed is not None:
+            tried = self.tried = (*tried, failed)
         now = self.loop.time()
         delay = policy.next_delay(
             cluster,
@@ -1260,6 +1323,7 @@ class Exchange:
             now=now,
             deadline=self.deadline,
             retry_after=retry_after,
+            free=reachability.free_retry(cluster.balancer, tried, cause, sent=sent),
         )
         if delay is None:
             return False
@@ -1267,7 +1331,6 @@ class Exchange:
         if not self.retry_counted:
             self.retry_counted = True
             cluster.retries_active += 1
-        self.failed_ep = failed
         if self.replay is not None:
             self.body_buf = self.replay + self.body_buf
         self.replay = None
@@ -1293,12 +1356,7 @@ class Exchange:
         now = self.last_activity = self.loop.time()
         if policy is not None and policy.per_try_timeout is not None:
             self.try_deadline = now + policy.per_try_timeout
-        # Another endpoint than the one that failed, when there is one. (Not
-        # by asking the balancer again: least-request and EWMA would pick a
-        # dead endpoint again, its load being zero.)
-        failed = self.failed_ep
-        others = [e for e in cluster.balancer.endpoints if e is not failed]
-        self._go(random.choice(others) if others else cluster.balancer.pick())
+        self._go(reachability.retry_endpoint(cluster.balancer, self.tried)[0])
 
     async def _connect(self, ep: Endpoint) -> None:
         cluster = self.cluster
@@ -1342,24 +1400,24 @@ class Exchange:
                 f"no connection to {pool.address} became free in time",
             )
             return
-        except TimeoutError:
+        except (TimeoutError, OSError) as exc:
             self.task = None
+            timed_out = isinstance(exc, TimeoutError)
+            reason = "timed out" if timed_out else exc.strerror or exc.__class__.__name__
+            reachability.connect_failed(ep, reason)
             if cluster.outlier is not None:
                 cluster.outlier.failure(ep, gateway=True)
             if self._maybe_retry("connect-failure", ep, sent=False):
                 return
-            self.fail(504, "upstream-connect-timeout", f"connecting to {pool.address} timed out")
-            return
-        except OSError as exc:
-            self.task = None
-            if cluster.outlier is not None:
-                cluster.outlier.failure(ep, gateway=True)
-            if self._maybe_retry("connect-failure", ep, sent=False):
-                return
-            reason = exc.strerror or exc.__class__.__name__
-            self.fail(502, "upstream-connect-failed", f"cannot connect to {pool.address}: {reason}")
+            self.fail(
+                *reachability.connect_failure_answer(
+                    cluster.balancer, pool.address, reason, timed_out=timed_out
+                )
+            )
             return
         self.task = None
+        if ep.unreachable:
+            reachability.connected(ep)
         if self.finished:
             pool.release(conn)
             return

@@ -60,6 +60,30 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
     return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
 
 
+# Names that a Connection header may list but that never remove anything
+# (RFC 9110 7.6.1 lets a sender name its hop-by-hop fields; these frame the
+# message or are written by meshgate itself). A peer naming them is ignored,
+# as nginx ignores them: the framing meshgate sends is always its own.
+CONNECTION_IGNORED: frozenset[bytes] = frozenset(
+    {
+        b"close",
+        b"keep-alive",
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"authorization",
+    }
+)
+
+
+def connection_drop(value: bytes) -> frozenset[bytes]:
+    """The header names a Connection value asks to remove, without the ones
+    meshgate frames the message with or relies on (`CONNECTION_IGNORED`)."""
+    if value in _COMMON_TOKENS:
+        return frozenset()
+    return connection_tokens(value) - CONNECTION_IGNORED
+
+
 def phrase(code: int) -> str:
     try:
         return HTTPStatus(code).phrase

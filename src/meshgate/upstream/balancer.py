@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import asyncio
+
     from meshgate.upstream.pool import EndpointPool
 
 
@@ -50,7 +52,12 @@ class Endpoint:
         "failures_gateway",
         "health_down",
         "pool",
+        "probe",
+        "probe_delay",
+        "probe_task",
+        "retired",
         "shunned_until",
+        "unreachable",
         "window_failed",
         "window_ok",
     )
@@ -70,6 +77,13 @@ class Endpoint:
         # Active health checks (see health.py): True once the endpoint failed
         # `unhealthy_threshold` checks in a row, until it passes enough again.
         self.health_down = False
+        # A connect was refused or timed out: out of rotation, probed with
+        # backoff until a connect succeeds (see reachability.py).
+        self.unreachable = False
+        self.probe: asyncio.TimerHandle | None = None
+        self.probe_task: asyncio.Task[None] | None = None
+        self.probe_delay = 0.0
+        self.retired = False
         # Answered 429 or 503 lately: picked only when nothing else can serve,
         # until this time.monotonic() instant.
         self.shunned_until = 0.0
@@ -79,14 +93,15 @@ class Endpoint:
 
     @property
     def in_service(self) -> bool:
-        """Neither ejected by outlier detection nor down by health checks."""
-        return not self.ejected_until and not self.health_down
+        """Not ejected by outlier detection, not down by health checks, and
+        accepting connections."""
+        return not self.ejected_until and not self.health_down and not self.unreachable
 
 
 class Balancer:
     """Chooses an endpoint; `observe` is told each request's latency."""
 
-    __slots__ = ("all", "avoid_until", "endpoints")
+    __slots__ = ("all", "avoid_until", "endpoints", "name")
 
     needs_latency = False
 
@@ -96,13 +111,14 @@ class Balancer:
         # detection or a health check takes one out or puts it back.
         self.endpoints = self.all
         self.avoid_until = 0.0  # the latest shunned_until of its endpoints
+        self.name = ""  # the cluster's, for logs
         for ep in self.all:
             ep.balancer = self
 
     def refresh(self) -> None:
         """Rebuild the in-service tuple from each endpoint's state: those
-        neither ejected nor down by health checks. Never none: when every
-        endpoint is out, all of them serve (a guess beats a certain 503)."""
+        in service. Never none: when every endpoint is out, all of them serve
+        (a guess beats a certain 503; a connect refused is answered at once)."""
         self.endpoints = tuple(e for e in self.all if e.in_service) or self.all
 
     def pick(self) -> Endpoint:

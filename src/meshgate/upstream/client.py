@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from meshgate.protocol.headers import IDEMPOTENT
+from meshgate.upstream import reachability
 from meshgate.upstream.balancer import shun
 from meshgate.upstream.pool import PoolTimeout, UpstreamConnection
 
@@ -173,6 +173,7 @@ class _Call:
         "timeout",
         "timer",
         "timer_when",
+        "tried",
         "try_deadline",
         "try_started",
     )
@@ -208,6 +209,7 @@ class _Call:
         self.attempt = 1
         self.retry_counted = False
         self.stale_retried = False
+        self.tried: tuple[Endpoint, ...] = ()  # endpoints whose try failed, in order
         self.refused = False  # by a circuit breaker (logged once a second, not per call)
         self.conn: UpstreamConnection | None = None
         self.endpoint: Endpoint | None = None
@@ -309,12 +311,7 @@ class _Call:
             now = self.last_activity = loop.time()
             if policy is not None and policy.per_try_timeout is not None:
                 self.try_deadline = now + policy.per_try_timeout
-            # Another endpoint than the one that failed, when there is one (not
-            # by asking the balancer: least-request and EWMA would pick a dead
-            # endpoint again, its load being zero).
-            failed = outcome.failed
-            others = [e for e in cluster.balancer.endpoints if e is not failed]
-            ep = random.choice(others) if others else cluster.balancer.pick()
+            ep = reachability.retry_endpoint(cluster.balancer, self.tried)[0]
             fresh = False
 
     async def _try(self, ep: Endpoint, fresh: bool) -> _Outcome:
@@ -371,31 +368,29 @@ class _Call:
                                 return conn
                     finally:
                         cluster.pending -= 1
-                return await pool.connect()
+                conn = await pool.connect()
+                if ep.unreachable:
+                    reachability.connected(ep)
+                return conn
         except PoolTimeout:
             return UpstreamFailure(
                 503, "upstream-overloaded", f"no connection to {pool.address} became free in time"
             )
-        except TimeoutError:
-            if scope.expired():
+        except (TimeoutError, OSError) as exc:
+            timed_out = isinstance(exc, TimeoutError)
+            if timed_out and scope.expired():
                 return self._timeout_connecting(ep, end)
+            reason = "timed out" if timed_out else exc.strerror or exc.__class__.__name__
+            reachability.connect_failed(ep, reason)
             if cluster.outlier is not None:
                 cluster.outlier.failure(ep, gateway=True)
             delay = self._maybe_retry("connect-failure", ep, sent=False)
             if delay is not None:
                 return _Retry(delay, ep)
             return UpstreamFailure(
-                504, "upstream-connect-timeout", f"connecting to {pool.address} timed out"
-            )
-        except OSError as exc:
-            if cluster.outlier is not None:
-                cluster.outlier.failure(ep, gateway=True)
-            delay = self._maybe_retry("connect-failure", ep, sent=False)
-            if delay is not None:
-                return _Retry(delay, ep)
-            reason = exc.strerror or exc.__class__.__name__
-            return UpstreamFailure(
-                502, "upstream-connect-failed", f"cannot connect to {pool.address}: {reason}"
+                *reachability.connect_failure_answer(
+                    cluster.balancer, pool.address, reason, timed_out=timed_out
+                )
             )
 
     def _timeout_connecting(self, ep: Endpoint, end: float) -> UpstreamFailure | _Retry:
@@ -464,6 +459,8 @@ class _Call:
         if policy is None:
             return None
         cluster = self.cluster
+        if failed is not None:
+            self.tried = (*self.tried, failed)
         delay = policy.next_delay(
             cluster,
             cause,
@@ -473,6 +470,7 @@ class _Call:
             now=self.loop.time(),
             deadline=self.deadline,
             retry_after=retry_after,
+            free=reachability.free_retry(cluster.balancer, self.tried, cause, sent=sent),
         )
         if delay is None:
             return None

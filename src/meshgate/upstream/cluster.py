@@ -14,6 +14,7 @@ from typing import Any
 
 from meshgate.config.schema import UpstreamConfig
 from meshgate.protocol.batch import WriteBatcher
+from meshgate.upstream import reachability
 from meshgate.upstream.balancer import BALANCERS, Balancer, Endpoint
 from meshgate.upstream.health import HealthChecker
 from meshgate.upstream.outlier import OutlierDetector
@@ -105,6 +106,7 @@ class Cluster:
             for ep in cfg.endpoints
         )
         self.balancer: Balancer = BALANCERS[cfg.balancer](self.endpoints)
+        self.balancer.name = name
         # Circuit breaking: requests in flight (connecting or attached) and
         # requests waiting for a free connection, against their limits.
         self.active = 0
@@ -157,5 +159,9 @@ class Cluster:
         self.health.start()
 
     def stop_health(self) -> None:
+        """This cluster serves no more: its checks, probes and timers end."""
         if self.health is not None:
             self.health.stop()
+        if self.outlier is not None:
+            self.outlier.close()
+        reachability.stop(self.endpoints)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import httptools
 
 from meshgate.protocol.batch import BatchedWriter, WriteBatcher
-from meshgate.protocol.headers import HOP_BY_HOP, connection_tokens
+from meshgate.protocol.headers import CONNECTION_IGNORED, HOP_BY_HOP, connection_tokens
 
 if TYPE_CHECKING:
     pass
@@ -35,7 +35,6 @@ log = logging.getLogger("meshgate.upstream")
 # Response headers never copied to the client: hop-by-hop ones, and the
 # request id, which meshgate sets itself.
 _NOT_FORWARDED = HOP_BY_HOP | {b"x-request-id"}
-_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
 
 
 class ResponseSink(Protocol):
@@ -113,8 +112,13 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
         sink = self.sink
         if sink is None:
             # Bytes on an idle connection: the peer is out of sync with us
-            # (a late response, or garbage). The connection can't be trusted.
-            self.close()
+            # (a late response, or garbage). The connection can't be trusted,
+            # and what it sent goes to no one.
+            log.warning(
+                "%s sent a response nobody asked for (on an idle connection); closing",
+                self.pool.address,
+            )
+            self.abort()
             return
         self.bytes_in += len(data)
         try:
@@ -181,7 +185,8 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
             tokens = connection_tokens(value)
             if b"close" in tokens:
                 self.keep_alive = False
-            tokens = tokens - _CONNECTION_OPTIONS
+            # Never the framing: the client's is written from what was parsed.
+            tokens = tokens - CONNECTION_IGNORED
             if tokens:
                 self.drop = tokens if self.drop is None else self.drop | tokens
 

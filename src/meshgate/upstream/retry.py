@@ -79,6 +79,7 @@ class RetryPolicy:
         now: float,
         deadline: float,
         retry_after: float | None = None,
+        free: bool = False,
     ) -> float | None:
         """The wait before try `attempt + 1` after a try failed with `cause`
         (a status as digits, or connect-failure, reset, timeout), or None
@@ -86,7 +87,9 @@ class RetryPolicy:
         (a request that was sent is repeated only when idempotent), the
         breaker's `max_retries`, an upstream's `Retry-After` beyond the cap,
         the deadline and the budget all have their say. A retry allowed is
-        drawn from the budget and counted in `cluster.retried`."""
+        drawn from the budget and counted in `cluster.retried`; a `free` one
+        (a connect that failed, to go to an untried endpoint) goes at once and
+        draws nothing from the budget."""
         if attempt >= self.attempts:
             return None
         if cause.isdigit():
@@ -101,10 +104,12 @@ class RetryPolicy:
             return None
         if retry_after is not None and retry_after > self.cap:
             return None  # the upstream asks for longer than retries may wait
-        delay = self.backoff(attempt) if retry_after is None else retry_after
+        delay = 0.0 if free else self.backoff(attempt)
+        if retry_after is not None:
+            delay = retry_after
         if now + delay >= deadline:
             return None
-        if not cluster.budget.try_retry(now):
+        if not free and not cluster.budget.try_retry(now):
             return None
         cluster.retried += 1
         return delay
