@@ -749,10 +749,10 @@ def test_status_map_and_header_edits_on_a_buffered_route(
 
 def test_the_gateways_own_problem_keeps_its_status(proxy: ProxyProcess) -> None:
     """`status: {502: 503}` and the header edits apply to upstream answers,
-    never to the gateway's own 502."""
+    never to the gateway's own answer (503: no endpoint accepts connections)."""
     r = fetch(proxy.url("/down/x"))
-    doc = assert_problem(r, 502)
-    assert doc["type"] == PROBLEMS + "upstream-connect-failed"
+    doc = assert_problem(r, 503)
+    assert doc["type"] == PROBLEMS + "upstream-unavailable"
     assert r.header("x-added") is None
     assert r.header("content-length") == str(len(r.body))
 

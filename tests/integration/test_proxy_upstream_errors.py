@@ -17,12 +17,13 @@ from support.upstream import FIXED_BODY, UpstreamServer
 pytestmark = pytest.mark.engine
 
 
-def test_502_when_upstream_refuses_connections(stack: Stack) -> None:
+def test_503_when_the_only_endpoint_refuses_connections(stack: Stack) -> None:
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     proxy = stack.proxy(single_upstream_config(dead))
     start = time.monotonic()
     r = fetch(proxy.url("/x"))
-    assert_problem(r, 502)
+    doc = assert_problem(r, 503)  # no endpoint accepts connections (Envoy's 503)
+    assert doc["type"].endswith("upstream-unavailable")
     assert time.monotonic() - start < 5
 
 

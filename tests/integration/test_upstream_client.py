@@ -249,13 +249,13 @@ async def test_a_head_that_would_smuggle_is_refused_before_sending(
 # -- failures ------------------------------------------------------------------------
 
 
-async def test_connection_refused_is_a_502(make_cluster: MakeCluster) -> None:
+async def test_connection_refused_everywhere_is_a_503(make_cluster: MakeCluster) -> None:
     cluster = make_cluster(f"127.0.0.1:{free_port()}")
     with pytest.raises(UpstreamFailure) as info:
         await _get(cluster, "/")
-    assert info.value.status == 502
-    assert info.value.kind == "upstream-connect-failed"
-    assert "cannot connect" in info.value.detail
+    assert info.value.status == 503
+    assert info.value.kind == "upstream-unavailable"
+    assert "accepts connections" in info.value.detail
     _settled(cluster)
     assert cluster.endpoints[0].pool.open_count == 0
 
@@ -271,7 +271,8 @@ async def test_a_refused_endpoint_is_retried_on_the_live_one(
     )
     for _ in range(4):
         assert (await _get(cluster, "/echo")).status == 200
-    assert cluster.retried == 2  # round robin sent half of the first tries to the dead one
+    # The dead one leaves rotation on its first refused connect: one retry.
+    assert cluster.retried == 1
     _settled(cluster)
 
 

@@ -530,6 +530,8 @@ def test_describe_seed() -> None:
         "customer (customer-service, optional, 0.5s) within 2s",
         "routes[4] (/v1/orders/**): transform: request headers, body; response body "
         "(bodies buffered up to 1048576 bytes)",
+        "failure accrual is on for every upstream (outlier_detection's defaults): an "
+        "endpoint is ejected after 5 5xx answers or 3 gateway failures in a row",
     ]
 
 

@@ -350,4 +350,6 @@ routes:
         'routes[1] (/b/**): canary: header x-canary = "1" -> v3',
         "routes[1] (/b/**): canary: cookie beta present -> v2",
         "routes[1] (/b/**): split: v3 has weight 0 and gets only canary matches",
+        "failure accrual is on for every upstream (outlier_detection's defaults): an "
+        "endpoint is ejected after 5 5xx answers or 3 gateway failures in a row",
     ]

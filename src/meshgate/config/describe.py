@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 
-from meshgate.config.schema import Config, CorsConfig, RateLimitConfig, RouteConfig
+from meshgate.config.schema import (
+    Config,
+    CorsConfig,
+    OutlierDetectionConfig,
+    RateLimitConfig,
+    RouteConfig,
+)
 
 __all__ = ["describe"]
 
@@ -122,24 +128,9 @@ def describe(config: Config) -> list[str]:
     for name, upstream in config.upstreams.items():
         if name not in used:
             lines.append(f"upstreams.{name} is not used by any route")
-        od = upstream.outlier_detection
-        if od is None:
-            lines.append(
-                f"upstreams.{name}: failure accrual is off (outlier_detection: false); "
-                "only endpoints that refuse connections leave rotation"
-            )
-        else:
-            rules = []
-            if od.consecutive_5xx:
-                rules.append(f"{od.consecutive_5xx} 5xx answers")
-            if od.consecutive_gateway_failure:
-                rules.append(f"{od.consecutive_gateway_failure} gateway failures")
-            accrual = " or ".join(rules) + " in a row" if rules else "a low success rate"
-            lines.append(
-                f"upstreams.{name}: failure accrual is on: an endpoint is ejected after "
-                f"{accrual}, for {od.base_ejection_time:g}s at first "
-                f"(at most {od.max_ejection_percent}% of endpoints out at once)"
-            )
+        accrual = _accrual(upstream.outlier_detection)
+        if accrual is not None:
+            lines.append(f"upstreams.{name}: {accrual}")
         hc = upstream.health_check
         if hc is not None:
             passes = "1 pass" if hc.healthy_threshold == 1 else f"{hc.healthy_threshold} passes"
@@ -186,4 +177,36 @@ def describe(config: Config) -> list[str]:
     for name, entry in config.auth.items():
         if entry.type == "api_key" and not any(c.api_keys for c in config.consumers.values()):
             lines.append(f"auth.{name}: no consumer has an API key, so no key is accepted")
+    if config.upstreams and all(
+        u.outlier_detection == _DEFAULT_ACCRUAL for u in config.upstreams.values()
+    ):
+        lines.append(
+            "failure accrual is on for every upstream (outlier_detection's defaults): an "
+            "endpoint is ejected after 5 5xx answers or 3 gateway failures in a row"
+        )
     return lines
+
+
+_DEFAULT_ACCRUAL = OutlierDetectionConfig()
+
+
+def _accrual(od: OutlierDetectionConfig | None) -> str | None:
+    """What `check` says of an upstream's failure accrual when it is not the
+    default (the default is said once, for all)."""
+    if od is None:
+        return (
+            "failure accrual is off (outlier_detection: false); only endpoints that "
+            "refuse connections leave rotation"
+        )
+    if od == _DEFAULT_ACCRUAL:
+        return None
+    rules = []
+    if od.consecutive_5xx:
+        rules.append(f"{od.consecutive_5xx} 5xx answers")
+    if od.consecutive_gateway_failure:
+        rules.append(f"{od.consecutive_gateway_failure} gateway failures")
+    after = " or ".join(rules) + " in a row" if rules else "a low success rate"
+    return (
+        f"failure accrual is on: an endpoint is ejected after {after}, for "
+        f"{od.base_ejection_time:g}s at first (at most {od.max_ejection_percent}% out at once)"
+    )

@@ -24,7 +24,7 @@ import reprlib
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, NamedTuple, Union, get_args, get_origin
+from typing import Annotated, Any, NamedTuple, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -33,7 +33,10 @@ from yaml.error import Mark
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
+from meshgate.config.mesh import MeshConfig
 from meshgate.config.schema import Config, CrossReferenceError
+
+_M = TypeVar("_M", bound=BaseModel)
 
 __all__ = ["ConfigError", "ConfigProblem", "load_config", "load_config_text"]
 
@@ -119,6 +122,24 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
     missing or unreadable file, bad encoding, YAML syntax, unknown or invalid fields.
     """
     filename = os.fspath(path)
+    return load_config_text(read_config_file(filename), filename, env=env)
+
+
+def load_mesh(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> MeshConfig:
+    """Read and validate mesh.yaml, every problem named by file, line and field."""
+    filename = os.fspath(path)
+    mesh, _ = load_model_text(
+        read_config_file(filename),
+        filename,
+        MeshConfig,
+        env=env,
+        keys="'trust_domain', 'control' and 'services'",
+    )
+    return mesh
+
+
+def read_config_file(filename: str) -> str:
+    """The text of a config file; `ConfigError` naming the file when it cannot be read."""
     try:
         with open(filename, "rb") as f:
             raw = f.read()
@@ -129,7 +150,7 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
     except OSError as exc:
         raise _file_error(filename, f"cannot read the file: {exc.strerror or exc}") from None
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
@@ -137,13 +158,30 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
             filename, line, column, "", "the file is not valid UTF-8 text (a config is YAML text)"
         )
         raise ConfigError([problem]) from None
-    return load_config_text(text, filename, env=env)
 
 
 def load_config_text(
     text: str, filename: str = "<string>", *, env: Mapping[str, str] | None = None
 ) -> Config:
     """Like `load_config`, for text already read; `filename` is only used in messages."""
+    config, builder = load_model_text(
+        text, filename, Config, env=env, keys="'listen', 'upstreams' and 'routes'"
+    )
+    _check_routes(config, filename, builder)
+    return config
+
+
+def load_model_text(
+    text: str,
+    filename: str,
+    model: type[_M],
+    *,
+    env: Mapping[str, str] | None = None,
+    keys: str,
+) -> tuple[_M, _Builder]:
+    """YAML text validated into `model`, every problem named by file, line and
+    field (`ConfigError`); `keys` names the top-level keys an empty file lacks.
+    The builder is returned for checks that locate fields after validation."""
     env = os.environ if env is None else env
     try:
         root = _compose(text, filename)
@@ -151,9 +189,7 @@ def load_config_text(
             isinstance(root, ScalarNode) and root.tag == _TAG_NULL and not root.value.strip()
         ):
             raise _file_error(
-                filename,
-                "the file is empty; expected a mapping with keys such as "
-                "'listen', 'upstreams' and 'routes'",
+                filename, f"the file is empty; expected a mapping with keys such as {keys}"
             )
         builder = _Builder(filename, env)
         data = builder.build_document(root)
@@ -170,19 +206,24 @@ def load_config_text(
                         line,
                         column,
                         "",
-                        "expected a mapping at the top level, with keys such as 'listen', "
-                        f"'upstreams' and 'routes' (found: {_describe_value(data)})",
+                        f"expected a mapping at the top level, with keys such as {keys} "
+                        f"(found: {_describe_value(data)})",
                     )
                 ]
             )
         try:
-            config = Config.model_validate(data)
+            value = model.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(_Explainer(filename, data, builder).explain(exc)) from None
-        _check_routes(config, filename, builder)
-        return config
+        return value, builder
     except RecursionError:
         raise _file_error(filename, "the document is nested too deeply") from None
+
+
+def locate(builder: _Builder, path: Sequence[str | int]) -> tuple[int | None, int | None]:
+    """The line and column of the field at `path`, for a check after validation."""
+    mark = builder.marks.get(tuple(path))
+    return _position(mark) if mark is not None else (None, None)
 
 
 _ROUTE_REF = re.compile(r"routes\[(\d+)\]")
