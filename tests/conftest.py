@@ -20,6 +20,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "engine: runs the real gateway process (`meshgate run` and its CLI)"
     )
+    config.addinivalue_line(
+        "markers",
+        "mesh: runs the mesh's real processes (control plane, agents); `pytest -m mesh` "
+        "runs them alone, `-m 'not mesh'` skips them",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

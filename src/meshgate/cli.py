@@ -1,4 +1,5 @@
-"""`meshgate`: run, check, routes, explain, hash-key, demo.
+"""`meshgate`: run, check, routes, explain, hash-key, demo; and the mesh's control,
+token, mesh, agent and ca (`meshgate.mesh.cli`, `meshgate.mesh.ca_cli`).
 
 Exit codes: 0 success, 1 a config that cannot be used, 2 bad arguments.
 """
@@ -51,7 +52,10 @@ def _load_router(path: str) -> tuple[Config, Router[str]] | None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from meshgate.config.describe import describe
+    from meshgate.mesh.cli import check_mesh, is_mesh_file
 
+    if is_mesh_file(args.config):
+        return check_mesh(args.config)
     loaded = _load_router(args.config)
     if loaded is None:
         return 1
@@ -239,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run sample services behind the gateway on :8080")
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_demo)
+
+    from meshgate.mesh import ca_cli
+    from meshgate.mesh import cli as mesh_cli
+
+    mesh_cli.register(sub)
+    ca_cli.register(sub)
     return parser
 
 

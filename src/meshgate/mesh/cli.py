@@ -1,0 +1,313 @@
+"""The mesh's commands: `control`, `token`, `mesh status|explain`, `agent`.
+
+`token` and `mesh status` open the control plane's store themselves (SQLite
+in WAL mode takes a reader and a writer beside the running control plane),
+so they work whether `meshgate control` runs or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from meshgate.config.loader import ConfigError, load_mesh
+from meshgate.config.mesh import MeshConfig
+from meshgate.config.schema import parse_duration
+
+__all__ = ["is_mesh_file", "register"]
+
+
+def is_mesh_file(path: str) -> bool:
+    """Whether a config file is a mesh.yaml (it has a `services:` or
+    `trust_domain:` at the top, and no gateway `routes:`)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(doc, dict) and (
+        ("services" in doc or "trust_domain" in doc or "control" in doc) and "routes" not in doc
+    )
+
+
+def _mesh(path: str) -> MeshConfig | None:
+    try:
+        return load_mesh(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid mesh config\n{exc}", file=sys.stderr)
+        return None
+
+
+def _store(path: str, mesh: MeshConfig) -> Any:
+    from meshgate.mesh.control.store import SqliteStore
+
+    state = (Path(path).resolve().parent / mesh.control.state_dir).resolve()
+    if mesh.control.store != "sqlite":
+        from meshgate.mesh.control.store_redis import RedisStore
+
+        return RedisStore(mesh.control.store)
+    return SqliteStore(state / "store.db")
+
+
+def check_mesh(path: str) -> int:
+    mesh = _mesh(path)
+    if mesh is None:
+        return 1
+    print(
+        f"{path}: OK: mesh {mesh.trust_domain}, {len(mesh.services)} services, mtls "
+        f"{mesh.mtls}, control on {mesh.control.listen}, store {mesh.control.store}"
+    )
+    for name, svc in mesh.services.items():
+        print(f"  note: {name}: {mesh.identity(name)}, calls {', '.join(mesh.callees(name))}")
+        if svc.authz.default == "deny" and not svc.authz.rules:
+            print(f"  warning: {name}: authz default deny and no rule: nothing may call it")
+    return 0
+
+
+# -- meshgate control -----------------------------------------------------------------
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    mesh = _mesh(args.config)
+    if mesh is None:
+        return 1
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    return int(runner(_control(args.config, mesh)))
+
+
+async def _control(path: str, mesh: MeshConfig) -> int:
+    from meshgate.mesh.control.server import ControlPlane
+
+    cp = ControlPlane(path, mesh, store=_store(path, mesh))
+    await cp.start()
+    print(f"meshgate control listening on {mesh.control.listen.host}:{cp.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await cp.close()
+    return 0
+
+
+# -- meshgate token -----------------------------------------------------------------------
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    mesh = _mesh(args.config)
+    if mesh is None:
+        return 1
+    store = _store(args.config, mesh)
+    try:
+        if args.action == "create":
+            if args.service is None:
+                print("token create needs --service", file=sys.stderr)
+                return 2
+            ttl = parse_duration(args.ttl) if args.ttl else None
+            print(store.create_token(args.service, ttl=ttl, single_use=args.single_use))
+        elif args.action == "revoke":
+            if not args.id or not store.revoke_token(args.id):
+                print(f"no token {args.id!r}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.id}")
+        else:
+            for t in store.tokens():
+                state = "revoked" if t.revoked else "used" if t.used else "active"
+                expires = (
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t.expires))
+                    if t.expires
+                    else "never"
+                )
+                print(f"{t.token_id}  {t.service:20} {state:8} expires {expires}")
+    finally:
+        store.close()
+    return 0
+
+
+# -- meshgate mesh status | explain ------------------------------------------------------------
+
+
+def cmd_mesh(args: argparse.Namespace) -> int:
+    mesh = _mesh(args.config)
+    if mesh is None:
+        return 1
+    store = _store(args.config, mesh)
+    try:
+        if args.action == "explain":
+            from meshgate.mesh.control.snapshot import build_sections
+
+            if not args.service:
+                print("mesh explain needs a SERVICE", file=sys.stderr)
+                return 2
+            generation = (store.generations(1) or [{"generation": 0}])[0]["generation"]
+            sections = build_sections(
+                mesh, generation, args.service, store.instances(), time.time()
+            )
+            print(json.dumps(sections, indent=2, sort_keys=True))
+            return 0
+        status = _status(mesh, store)
+        if args.json:
+            print(json.dumps(status, indent=2, sort_keys=True))
+        else:
+            _print_status(status)
+    finally:
+        store.close()
+    return 0
+
+
+def _status(mesh: MeshConfig, store: Any) -> dict[str, Any]:
+    now = time.time()
+    instances = store.instances()
+    proxies = store.proxies()
+    services: dict[str, Any] = {}
+    for name in sorted(set(mesh.services) | {i.service for i in instances}):
+        svc = mesh.services.get(name)
+        services[name] = {
+            "identity": mesh.identity(name),
+            "instances": [
+                {
+                    **i.to_json(),
+                    "health": "healthy" if i.lease_expires > now else "unhealthy",
+                }
+                for i in instances
+                if i.service == name
+            ],
+            "static": [f"{e.host}:{e.port}" for e in (svc.instances if svc else [])],
+        }
+    gens = store.generations(1)
+    return {
+        "trust_domain": mesh.trust_domain,
+        "generation": gens[0]["generation"] if gens else 0,
+        "services": services,
+        "proxies": proxies,
+    }
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    print(f"mesh {status['trust_domain']}, generation {status['generation']}")
+    for name, svc in status["services"].items():
+        print(f"service {name} ({svc['identity']})")
+        for inst in svc["instances"]:
+            print(
+                f"  {inst['address']}:{inst['port']}  {inst['health']:9} version "
+                f"{inst['version'] or '-'} zone {inst['zone'] or '-'}"
+            )
+        for addr in svc["static"]:
+            print(f"  {addr}  static")
+    print("proxies")
+    for proxy_id, p in status["proxies"].items():
+        cert = p.get("cert") or {}
+        expiry = (
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(cert["not_after"]))
+            if cert.get("not_after")
+            else "-"
+        )
+        nack = p.get("nack")
+        print(
+            f"  {proxy_id[:12]}  {p['identity']}  {'connected' if p['connected'] else 'gone':9}"
+            f" acked v{p['acked_version']}  cert {cert.get('serial', '-')} until {expiry}"
+            + (f"  NACK v{nack['version']}: {nack['reason']}" if nack else "")
+        )
+
+
+# -- meshgate agent -----------------------------------------------------------------------------
+
+
+def _address(text: str) -> tuple[str, int]:
+    text = text.removeprefix("https://").rstrip("/")
+    host, _, port = text.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    return int(runner(_agent(args)))
+
+
+async def _agent(args: argparse.Namespace) -> int:
+    from meshgate.mesh.agent import MeshAgent
+
+    bundle = Path(args.trust_bundle).read_bytes() if args.trust_bundle else None
+    token = args.token
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    identity = f"spiffe://{args.trust_domain}/ns/{args.namespace}/sa/{args.service}"
+    instance = None
+    if args.register:
+        host, port = _address(args.register)
+        instance = {"address": host, "port": port, "version": args.version, "zone": args.zone}
+    agent = MeshAgent(
+        identity=identity,
+        controls=[_address(c) for c in args.control.split(",")],
+        state_dir=Path(args.state_dir),
+        token=token,
+        attest_socket=args.attest_socket,
+        bundle_pem=bundle,
+        instance=instance,
+    )
+    await agent.start()
+    print(f"meshgate agent {identity} started", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await agent.close()
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("control", help="run the mesh control plane (CA, registry, push)")
+    p.add_argument("-c", "--config", required=True, help="mesh.yaml")
+    p.set_defaults(func=cmd_control)
+
+    p = sub.add_parser("token", help="create, revoke or list join tokens")
+    p.add_argument("action", choices=["create", "revoke", "list"])
+    p.add_argument("id", nargs="?", help="the token id to revoke")
+    p.add_argument("-c", "--config", required=True, help="mesh.yaml")
+    p.add_argument("--service")
+    p.add_argument("--ttl", help="expiry, e.g. 1h (default: never)")
+    p.add_argument(
+        "--single-use", action="store_true", help="exchanged once for a certificate, then dead"
+    )
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("mesh", help="the mesh as the control plane sees it")
+    p.add_argument("action", choices=["status", "explain"])
+    p.add_argument("service", nargs="?")
+    p.add_argument("-c", "--config", required=True, help="mesh.yaml")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_mesh)
+
+    p = sub.add_parser("agent", help="join the mesh and keep an identity and a snapshot")
+    p.add_argument("--service", required=True)
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--trust-domain", required=True)
+    p.add_argument("--control", required=True, help="host:port[,host:port...]")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--token")
+    p.add_argument("--token-file")
+    p.add_argument("--attest-socket")
+    p.add_argument("--trust-bundle", help="the bundle to trust the first time")
+    p.add_argument("--register", help="host:port of the instance to register")
+    p.add_argument("--version", default="")
+    p.add_argument("--zone", default="")
+    p.set_defaults(func=cmd_agent)
