@@ -48,19 +48,37 @@ def mesh_yaml(port: int, *, services: dict[str, Any] | None = None, **control: A
 class ControlProcess:
     """One `meshgate control`; `kill` is SIGKILL, `start` again reuses its state."""
 
-    def __init__(self, directory: Path, text: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        text: str | None = None,
+        *,
+        path: Path | None = None,
+        state: Path | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """`path`: a mesh.yaml shared with other instances (then `state` is
+        this instance's own state directory, and it listens on its own port)."""
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.port = free_port()
-        self.path = directory / "mesh.yaml"
-        self.path.write_text(text if text is not None else mesh_yaml(self.port, **kwargs))
+        self.extra: list[str] = []
+        if path is not None:
+            self.path = path
+            self.extra = ["--listen", f"127.0.0.1:{self.port}"]
+            if state is not None:
+                self.extra += ["--state-dir", str(state)]
+        else:
+            self.path = directory / "mesh.yaml"
+            self.path.write_text(text if text is not None else mesh_yaml(self.port, **kwargs))
+        self._state = state
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = directory / "control.log"
         self.starts = 0
 
     @property
     def state(self) -> Path:
-        return self.directory / "state"
+        return self._state or self.directory / "state"
 
     @property
     def bundle(self) -> bytes:
@@ -70,7 +88,7 @@ class ControlProcess:
         self.starts += 1
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
         self.process = subprocess.Popen(
-            meshgate_cmd("--log-level", "debug", "control", "-c", str(self.path)),
+            meshgate_cmd("--log-level", "debug", "control", "-c", str(self.path), *self.extra),
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,

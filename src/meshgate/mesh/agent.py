@@ -142,10 +142,14 @@ class MeshAgent:
         instance: dict[str, Any] | None = None,
         on_snapshot: Callable[[dict[str, Any]], None] | None = None,
         keep_token: bool = True,
+        shuffle: bool = True,
     ) -> None:
         self.identity = identity
         """The SPIFFE ID this proxy is (the control plane's word is final)."""
         self.controls = controls
+        self.shuffle = shuffle
+        """Try the control-plane addresses in a random order (spreading
+        proxies), or in the order given (the first is preferred)."""
         self.state = AgentState(state_dir)
         if token is not None:
             self.state.token = token
@@ -208,7 +212,8 @@ class MeshAgent:
 
     async def _connect(self, *, with_cert: bool) -> ClientConnection:
         last: Exception | None = None
-        for host, port in random.sample(self.controls, len(self.controls)):
+        order = random.sample(self.controls, len(self.controls)) if self.shuffle else self.controls
+        for host, port in order:
             try:
                 conn = await ClientConnection.open(host, port, self._tls(with_cert=with_cert))
             except (OSError, TimeoutError) as exc:

@@ -18,7 +18,7 @@ from typing import Any
 
 from meshgate.config.loader import ConfigError, load_mesh
 from meshgate.config.mesh import MeshConfig
-from meshgate.config.schema import parse_duration
+from meshgate.config.schema import Address, parse_duration
 
 __all__ = ["is_mesh_file", "register"]
 
@@ -46,10 +46,10 @@ def _mesh(path: str) -> MeshConfig | None:
         return None
 
 
-def _store(path: str, mesh: MeshConfig) -> Any:
+def _store(path: str, mesh: MeshConfig, state_dir: str | None = None) -> Any:
     from meshgate.mesh.control.store import SqliteStore
 
-    state = (Path(path).resolve().parent / mesh.control.state_dir).resolve()
+    state = (Path(path).resolve().parent / (state_dir or mesh.control.state_dir)).resolve()
     if mesh.control.store != "sqlite":
         from meshgate.mesh.control.store_redis import RedisStore
 
@@ -85,13 +85,19 @@ def cmd_control(args: argparse.Namespace) -> int:
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
-    return int(runner(_control(args.config, mesh)))
+    overrides: dict[str, Any] = {}
+    if args.state_dir:
+        overrides["state_dir"] = str(Path(args.state_dir).resolve())
+    if args.listen:
+        overrides["listen"] = Address.model_validate(Address.parse(args.listen))
+    return int(runner(_control(args.config, mesh, overrides)))
 
 
-async def _control(path: str, mesh: MeshConfig) -> int:
+async def _control(path: str, mesh: MeshConfig, overrides: dict[str, Any]) -> int:
     from meshgate.mesh.control.server import ControlPlane
 
-    cp = ControlPlane(path, mesh, store=_store(path, mesh))
+    store = _store(path, mesh, overrides.get("state_dir"))
+    cp = ControlPlane(path, mesh, store=store, overrides=overrides)
     await cp.start()
     print(f"meshgate control listening on {mesh.control.listen.host}:{cp.port}", flush=True)
     stop = asyncio.Event()
@@ -277,6 +283,8 @@ async def _agent(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser("control", help="run the mesh control plane (CA, registry, push)")
     p.add_argument("-c", "--config", required=True, help="mesh.yaml")
+    p.add_argument("--state-dir", help="instead of control.state_dir (one per instance)")
+    p.add_argument("--listen", help="instead of control.listen")
     p.set_defaults(func=cmd_control)
 
     p = sub.add_parser("token", help="create, revoke or list join tokens")

@@ -83,7 +83,9 @@ class SpiffeId:
         td, slash, path = uri[len(_SCHEME) :].partition("/")
         _check_trust_domain(td)
         if not slash:
-            raise ValueError(f"{uri!r} names a trust domain, not a workload: expected /ns/…/sa/…")
+            raise ValueError(
+                f"{uri!r} names a trust domain, not a workload (/ns/<namespace>/sa/<service>)"
+            )
         parts = path.split("/")
         if len(parts) != 4 or parts[0] != "ns" or parts[2] != "sa":
             raise ValueError(f"the path of {uri!r} is not /ns/<namespace>/sa/<service>")

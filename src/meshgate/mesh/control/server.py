@@ -74,8 +74,18 @@ class _CallerRate:
 class ControlPlane:
     """The control plane's state and API; `start` serves, `close` stops."""
 
-    def __init__(self, mesh_path: str, mesh: MeshConfig, *, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        mesh_path: str,
+        mesh: MeshConfig,
+        *,
+        store: Store | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
         self.mesh_path = mesh_path
+        self.overrides = overrides or {}
+        """`control:` fields the command line set (one mesh.yaml, several instances)."""
+        mesh = self._override(mesh)
         self.mesh = mesh
         base = Path(mesh_path).resolve().parent
         self.state_dir = (base / mesh.control.state_dir).resolve()
@@ -91,6 +101,12 @@ class ControlPlane:
         self.ctx: ssl.SSLContext | None = None
         self.cert_renew_at = 0.0
         self.port = 0
+
+    def _override(self, mesh: MeshConfig) -> MeshConfig:
+        if not self.overrides:
+            return mesh
+        control = mesh.control.model_copy(update=self.overrides)
+        return mesh.model_copy(update={"control": control})
 
     # -- serving --------------------------------------------------------------------
 
@@ -333,14 +349,14 @@ class ControlPlane:
                     except ConfigError as exc:
                         log.error("a generation from the store is refused: %s", exc)
                         return
-                    self.mesh = mesh
+                    self.mesh = self._override(mesh)
                     self.generation = latest[0]["generation"]
         self.push.changed(f"remote {what}")
 
     def reload(self) -> bool:
         """Load mesh.yaml again: a new generation, or the running one kept."""
         try:
-            mesh = load_mesh(self.mesh_path)
+            mesh = self._override(load_mesh(self.mesh_path))
             text = read_config_file(self.mesh_path)
         except ConfigError as exc:
             log.error(
