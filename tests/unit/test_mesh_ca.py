@@ -579,3 +579,32 @@ def test_rotate_refusals(tmp_path: Path, ca: CertificateAuthority) -> None:
         ca.rotate_intermediate(leaf.cert_pem, leaf_key_pem)
     before = ca.chain_pem
     assert ca.chain_pem == before  # nothing changed after the refusals
+
+
+# -- the CLI's helpers ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90.0), ("30m", 1800.0), ("24h", 86400.0), ("7d", 604800.0), ("1.5h", 5400.0)],
+)
+def test_cli_durations(text: str, seconds: float) -> None:
+    from meshgate.mesh.ca_cli import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "24", "1w", "-1h", "0s", "h", "1 year", "1e3s"])
+def test_cli_bad_durations(text: str) -> None:
+    import argparse
+
+    from meshgate.mesh.ca_cli import parse_duration
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_duration(text)
+
+
+def test_cli_fingerprint_format() -> None:
+    from meshgate.mesh.ca_cli import format_fingerprint
+
+    assert format_fingerprint("0aff12") == "0A:FF:12"

@@ -379,6 +379,13 @@ async def _demo(port: int) -> int:
     await _show(port, idp, config.admin.port if config.admin else 9901)
     for line in describe(config)[1:]:
         print(f"note: {line}", flush=True)
+    from meshgate.demo.mesh import MeshDemo
+
+    mesh = MeshDemo([(name, bport) for name, bport in BACKENDS], port=0)
+    await mesh.start()
+    print("", flush=True)
+    for line in mesh.report():
+        print(line, flush=True)
     print(
         "\nAlso try:\n"
         f'  curl -si -H "Authorization: Bearer $TOKEN" http://127.0.0.1:{port}/api/orders/7\n'
@@ -394,6 +401,7 @@ async def _demo(port: int) -> int:
         flush=True,
     )
     await worker.wait_and_drain()
+    await mesh.close()
     for server in servers:
         server.close()
     return 0
