@@ -25,6 +25,7 @@ import asyncio
 import datetime as dt
 import json
 import multiprocessing
+import os
 import statistics
 import subprocess
 import sys
@@ -150,9 +151,31 @@ def run(proxies: int, changes: int, processes: int, workdir: Path) -> dict[str, 
         stderr=log,
         cwd=cpdir,
     )
+    spy: subprocess.Popen[bytes] | None = None
     try:
         assert cp.stdout is not None
         cp.stdout.readline()  # "meshgate control listening on ..."
+        # MESHGATE_PROFILE=DIR: py-spy samples the control plane for the
+        # whole run (it writes DIR/cp-<N>.txt, collapsed stacks, at its exit).
+        profile = os.environ.get("MESHGATE_PROFILE")
+        spy = (
+            subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(cp.pid),
+                    "--format",
+                    "raw",
+                    "-o",
+                    f"{profile}/cp-{proxies}.txt",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            if profile
+            else None
+        )
         bundle = (cpdir / "state" / "ca" / "bundle.pem").read_bytes()
 
         def token(service: str) -> str:
@@ -250,6 +273,8 @@ def run(proxies: int, changes: int, processes: int, workdir: Path) -> dict[str, 
         }
     finally:
         cp.terminate()
+        if spy is not None:
+            spy.wait(30)
         try:
             cp.wait(10)
         except subprocess.TimeoutExpired:

@@ -49,6 +49,7 @@ __all__ = ["Push"]
 log = logging.getLogger("meshgate.control")
 
 _SPIFFE_PREFIX = "spiffe://"
+FLUSH_DELAY = 0.25  # ACKs and heartbeats reach the store within this
 
 
 class ProxyStream:
@@ -91,6 +92,8 @@ class Push:
         self.timer: asyncio.TimerHandle | None = None
         self.sweeper: asyncio.Task[None] | None = None
         self.healthy: set[str] = set()
+        self.dirty: dict[str, ProxyStream] = {}
+        self.flush_timer: asyncio.TimerHandle | None = None
         self.propagation: list[float] = []
         """Seconds from a change to each proxy's ACK of it (recent ones)."""
 
@@ -111,6 +114,9 @@ class Push:
     async def close(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        if self.flush_timer is not None:
+            self.flush_timer.cancel()
+            self._flush()
         if self.sweeper is not None:
             self.sweeper.cancel()
             with contextlib.suppress(BaseException):
@@ -267,7 +273,7 @@ class Push:
                     self.changed("lease renewed")
             if isinstance(msg.get("cert"), dict):
                 stream.cert = msg["cert"]
-            self._record(stream, connected=True)
+            self._record(stream, connected=True, soon=True)
         elif kind == "ack":
             version = msg.get("version")
             if version == stream.sent:
@@ -277,7 +283,7 @@ class Push:
                 if isinstance(changed_at, int | float):
                     self.propagation.append(time.time() - changed_at)
                     del self.propagation[:-5000]
-                self._record(stream, connected=True)
+                self._record(stream, connected=True, soon=True)
         elif kind == "nack":
             reason = str(msg.get("reason") or "no reason given")[:500]
             log.warning(
@@ -298,10 +304,33 @@ class Push:
             if reason.startswith("base-mismatch"):
                 self._send(stream, {}, full=True)
 
-    def _record(self, stream: ProxyStream, *, connected: bool, nack: Any = None) -> None:
+    def _record(
+        self, stream: ProxyStream, *, connected: bool, nack: Any = None, soon: bool = False
+    ) -> None:
+        """Write what the operator sees of a proxy: at once for a connect, a
+        disconnect or a NACK; `soon` (ACKs, heartbeats) in one batch a little
+        later, so a push to a thousand proxies is not a thousand writes."""
         if nack is not None:
             stream.nack = nack
-        state = {
+        if soon:
+            self.dirty[stream.proxy_id] = stream
+            if self.flush_timer is None:
+                loop = asyncio.get_running_loop()
+                self.flush_timer = loop.call_later(FLUSH_DELAY, self._flush)
+            return
+        self.dirty.pop(stream.proxy_id, None)
+        self.cp.store.put_proxies({stream.proxy_id: self._state(stream, connected)})
+
+    def _flush(self) -> None:
+        self.flush_timer = None
+        dirty, self.dirty = self.dirty, {}
+        if dirty:
+            self.cp.store.put_proxies(
+                {pid: self._state(s, s in self.streams) for pid, s in dirty.items()}
+            )
+
+    def _state(self, stream: ProxyStream, connected: bool) -> dict[str, Any]:
+        return {
             "identity": stream.identity,
             "service": stream.service,
             "instance_id": stream.instance_id,
@@ -312,7 +341,6 @@ class Push:
             "last_seen": time.time(),
             "nack": stream.nack,
         }
-        self.cp.store.put_proxy(stream.proxy_id, state)
 
     # -- leases ------------------------------------------------------------------------------
 

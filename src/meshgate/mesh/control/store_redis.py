@@ -216,6 +216,13 @@ class RedisStore(Store):
     def put_proxy(self, proxy_id: str, state: dict[str, Any]) -> None:
         self.r.hset(_P + "proxies", proxy_id, json.dumps(state, sort_keys=True))
 
+    def put_proxies(self, states: dict[str, dict[str, Any]]) -> None:
+        if states:
+            self.r.hset(
+                _P + "proxies",
+                mapping={k: json.dumps(v, sort_keys=True) for k, v in states.items()},
+            )
+
     def proxies(self) -> dict[str, dict[str, Any]]:
         docs: dict[str, str] = self.r.hgetall(_P + "proxies")  # type: ignore[assignment]
         return {k: json.loads(docs[k]) for k in sorted(docs)}
