@@ -388,6 +388,13 @@ class MeshAgent:
         mesh = sections.get("mesh") or {}
         if isinstance(mesh.get("lease"), int | float):
             self.lease = float(mesh["lease"])
+        bundle = mesh.get("bundle")
+        if isinstance(bundle, str) and bundle and bundle.encode() != self.state.bundle_pem:
+            # A rotation: new roots are trusted before anything they sign is
+            # met, and old ones dropped only once nothing they signed lives.
+            self.state.bundle_pem = bundle.encode()
+            self.state.save("bundle.pem", self.state.bundle_pem)
+            log.info("trust bundle updated by the control plane")
         snapshot = {"version": version, "sections": sections, "digests": msg["digests"]}
         self.state.snapshot = snapshot
         self.state.save("snapshot.json", json.dumps(snapshot).encode())

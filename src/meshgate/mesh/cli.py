@@ -229,6 +229,51 @@ def _print_status(status: dict[str, Any]) -> None:
         )
 
 
+# -- meshgate trust ------------------------------------------------------------------------
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    """Rotate the trust bundle with overlap: `add-root` (proxies get it on
+    their streams before anything it signs exists), then `use-intermediate`
+    (new leaves come from the new root's intermediate); the control plane
+    drops the old root by itself once nothing it signed is alive."""
+    from meshgate.mesh.ca import CertificateAuthority, fingerprint
+
+    mesh = _mesh(args.config)
+    if mesh is None:
+        return 1
+    base = Path(args.config).resolve().parent
+    ca_dir = (base / (args.state_dir or mesh.control.state_dir)).resolve() / "ca"
+    try:
+        ca = CertificateAuthority.load(ca_dir)
+        if args.action == "add-root":
+            if not args.path:
+                print("trust add-root needs the new root's PEM file", file=sys.stderr)
+                return 2
+            fp = ca.add_root(Path(args.path).read_bytes())
+            print(f"trusting root {fp}; the control plane pushes the bundle to every proxy")
+        elif args.action == "use-intermediate":
+            if not args.path:
+                print(
+                    "trust use-intermediate needs the directory of an intermediate", file=sys.stderr
+                )
+                return 2
+            ca.rotate_intermediate_from(Path(args.path))
+            print(f"signing with {ca.intermediate.subject.rfc4514_string()} from now on")
+        else:
+            for root in ca.roots:
+                print(f"root {fingerprint(root)}  {root.subject.rfc4514_string()}")
+            inter = ca.intermediate
+            print(
+                f"signing intermediate {fingerprint(inter)}  {inter.subject.rfc4514_string()} "
+                f"until {inter.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+            )
+    except (OSError, ValueError) as exc:
+        print(f"{ca_dir}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # -- meshgate agent -----------------------------------------------------------------------------
 
 
@@ -304,6 +349,13 @@ def register(sub: Any) -> None:
     p.add_argument("-c", "--config", required=True, help="mesh.yaml")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mesh)
+
+    p = sub.add_parser("trust", help="show or rotate the mesh's trust bundle, with overlap")
+    p.add_argument("action", choices=["show", "add-root", "use-intermediate"])
+    p.add_argument("path", nargs="?", help="a root's PEM, or an intermediate's directory")
+    p.add_argument("-c", "--config", required=True, help="mesh.yaml")
+    p.add_argument("--state-dir", help="instead of control.state_dir")
+    p.set_defaults(func=cmd_trust)
 
     p = sub.add_parser("agent", help="join the mesh and keep an identity and a snapshot")
     p.add_argument("--service", required=True)

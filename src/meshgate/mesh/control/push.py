@@ -149,7 +149,12 @@ class Push:
         hit = cache.get(service)
         if hit is None:
             sections = build_sections(
-                self.cp.mesh, self.cp.generation, service, self.cp.store.instances(), time.time()
+                self.cp.mesh,
+                self.cp.generation,
+                service,
+                self.cp.store.instances(),
+                time.time(),
+                self.cp.ca.bundle_pem.decode(),
             )
             hit = sections, {name: digest(doc) for name, doc in sections.items()}
             cache[service] = hit

@@ -91,7 +91,8 @@ class ControlPlane:
         self.state_dir = (base / mesh.control.state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store: Store = store or SqliteStore(self.state_dir / "store.db")
-        self.ca = CertificateAuthority.create_embedded(self.state_dir / "ca", mesh.trust_domain)
+        self.ca_dir = self.state_dir / "ca"
+        self.ca = CertificateAuthority.create_embedded(self.ca_dir, mesh.trust_domain)
         self.generation = self.store.save_generation(read_config_file(mesh_path), "file")
         self.rate = _CallerRate(mesh.control.csr_rate.limit, mesh.control.csr_rate.period)
         self.push = Push(self)
@@ -99,6 +100,8 @@ class ControlPlane:
         self.tasks: list[asyncio.Task[None]] = []
         self.mtime = os.stat(mesh_path).st_mtime_ns
         self.ctx: ssl.SSLContext | None = None
+        self.current: ssl.SSLContext | None = None
+        self.ca_stamp: tuple[int, ...] = ()
         self.cert_renew_at = 0.0
         self.port = 0
 
@@ -112,7 +115,12 @@ class ControlPlane:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.ctx = self._server_context()
+        self.ctx = self.current = self._server_context()
+        # Each handshake switches to the current context (a new trust bundle,
+        # a new certificate of its own): new connections get it, and the
+        # listener never restarts.
+        self.ctx.sni_callback = self._pick_context
+        self.ca_stamp = self._ca_stamp()
         listen = self.mesh.control.listen
         server = await asyncio.start_server(
             self._tls_client, listen.host, listen.port, ssl=self.ctx, backlog=1024
@@ -319,21 +327,57 @@ class ControlPlane:
 
     # -- config generations ---------------------------------------------------------------
 
+    def _pick_context(self, sslobj: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
+        current = self.current
+        if current is not None and current is not ctx:
+            sslobj.context = current
+
+    def _ca_stamp(self) -> tuple[int, ...]:
+        stamps = []
+        for name in ("bundle.pem", "intermediate.pem"):
+            try:
+                stamps.append(os.stat(self.ca_dir / name).st_mtime_ns)
+            except OSError:
+                stamps.append(0)
+        return tuple(stamps)
+
+    def _trust_changed(self, why: str) -> None:
+        """The bundle or the signing intermediate changed: new handshakes use
+        them, and every proxy is pushed the bundle."""
+        self.current = self._server_context()
+        self.ca_stamp = self._ca_stamp()
+        log.info(
+            "trust bundle (%s): %d root(s), signing with %s",
+            why,
+            len(self.ca.roots),
+            self.ca.intermediate.subject.rfc4514_string(),
+        )
+        self.push.changed(why)
+
     async def _watch_config(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             try:
-                mtime = os.stat(self.mesh_path).st_mtime_ns
-            except OSError:
-                continue
+                self._tick()
+            except Exception:
+                log.exception("the control plane's periodic checks failed")
+
+    def _tick(self) -> None:
+        with contextlib.suppress(OSError):
+            mtime = os.stat(self.mesh_path).st_mtime_ns
             if mtime != self.mtime:
                 self.mtime = mtime
                 self.reload()
-            if self.ctx is not None and self.cert_renew_at and time.time() >= self.cert_renew_at:
-                try:
-                    self._load_own_certificate(self.ctx)
-                except Exception:
-                    log.exception("renewing the control plane's own certificate failed")
+        stamp = self._ca_stamp()
+        if stamp != self.ca_stamp:
+            # `meshgate trust` changed the CA's files: load them.
+            self.ca = CertificateAuthority.load(self.ca_dir)
+            self._trust_changed("trust bundle changed")
+        dropped = self.ca.retire_roots()
+        if dropped:
+            self._trust_changed(f"retired root(s) {', '.join(fp[:16] for fp in dropped)}")
+        if self.cert_renew_at and time.time() >= self.cert_renew_at:
+            self.current = self._server_context()
 
     def _remote_change(self, what: str) -> None:
         """Another control-plane instance changed the shared store."""

@@ -73,6 +73,7 @@ def build_sections(
     service: str,
     instances: Iterable[Instance],
     now: float,
+    bundle: str = "",
 ) -> dict[str, Any]:
     """Every section of `service`'s proxy's snapshot (`lease` tells it how
     often to heartbeat)."""
@@ -83,6 +84,7 @@ def build_sections(
             "trust_domain": mesh.trust_domain,
             "generation": generation,
             "lease": mesh.control.lease,
+            "bundle": bundle,
         },
         "inbound": {
             "service": service,
