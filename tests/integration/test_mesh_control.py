@@ -458,3 +458,64 @@ async def test_attestation_by_uid(tmp_path: Path) -> None:
         assert info.value.status == 400 and "payments" in info.value.reason
     finally:
         port_cp.stop()
+
+
+# -- the admin listener ---------------------------------------------------------------------
+
+
+async def test_admin_metrics_config_api_and_csr_rate(tmp_path: Path) -> None:
+    from support.client import curl, free_port
+
+    admin = free_port()
+    (tmp_path / "cp").mkdir()
+    (tmp_path / "cp" / "admin.token").write_text("s3cret-admin-token\n")
+    control = ControlProcess(
+        tmp_path / "cp",
+        admin=f"127.0.0.1:{admin}",
+        admin_token_file="admin.token",
+        csr_rate={"limit": 4, "period": "1m"},
+    ).start()
+    try:
+        token = control.token("orders")
+        agent = make_agent(control, tmp_path, "orders", token=token)
+        await agent.start()
+        await wait_for(agent.connected.is_set, what="the stream")
+        await asyncio.sleep(0.3)
+        metrics = curl(f"http://127.0.0.1:{admin}/metrics").stdout.decode()
+        assert "meshgate_control_proxies_connected 1" in metrics
+        assert 'meshgate_control_certificates_total{outcome="issued"} 1' in metrics
+        cert = agent.state.certificate()
+        assert cert is not None
+        assert (
+            f'meshgate_identity_cert_expiration_timestamp_seconds{{identity="{sid("orders")}"'
+            in metrics
+        )
+        assert f"}} {cert.not_valid_after_utc.timestamp()}" in metrics
+        # The config API: a bearer token, then the same validation as the file.
+        put = ["-X", "PUT", "--data-binary"]
+        new = mesh_yaml(control.port, services={"orders": {"calls": ["payments"]}, "payments": {}})
+        r = curl(
+            "-o", "/dev/null", "-w", "%{http_code}", *put, new, f"http://127.0.0.1:{admin}/config"
+        )
+        assert r.stdout == b"401", r.stdout
+        auth = ["-H", "Authorization: Bearer s3cret-admin-token"]
+        bad = curl(
+            *put,
+            "services:\n  orders: {calls: [nowhere]}\n",
+            *auth,
+            f"http://127.0.0.1:{admin}/config",
+        )
+        assert b"PUT /config:2:" in bad.stdout and b"nowhere" in bad.stdout, bad.stdout
+        ok = curl(*put, new, *auth, f"http://127.0.0.1:{admin}/config")
+        assert json.loads(ok.stdout)["generation"] == 2, ok.stdout
+        await wait_for(lambda: "service/payments" in agent.sections, what="the API's generation")
+        await agent.close()
+        # CSR rate: 4 a minute per caller (the agent's join was the first).
+        good, _ = csr_pem([x509.UniformResourceIdentifier(sid("orders"))])
+        for _ in range(3):
+            await join(control, token, good)
+        with pytest.raises(ApiError) as info:
+            await join(control, token, good)
+        assert info.value.status == 429 and "too many" in info.value.reason
+    finally:
+        control.stop()

@@ -178,6 +178,10 @@ class ControlConfig(_Model):
     """The control plane process."""
 
     listen: ListenAddress = Address(host="127.0.0.1", port=15012)
+    admin: ListenAddress | None = None
+    """Plain HTTP, keep it on loopback: `/metrics`, `/status`, and `PUT
+    /config` (a new generation) with `admin_token_file`'s bearer token."""
+    admin_token_file: str | None = None
     state_dir: str = ".meshgate/control"
     store: str = "sqlite"
     """`sqlite` (one file in state_dir) or a `redis://` URL."""

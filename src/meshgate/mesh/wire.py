@@ -55,19 +55,27 @@ class ApiError(Exception):
 
 
 class Response:
-    __slots__ = ("body", "status")
+    __slots__ = ("body", "content_type", "status")
 
     def __init__(self, status: int, doc: Any) -> None:
         self.status = status
         self.body = orjson.dumps(doc)
+        self.content_type = "application/json"
+
+    @classmethod
+    def text(cls, status: int, text: str, content_type: str) -> Response:
+        resp = cls(status, None)
+        resp.body = text.encode()
+        resp.content_type = content_type
+        return resp
 
 
 _PHRASES = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}
 
 
-def _head(status: int, extra: str) -> bytes:
+def _head(status: int, extra: str, content_type: str = "application/json") -> bytes:
     phrase = _PHRASES.get(status, "Error")
-    return f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n{extra}\r\n".encode()
+    return f"HTTP/1.1 {status} {phrase}\r\ncontent-type: {content_type}\r\n{extra}\r\n".encode()
 
 
 class Request:
@@ -244,7 +252,10 @@ async def serve_connection(
                 break
             if resp is None:
                 resp = Response(500, {"error": "no answer"})
-            writer.write(_head(resp.status, f"content-length: {len(resp.body)}\r\n") + resp.body)
+            writer.write(
+                _head(resp.status, f"content-length: {len(resp.body)}\r\n", resp.content_type)
+                + resp.body
+            )
             await writer.drain()
     except (ConnectionError, ssl.SSLError, OSError):
         pass

@@ -92,6 +92,8 @@ class Push:
         self.timer: asyncio.TimerHandle | None = None
         self.sweeper: asyncio.Task[None] | None = None
         self.healthy: set[str] = set()
+        self.nacks = 0
+        self.warned: set[str] = set()  # certificate serials warned about
         self.dirty: dict[str, ProxyStream] = {}
         self.flush_timer: asyncio.TimerHandle | None = None
         self.propagation: list[float] = []
@@ -291,6 +293,7 @@ class Push:
                 self._record(stream, connected=True, soon=True)
         elif kind == "nack":
             reason = str(msg.get("reason") or "no reason given")[:500]
+            self.nacks += 1
             log.warning(
                 "proxy %s (%s) refused version %s: %s",
                 stream.proxy_id,
@@ -378,7 +381,9 @@ class Push:
             not_before = stream.cert.get("not_before")
             if isinstance(not_after, int | float) and isinstance(not_before, int | float):
                 life = not_after - not_before
-                if life > 0 and not_after - now < 0.2 * life:
+                serial = str(stream.cert.get("serial"))
+                if life > 0 and not_after - now < 0.2 * life and serial not in self.warned:
+                    self.warned.add(serial)
                     log.warning(
                         "proxy %s (%s): its certificate expires in %.0fs and is not renewed",
                         stream.proxy_id,

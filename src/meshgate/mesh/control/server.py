@@ -40,6 +40,7 @@ from cryptography.x509.oid import NameOID
 from meshgate.config.loader import ConfigError, load_mesh, load_model_text, read_config_file
 from meshgate.config.mesh import MeshConfig
 from meshgate.mesh.ca import CertificateAuthority, CsrRefused
+from meshgate.mesh.control.admin import AdminApi
 from meshgate.mesh.control.push import Push
 from meshgate.mesh.control.store import SqliteStore, Store, TokenError
 from meshgate.mesh.identity import SpiffeId
@@ -104,6 +105,9 @@ class ControlPlane:
         self.ca_stamp: tuple[int, ...] = ()
         self.cert_renew_at = 0.0
         self.port = 0
+        self.admin_port = 0
+        self.issued = 0
+        self.refused = 0
 
     def _override(self, mesh: MeshConfig) -> MeshConfig:
         if not self.overrides:
@@ -137,6 +141,15 @@ class ControlPlane:
             os.chmod(path, 0o666)  # any local process may ask; SO_PEERCRED says who it is
             self.servers.append(unix)
         self.push.start()
+        admin = self.mesh.control.admin
+        if admin is not None:
+            api = AdminApi(self)
+            adm = await asyncio.start_server(
+                lambda r, w: serve_connection(r, w, api.handle), admin.host, admin.port
+            )
+            self.admin_port = adm.sockets[0].getsockname()[1]
+            self.servers.append(adm)
+            log.info("control plane admin on %s:%d", admin.host, self.admin_port)
 
         def notify(what: str) -> None:
             loop.call_soon_threadsafe(self._remote_change, what)
@@ -303,8 +316,10 @@ class ControlPlane:
             self.store.audit(
                 "refused", caller=caller, identity=identity, method=method, reason=exc.reason
             )
+            self.refused += 1
             log.warning("refused a CSR from %s for %s: %s", caller, identity, exc.reason)
             raise ApiError(400, exc.reason) from None
+        self.issued += 1
         self.store.audit(
             "issued",
             caller=caller,
@@ -408,19 +423,24 @@ class ControlPlane:
             )
             self.store.audit("generation-refused", reason=str(exc))
             return False
+        return self.apply(mesh, text, "file") is not None
+
+    def apply(self, mesh: MeshConfig, text: str, source: str) -> int | None:
+        """Serve a validated mesh config as the next generation (None: refused)."""
+        mesh = self._override(mesh)
         if mesh.trust_domain != self.mesh.trust_domain:
             log.error(
                 "%s: refused: the trust domain changes only with a new CA (%s -> %s)",
-                self.mesh_path,
+                source,
                 self.mesh.trust_domain,
                 mesh.trust_domain,
             )
-            return False
-        generation = self.store.save_generation(text, "file")
+            return None
+        generation = self.store.save_generation(text, source)
         if generation == self.generation:
-            return True
+            return generation
         self.mesh = mesh
         self.generation = generation
-        log.info("%s: generation %d", self.mesh_path, generation)
+        log.info("%s: generation %d", self.mesh_path if source == "file" else source, generation)
         self.push.changed("generation")
-        return True
+        return generation

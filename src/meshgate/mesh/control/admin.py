@@ -1,0 +1,154 @@
+"""The control plane's admin listener: `/metrics`, `/status`, `PUT /config`.
+
+Plain HTTP, meant for loopback (`control.admin`). `/metrics` is the
+Prometheus text format: proxies connected, config generation, NACKs,
+certificates issued and refused, the propagation time of pushes, and each
+connected proxy's certificate expiry, with `meshgate_identity_cert_expiring`
+at 1 when a certificate is within 20% of its life and not yet renewed (a
+warning is logged once per certificate, too). Labels are identities and
+proxy ids, both bounded by what joined.
+
+`PUT /config` takes a whole mesh.yaml as its body and makes it the next
+generation, with the same validation as the file (a refusal names the line);
+it needs `Authorization: Bearer <token>` from `control.admin_token_file`.
+The file stays the source: its next edit makes the generation after that.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meshgate.config.loader import ConfigError, load_model_text
+from meshgate.config.mesh import MeshConfig
+from meshgate.mesh.wire import ApiError, Request, Response
+
+if TYPE_CHECKING:
+    from meshgate.mesh.control.server import ControlPlane
+
+__all__ = ["AdminApi", "render_metrics"]
+
+EXPIRING_SHARE = 0.2
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def render_metrics(cp: ControlPlane, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    push = cp.push
+    lines = [
+        "# HELP meshgate_control_proxies_connected Proxies with a stream to this instance.",
+        "# TYPE meshgate_control_proxies_connected gauge",
+        f"meshgate_control_proxies_connected {len(push.streams)}",
+        "# HELP meshgate_control_config_generation The mesh.yaml generation served.",
+        "# TYPE meshgate_control_config_generation gauge",
+        f"meshgate_control_config_generation {cp.generation}",
+        "# HELP meshgate_control_snapshot_version The latest snapshot version pushed.",
+        "# TYPE meshgate_control_snapshot_version gauge",
+        f"meshgate_control_snapshot_version {push.version}",
+        "# HELP meshgate_control_nacks_total Snapshot versions proxies refused.",
+        "# TYPE meshgate_control_nacks_total counter",
+        f"meshgate_control_nacks_total {push.nacks}",
+        "# HELP meshgate_control_certificates_total Certificate requests, by outcome.",
+        "# TYPE meshgate_control_certificates_total counter",
+        f'meshgate_control_certificates_total{{outcome="issued"}} {cp.issued}',
+        f'meshgate_control_certificates_total{{outcome="refused"}} {cp.refused}',
+        "# HELP meshgate_control_propagation_seconds From a change to a proxy's ACK of it.",
+        "# TYPE meshgate_control_propagation_seconds summary",
+    ]
+    recent = push.propagation[-1000:]
+    for q in (0.5, 0.9, 0.99):
+        lines.append(
+            f'meshgate_control_propagation_seconds{{quantile="{q}"}} {_quantile(recent, q)}'
+        )
+    lines += [
+        f"meshgate_control_propagation_seconds_sum {sum(push.propagation)}",
+        f"meshgate_control_propagation_seconds_count {len(push.propagation)}",
+        "# HELP meshgate_identity_cert_expiration_timestamp_seconds A proxy's certificate expiry.",
+        "# TYPE meshgate_identity_cert_expiration_timestamp_seconds gauge",
+    ]
+    expiring = []
+    for stream in sorted(push.streams, key=lambda s: s.proxy_id):
+        not_after = stream.cert.get("not_after")
+        not_before = stream.cert.get("not_before")
+        if not isinstance(not_after, int | float):
+            continue
+        labels = f'identity="{_label(stream.identity)}",proxy="{_label(stream.proxy_id)}"'
+        lines.append(f"meshgate_identity_cert_expiration_timestamp_seconds{{{labels}}} {not_after}")
+        soon = 0
+        if isinstance(not_before, int | float) and not_after > not_before:
+            soon = int(not_after - now < EXPIRING_SHARE * (not_after - not_before))
+        expiring.append(f"meshgate_identity_cert_expiring{{{labels}}} {soon}")
+    lines += [
+        "# HELP meshgate_identity_cert_expiring 1: within 20% of its life and not renewed.",
+        "# TYPE meshgate_identity_cert_expiring gauge",
+        *expiring,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class AdminApi:
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    async def handle(self, req: Request) -> Response:
+        if (req.method, req.path) == ("GET", "/metrics"):
+            return Response.text(200, render_metrics(self.cp), "text/plain; version=0.0.4")
+        if (req.method, req.path) == ("GET", "/status"):
+            return Response(200, self._status())
+        if (req.method, req.path) == ("PUT", "/config"):
+            return await self._put_config(req)
+        raise ApiError(404, f"no such endpoint: {req.method} {req.path}")
+
+    def _status(self) -> dict[str, Any]:
+        cp = self.cp
+        return {
+            "generation": cp.generation,
+            "version": cp.push.version,
+            "proxies": {
+                s.proxy_id: {
+                    "identity": s.identity,
+                    "acked_version": s.acked,
+                    "cert": s.cert,
+                    "nack": s.nack,
+                }
+                for s in cp.push.streams
+            },
+        }
+
+    async def _put_config(self, req: Request) -> Response:
+        cp = self.cp
+        token_file = cp.mesh.control.admin_token_file
+        if token_file is None:
+            raise ApiError(403, "no control.admin_token_file: the config API is off")
+        path = Path(cp.mesh_path).resolve().parent / token_file
+        try:
+            expected = path.read_text().strip()
+        except OSError:
+            raise ApiError(403, "the admin token file cannot be read") from None
+        given = req.headers.get("authorization", "")
+        if not expected or not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+            raise ApiError(401, "a bearer token is needed")
+        body = await req.read()
+        try:
+            text = body.decode("utf-8")
+            mesh, _ = load_model_text(text, "PUT /config", MeshConfig, keys="'services'")
+        except UnicodeDecodeError:
+            raise ApiError(400, "the body is not UTF-8 YAML") from None
+        except ConfigError as exc:
+            raise ApiError(400, str(exc)) from None
+        generation = cp.apply(mesh, text, "api")
+        if generation is None:
+            raise ApiError(400, "refused: the trust domain changes only with a new CA")
+        return Response(200, {"generation": generation})

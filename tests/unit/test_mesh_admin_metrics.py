@@ -1,0 +1,45 @@
+"""The control plane's /metrics text, rendered from its state (one function,
+driven by a stand-in for the control plane)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from meshgate.mesh.control.admin import render_metrics
+
+
+def _cp(streams: list[Any]) -> Any:
+    push = SimpleNamespace(streams=list(streams), version=7, nacks=2, propagation=[0.01, 0.02])
+    return SimpleNamespace(push=push, generation=3, issued=5, refused=1)
+
+
+def _stream(proxy_id: str, identity: str, not_before: float, not_after: float) -> Any:
+    cert = {"not_before": not_before, "not_after": not_after, "serial": "ab"}
+    return SimpleNamespace(proxy_id=proxy_id, identity=identity, cert=cert)
+
+
+def test_a_certificate_in_its_last_fifth_is_expiring() -> None:
+    fresh = _stream("p1", "spiffe://td/ns/default/sa/a", 1000.0, 2000.0)
+    late = _stream("p2", 'spiffe://td/ns/default/sa/"b"', 1000.0, 2000.0)
+    text = render_metrics(_cp([fresh]), now=1500.0)
+    assert (
+        'meshgate_identity_cert_expiring{identity="spiffe://td/ns/default/sa/a",proxy="p1"} 0'
+        in text
+    )
+    text = render_metrics(_cp([fresh, late]), now=1850.0)
+    assert 'proxy="p1"} 1' in text and 'proxy="p2"} 1' in text
+    assert '\\"b\\"' in text  # label values are escaped
+    text = render_metrics(_cp([fresh]), now=1790.0)
+    assert 'proxy="p1"} 0' in text
+
+
+def test_counters_and_the_propagation_summary() -> None:
+    text = render_metrics(_cp([]), now=0.0)
+    assert "meshgate_control_proxies_connected 0" in text
+    assert "meshgate_control_config_generation 3" in text
+    assert "meshgate_control_nacks_total 2" in text
+    assert 'meshgate_control_certificates_total{outcome="refused"} 1' in text
+    assert "meshgate_control_propagation_seconds_count 2" in text
+    for line in text.splitlines():
+        assert line.startswith("#") or " " in line
