@@ -98,9 +98,37 @@ class Store:
     def create_token(
         self, service: str, *, ttl: float | None = None, single_use: bool = False
     ) -> str:
-        raise NotImplementedError
+        """A new join token for `service`; only its digest is kept."""
+        token_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)
+        now = time.time()
+        record = TokenRecord(
+            token_id, service, now, now + ttl if ttl else None, False, single_use, False
+        )
+        self._put_token(record, _digest(secret))
+        self.audit("token-created", token_id=token_id, service=service, expires=ttl)
+        return f"{TOKEN_PREFIX}{token_id}.{secret}"
 
     def check_token(self, token: str, now: float | None = None) -> TokenRecord:
+        """The token's record, or TokenError saying why it cannot be used."""
+        token_id, secret = _split_token(token)
+        found = self._get_token(token_id)
+        if found is None or not hmac.compare_digest(found[1], _digest(secret)):
+            raise TokenError("unknown token")
+        record = found[0]
+        if record.revoked:
+            raise TokenError(f"token {token_id} was revoked")
+        if record.expires is not None and (now or time.time()) >= record.expires:
+            raise TokenError(f"token {token_id} has expired")
+        if record.single_use and record.used:
+            raise TokenError(f"token {token_id} was already exchanged for a certificate")
+        return record
+
+    def _put_token(self, record: TokenRecord, digest: str) -> None:
+        raise NotImplementedError
+
+    def _get_token(self, token_id: str) -> tuple[TokenRecord, str] | None:
+        """The record and the secret's digest."""
         raise NotImplementedError
 
     def use_token(self, token_id: str) -> None:
@@ -196,39 +224,32 @@ class SqliteStore(Store):
 
     # -- tokens ---------------------------------------------------------------------
 
-    def create_token(
-        self, service: str, *, ttl: float | None = None, single_use: bool = False
-    ) -> str:
-        token_id = secrets.token_hex(6)
-        secret = secrets.token_urlsafe(32)
-        now = time.time()
+    def _put_token(self, record: TokenRecord, digest: str) -> None:
         self.db.execute(
             "INSERT INTO tokens (token_id, service, digest, created, expires, single_use) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (token_id, service, _digest(secret), now, now + ttl if ttl else None, single_use),
+            (
+                record.token_id,
+                record.service,
+                digest,
+                record.created,
+                record.expires,
+                record.single_use,
+            ),
         )
-        self.audit("token-created", token_id=token_id, service=service, expires=ttl)
-        return f"{TOKEN_PREFIX}{token_id}.{secret}"
 
-    def check_token(self, token: str, now: float | None = None) -> TokenRecord:
-        token_id, secret = _split_token(token)
+    def _get_token(self, token_id: str) -> tuple[TokenRecord, str] | None:
         row = self.db.execute(
             "SELECT service, digest, created, expires, revoked, single_use, used "
             "FROM tokens WHERE token_id = ?",
             (token_id,),
         ).fetchone()
-        if row is None or not hmac.compare_digest(row[1], _digest(secret)):
-            raise TokenError("unknown token")
+        if row is None:
+            return None
         record = TokenRecord(
             token_id, row[0], row[2], row[3], bool(row[4]), bool(row[5]), bool(row[6])
         )
-        if record.revoked:
-            raise TokenError(f"token {token_id} was revoked")
-        if record.expires is not None and (now or time.time()) >= record.expires:
-            raise TokenError(f"token {token_id} has expired")
-        if record.single_use and record.used:
-            raise TokenError(f"token {token_id} was already exchanged for a certificate")
-        return record
+        return record, str(row[1])
 
     def use_token(self, token_id: str) -> None:
         self.db.execute("UPDATE tokens SET used = 1 WHERE token_id = ?", (token_id,))

@@ -11,8 +11,8 @@ hands them out.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
-import hmac
 import json
 import secrets
 import threading
@@ -22,15 +22,7 @@ from typing import Any
 
 import redis
 
-from meshgate.mesh.control.store import (
-    TOKEN_PREFIX,
-    Instance,
-    Store,
-    TokenError,
-    TokenRecord,
-    _digest,
-    _split_token,
-)
+from meshgate.mesh.control.store import Instance, Store, TokenRecord
 
 __all__ = ["RedisStore"]
 
@@ -72,59 +64,24 @@ class RedisStore(Store):
 
     # -- tokens ---------------------------------------------------------------------------
 
-    def create_token(
-        self, service: str, *, ttl: float | None = None, single_use: bool = False
-    ) -> str:
-        token_id = secrets.token_hex(6)
-        secret = secrets.token_urlsafe(32)
-        now = time.time()
+    def _put_token(self, record: TokenRecord, digest: str) -> None:
         self.r.hset(
             _P + "tokens",
-            token_id,
-            json.dumps(
-                {
-                    "service": service,
-                    "digest": _digest(secret),
-                    "created": now,
-                    "expires": now + ttl if ttl else None,
-                    "revoked": False,
-                    "single_use": single_use,
-                    "used": False,
-                }
-            ),
+            record.token_id,
+            json.dumps({**dataclasses.asdict(record), "digest": digest}),
         )
-        self.audit("token-created", token_id=token_id, service=service, expires=ttl)
-        return f"{TOKEN_PREFIX}{token_id}.{secret}"
 
     def _token(self, token_id: str) -> dict[str, Any] | None:
         raw = self.r.hget(_P + "tokens", token_id)
         return json.loads(raw) if raw else None
 
     @staticmethod
-    def _record(token_id: str, doc: dict[str, Any]) -> TokenRecord:
-        return TokenRecord(
-            token_id,
-            doc["service"],
-            doc["created"],
-            doc["expires"],
-            doc["revoked"],
-            doc["single_use"],
-            doc["used"],
-        )
+    def _record(doc: dict[str, Any]) -> TokenRecord:
+        return TokenRecord(**{k: v for k, v in doc.items() if k != "digest"})
 
-    def check_token(self, token: str, now: float | None = None) -> TokenRecord:
-        token_id, secret = _split_token(token)
+    def _get_token(self, token_id: str) -> tuple[TokenRecord, str] | None:
         doc = self._token(token_id)
-        if doc is None or not hmac.compare_digest(doc["digest"], _digest(secret)):
-            raise TokenError("unknown token")
-        record = self._record(token_id, doc)
-        if record.revoked:
-            raise TokenError(f"token {token_id} was revoked")
-        if record.expires is not None and (now or time.time()) >= record.expires:
-            raise TokenError(f"token {token_id} has expired")
-        if record.single_use and record.used:
-            raise TokenError(f"token {token_id} was already exchanged for a certificate")
-        return record
+        return None if doc is None else (self._record(doc), str(doc["digest"]))
 
     def _update_token(self, token_id: str, **fields: Any) -> bool:
         doc = self._token(token_id)
@@ -145,7 +102,7 @@ class RedisStore(Store):
 
     def tokens(self) -> list[TokenRecord]:
         docs: dict[str, str] = self.r.hgetall(_P + "tokens")  # type: ignore[assignment]
-        records = [self._record(k, json.loads(v)) for k, v in docs.items()]
+        records = [self._record(json.loads(v)) for v in docs.values()]
         return sorted(records, key=lambda t: t.created)
 
     # -- audit ----------------------------------------------------------------------------------
