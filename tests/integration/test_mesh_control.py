@@ -405,6 +405,8 @@ async def test_kill_9_and_restart_breaks_nothing(cp: ControlProcess, tmp_path: P
         cp.kill()
         await wait_for(lambda: not orders.connected.is_set(), what="the stream to drop")
         assert count(orders) == 1  # it keeps what it had
+        with pytest.raises((OSError, ConnectionError)):
+            await orders.renew()  # no renewal while it is gone; the old certificate stays
         # A proxy restarted while the control plane is gone serves from its state.
         again = make_agent(cp, tmp_path, "orders", state="orders")
         await again.start()
@@ -417,8 +419,11 @@ async def test_kill_9_and_restart_breaks_nothing(cp: ControlProcess, tmp_path: P
         assert count(orders) == 1  # the registry survived; leases got their grace
         for a in (orders, customers):
             assert a.state.certificate().serial_number == serials[a.identity]  # type: ignore[union-attr]
-        # Nothing was reissued: the CA is the same one.
+        # Nothing was reissued: the CA is the same one, and the running agents
+        # renew again with nothing restarted.
         assert "control plane for mesh.test" in cp.log_text()
+        await orders.renew()
+        assert orders.state.certificate().serial_number != serials[orders.identity]  # type: ignore[union-attr]
     finally:
         await orders.close()
         await customers.close()
