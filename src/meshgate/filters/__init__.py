@@ -65,6 +65,7 @@ class FilterRequest:
         "headers",
         "method",
         "params",
+        "peer",
         "query_credentials",
         "request_id",
         "response_edits",
@@ -111,6 +112,9 @@ class FilterRequest:
         """Header lines (each ending in CRLF) added to the upstream's response."""
         self.query_credentials: dict[bytes, bytes] | None = None
         """Query parameters that carry credentials, taken out of `target`."""
+        self.peer: str | None = None
+        """The SPIFFE ID of the peer's verified client certificate (read once
+        per connection from the TLS transport), or None for plaintext."""
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a (lower-case) header, or None."""
