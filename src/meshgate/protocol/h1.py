@@ -31,7 +31,7 @@ import contextlib
 import logging
 import re
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from random import getrandbits as _getrandbits
 from typing import TYPE_CHECKING, Any, cast
 
@@ -43,6 +43,7 @@ from meshgate.http.problem import problem_response
 from meshgate.http.router import normalize_path
 from meshgate.protocol.batch import BatchedWriter
 from meshgate.protocol.headers import HOP_BY_HOP, IDEMPOTENT, connection_drop, status_line
+from meshgate.tls.identity import peer_spiffe_id
 from meshgate.upstream import reachability
 from meshgate.upstream.balancer import shun
 from meshgate.upstream.pool import PoolTimeout, UpstreamConnection
@@ -149,6 +150,8 @@ class ServerState:
         "draining",
         "loop",
         "registry",
+        "role",
+        "route_host",
         "runtime",
         "scheme",
     )
@@ -160,12 +163,20 @@ class ServerState:
         *,
         loop: asyncio.AbstractEventLoop,
         scheme: bytes = b"http",
+        role: str = "gateway",
+        route_host: Callable[[asyncio.BaseTransport], bytes | None] | None = None,
     ) -> None:
         self.runtime = runtime
         self.registry = registry
         self.batcher = registry.batcher
         self.loop = loop
         self.scheme = scheme
+        self.role = role
+        """The listener's role: gateway, sidecar-inbound, sidecar-outbound."""
+        self.route_host = route_host
+        """For a listener that captures connections: the host to route a new
+        connection's requests by (its original destination's service), or
+        None to route by each request's Host."""
         self.connections: set[ServerProtocol] = set()
         self.draining = False
         self.access_log = runtime.config.access_log
@@ -243,9 +254,11 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         "loop",
         "parser",
         "pause_reasons",
+        "peer",
         "queue",
         "refusal",
         "request_id",
+        "route_host",
         "state",
         "trailer_size",
         "transport",
@@ -275,6 +288,8 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         self.deadline = 0.0
         self.deadline_kind = 0
         self.client = b""
+        self.peer: str | None = None
+        self.route_host: bytes | None = None
         self.refusal: _Refused | None = None
         # Bytes read since the last request ended, while its head is awaited.
         self.in_head = True
@@ -315,6 +330,13 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        state = self.state
+        if state.scheme == b"https":
+            # Read once: the handshake is over, and the identity it verified
+            # holds for every request on this connection.
+            self.peer = peer_spiffe_id(transport)
+        if state.route_host is not None:
+            self.route_host = state.route_host(transport)
         # A new connection must send its request head within header_timeout.
         self.deadline = self.loop.time() + self.limits.header_timeout
         self.deadline_kind = DEADLINE_HEAD
@@ -578,10 +600,17 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             return
         url = self.url
         host = self.host
+        # A captured connection routes by where it was going, not by Host.
+        by = host if self.route_host is None else self.route_host
         runtime = self.state.runtime
         cache = runtime.route_cache
-        if cache is not None and host is not None and len(host) <= ROUTE_CACHE_MAX_TARGET:
-            hit = cache.get((ex.method, host, url))
+        if (
+            cache is not None
+            and host is not None
+            and by is not None
+            and len(by) <= ROUTE_CACHE_MAX_TARGET
+        ):
+            hit = cache.get((ex.method, by, url))
             if hit is not None:
                 if self.expect is not None and self.expect != b"100-continue":
                     ex.reply_local(
@@ -626,12 +655,13 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             ex.reply_local(400, "bad-path", "the request path is not valid", close=True)
             return
         method = _METHODS.get(ex.method) or ex.method.decode("latin-1")
-        host_s = _HOSTS.get(host)
+        by = host if self.route_host is None else self.route_host
+        host_s = _HOSTS.get(by)
         if host_s is None:
-            host_s = _split_host(host)
+            host_s = _split_host(by)
             if len(_HOSTS) >= 1024:
                 _HOSTS.clear()
-            _HOSTS[host] = host_s
+            _HOSTS[by] = host_s
         match = runtime.router.match(method, host_s, path, self.headers)
         if match is None:
             ex.reply_local(404, "no-route", f"no route for {method} {path}")
@@ -650,11 +680,11 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             cache is not None
             and url[:1] == b"/"
             and len(url) <= ROUTE_CACHE_MAX_TARGET
-            and len(host) <= ROUTE_CACHE_MAX_TARGET
+            and len(by) <= ROUTE_CACHE_MAX_TARGET
         ):
             if len(cache) >= ROUTE_CACHE_SIZE:
                 cache.clear()
-            cache[(ex.method, host, url)] = (rt, target, match.params)
+            cache[(ex.method, by, url)] = (rt, target, match.params)
         self._set_target(ex, rt, target, host, match.params)
 
     def _set_target(
@@ -701,6 +731,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             )
             return
         req = FilterRequest(ex.method, target, self.headers, self.client, params, ex.request_id)
+        req.peer = self.peer
         if self.drop is not None:
             # Headers the client's Connection named are hop-by-hop, gone:
             # filters that rename or set headers must not revive them.

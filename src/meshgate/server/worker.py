@@ -22,7 +22,6 @@ import gc
 import logging
 import os
 import signal
-import socket
 from dataclasses import dataclass
 
 import uvloop
@@ -34,34 +33,13 @@ from meshgate.config.schema import Address, Config
 from meshgate.filters.build import FilterServices
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.ratelimit.local import SharedTable
+from meshgate.server.listener import ListenerSpec, Serving, start_listener
 from meshgate.upstream.cluster import PoolRegistry
 
 log = logging.getLogger("meshgate.server")
 
 SWEEP_INTERVAL = 5.0
 WATCH_INTERVAL = 1.0
-
-
-def bind_socket(address: Address, *, reuse_port: bool = True) -> socket.socket:
-    """A listening TCP socket for `address`, shared with SO_REUSEPORT."""
-    infos = socket.getaddrinfo(
-        address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    family, _, _, _, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(sockaddr)
-        sock.listen(4096)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _freeze_heap() -> None:
@@ -110,7 +88,7 @@ class Worker:
         )
         self.state = ServerState(runtime, self.registry, loop=self.loop)
         self.stopping = asyncio.Event()
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[tuple[ListenerSpec, Serving]] = []
         self.stamp = file_stamp(opts.config_path)
         self.tasks: set[asyncio.Task[None]] = set()
         self.reload_lock = asyncio.Lock()
@@ -123,20 +101,20 @@ class Worker:
         listen = cfg.listen
         if self.opts.listen_port is not None:
             listen = Address(host=listen.host, port=self.opts.listen_port)
-        sock = bind_socket(listen)
         state = self.state
-        server = await self.loop.create_server(lambda: ServerProtocol(state), sock=sock)
-        self.servers.append(server)
-        port = sock.getsockname()[1]
-        log.info("worker %d listening on %s:%d", self.opts.worker_id, listen.host, port)
+        specs = [
+            ListenerSpec("gateway", "gateway", listen, lambda: ServerProtocol(state)),
+        ]
         if cfg.admin is not None:
             admin = cfg.admin
             if self.opts.admin_port is not None:
                 admin = Address(host=admin.host, port=self.opts.admin_port)
-            asock = bind_socket(admin)
-            aserver = await self.loop.create_server(lambda: AdminProtocol(state), sock=asock)
-            self.servers.append(aserver)
-            log.info("admin on %s:%d", admin.host, asock.getsockname()[1])
+            specs.append(ListenerSpec("admin", "admin", admin, lambda: AdminProtocol(state)))
+        for spec in specs:
+            server, port = await start_listener(spec, self.loop)
+            self.servers.append((spec, server))
+            if spec.role == "gateway":
+                log.info("worker %d listening on %s:%d", self.opts.worker_id, listen.host, port)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -222,8 +200,9 @@ class Worker:
         state = self.state
         log.info("worker %d draining", self.opts.worker_id)
         await state.runtime.close_health()
-        for server in self.servers[:1]:
-            server.close()
+        for spec, server in self.servers:
+            if spec.role != "admin":
+                server.close()
         state.drain()
         deadline = self.loop.time() + state.runtime.limits.drain_timeout
         while state.connections and self.loop.time() < deadline:
@@ -233,8 +212,9 @@ class Worker:
             for conn in list(state.connections):
                 if conn.transport is not None:
                     conn.transport.abort()
-        for server in self.servers[1:]:
-            server.close()
+        for spec, server in self.servers:
+            if spec.role == "admin":
+                server.close()
         self.registry.close_idle()
         await self.services.close()
         log.info("worker %d stopped", self.opts.worker_id)

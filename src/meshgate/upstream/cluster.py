@@ -10,7 +10,7 @@ connections.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshgate.config.schema import UpstreamConfig
 from meshgate.protocol.batch import WriteBatcher
@@ -21,6 +21,9 @@ from meshgate.upstream.outlier import OutlierDetector
 from meshgate.upstream.pool import EndpointPool
 from meshgate.upstream.retry import RetryBudget, RetryPolicy
 
+if TYPE_CHECKING:
+    from meshgate.tls.holder import IdentityContexts
+
 # Host policy, resolved at load: keep the client's Host, or send this value.
 HOST_PRESERVE: bytes | None = None
 
@@ -28,17 +31,34 @@ HOST_PRESERVE: bytes | None = None
 class PoolRegistry:
     """Pools by (host, port, pool settings), shared across reloads."""
 
-    __slots__ = ("batcher", "loop", "pools")
+    __slots__ = ("batcher", "loop", "pools", "tls")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        tls: IdentityContexts | None = None,
+    ) -> None:
         self.loop = loop or asyncio.get_event_loop()
         # One write batcher per event loop, shared by clients and upstreams.
         self.batcher = WriteBatcher(self.loop)
         self.pools: dict[tuple[Any, ...], EndpointPool] = {}
+        self.tls = tls
+        """This proxy's mesh identity, for endpoints that have one (mTLS)."""
 
-    def get(self, host: str, port: int, cfg: UpstreamConfig) -> EndpointPool:
+    def get(
+        self, host: str, port: int, cfg: UpstreamConfig, identity: str | None = None
+    ) -> EndpointPool:
         p = cfg.pool
-        key = (host, port, p.max_connections, p.max_idle, p.idle_timeout, cfg.timeouts.connect)
+        key = (
+            host,
+            port,
+            identity,
+            p.max_connections,
+            p.max_idle,
+            p.idle_timeout,
+            cfg.timeouts.connect,
+        )
         pool = self.pools.get(key)
         if pool is None:
             pool = EndpointPool(
@@ -50,6 +70,8 @@ class PoolRegistry:
                 connect_timeout=cfg.timeouts.connect,
                 loop=self.loop,
                 batcher=self.batcher,
+                identity=identity,
+                tls=self.tls,
             )
             self.pools[key] = pool
         return pool
@@ -102,7 +124,7 @@ class Cluster:
         self.name = name
         self.config = cfg
         self.endpoints = tuple(
-            Endpoint(registry.get(ep.host, ep.port, cfg), ep.authority.encode("idna"))
+            Endpoint(registry.get(ep.host, ep.port, cfg, ep.identity), ep.authority.encode("idna"))
             for ep in cfg.endpoints
         )
         self.balancer: Balancer = BALANCERS[cfg.balancer](self.endpoints)

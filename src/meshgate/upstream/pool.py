@@ -26,15 +26,25 @@ import httptools
 
 from meshgate.protocol.batch import BatchedWriter, WriteBatcher
 from meshgate.protocol.headers import CONNECTION_IGNORED, HOP_BY_HOP, connection_tokens
+from meshgate.tls.identity import peer_spiffe_id
 
 if TYPE_CHECKING:
-    pass
+    from meshgate.tls.holder import IdentityContexts
 
 log = logging.getLogger("meshgate.upstream")
 
 # Response headers never copied to the client: hop-by-hop ones, and the
 # request id, which meshgate sets itself.
 _NOT_FORWARDED = HOP_BY_HOP | {b"x-request-id"}
+
+
+class PeerIdentityError(OSError):
+    """An endpoint's TLS peer is not the identity it must be (or this proxy
+    has no certificate to reach it): a connect failure."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.strerror = message
 
 
 class ResponseSink(Protocol):
@@ -283,6 +293,7 @@ class EndpointPool:
         "connect_timeout",
         "connecting",
         "host",
+        "identity",
         "idle",
         "idle_timeout",
         "loop",
@@ -291,6 +302,7 @@ class EndpointPool:
         "open_count",
         "port",
         "retired",
+        "tls",
         "waiters",
     )
 
@@ -305,9 +317,15 @@ class EndpointPool:
         connect_timeout: float,
         loop: asyncio.AbstractEventLoop | None = None,
         batcher: WriteBatcher | None = None,
+        identity: str | None = None,
+        tls: IdentityContexts | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self.identity = identity
+        """The SPIFFE ID the endpoint must present (mutual TLS), or None
+        for plain TCP."""
+        self.tls = tls
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.max_connections = max_connections
         self.max_idle = max_idle
@@ -356,10 +374,40 @@ class EndpointPool:
             return conn
 
         try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(factory, self.host, self.port),
-                self.connect_timeout,
-            )
+            if self.identity is None:
+                connecting = self.loop.create_connection(factory, self.host, self.port)
+            else:
+                if self.tls is None or not self.tls.ready:
+                    raise PeerIdentityError(
+                        f"{self.address} is in the mesh ({self.identity}), "
+                        "and this proxy has no mesh certificate"
+                    )
+                connecting = self.loop.create_connection(
+                    factory,
+                    self.host,
+                    self.port,
+                    ssl=self.tls.client(),
+                    server_hostname="",
+                    ssl_handshake_timeout=self.connect_timeout,
+                )
+            _, conn = await asyncio.wait_for(connecting, self.connect_timeout)
+            if self.identity is not None:
+                assert conn.transport is not None
+                presented = peer_spiffe_id(conn.transport)
+                if presented != self.identity:
+                    # The chain verified, but it is another service's
+                    # certificate: a spoofed (or misrouted) endpoint.
+                    conn.abort()
+                    log.warning(
+                        "%s presented %s, expected %s: refused",
+                        self.address,
+                        presented or "no SPIFFE ID",
+                        self.identity,
+                    )
+                    raise PeerIdentityError(
+                        f"{self.address} presented {presented or 'no SPIFFE ID'}, "
+                        f"not {self.identity}"
+                    )
         except BaseException:
             # A connection that got its transport is counted off by its own
             # connection_lost (on_closed); only one that never did is undone here.

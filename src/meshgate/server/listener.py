@@ -1,0 +1,226 @@
+"""Listeners: a role, an address, a transport, and the state they serve.
+
+One engine plays every role. A listener is what tells them apart:
+
+- `gateway`: the edge, plain TCP (TLS termination arrives with issue 16);
+- `sidecar-inbound`: TLS 1.3 with the proxy's mesh certificate; a client
+  certificate is required (`mtls: strict`), or optional with plaintext
+  accepted on the same port (`permissive`, for migration);
+- `sidecar-outbound`: plain TCP on loopback, where the local app's calls
+  arrive (a port per service, one port routed by Host, or connections
+  captured by iptables);
+- `admin`: the admin API.
+
+Each listener has its own `ServerState`: its own runtime (routes, filters),
+so no listener is ever found by its position in a list. The peer's identity
+is read once per connection, from the transport (`ServerProtocol`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from meshgate.config.schema import Address
+
+__all__ = ["ROLES", "ListenerSpec", "Role", "Serving", "bind_socket", "start_listener"]
+
+log = logging.getLogger("meshgate.server")
+
+Role = Literal["gateway", "sidecar-inbound", "sidecar-outbound", "admin"]
+ROLES: tuple[Role, ...] = ("gateway", "sidecar-inbound", "sidecar-outbound", "admin")
+
+TLS_HANDSHAKE = 0x16
+"""The first byte of a TLS record carrying a handshake (a ClientHello)."""
+SNIFF_TIMEOUT = 5.0
+
+
+def bind_socket(address: Address, *, reuse_port: bool = True) -> socket.socket:
+    """A listening TCP socket for `address`, shared with SO_REUSEPORT."""
+    infos = socket.getaddrinfo(
+        address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+        sock.listen(4096)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Serving(Protocol):
+    """A listener being served: it stops accepting on `close()`."""
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class ListenerSpec:
+    """What one listener is: its role, address, transport and protocol."""
+
+    role: Role
+    name: str
+    """Unique within the process (`inbound`, `outbound`, `port:customers`)."""
+    address: Address
+    factory: Callable[[], asyncio.Protocol]
+    tls: Callable[[], ssl.SSLContext] | None = None
+    """The TLS context to serve with (None: plain TCP)."""
+    plaintext_too: bool = False
+    """With `tls`: accept plain connections on the same port too, told apart
+    by their first byte (permissive mTLS)."""
+    reuse_port: bool = True
+    sock: socket.socket | None = field(default=None, repr=False)
+
+
+async def start_listener(
+    spec: ListenerSpec,
+    loop: asyncio.AbstractEventLoop,
+    *,
+    plain_factory: Callable[[], asyncio.Protocol] | None = None,
+) -> tuple[Serving, int]:
+    """Bind and serve `spec`; the server and the port it got. With
+    `plaintext_too`, plain connections are served by `plain_factory` (the
+    same protocol on a listener state that says the scheme is http)."""
+    sock = spec.sock or bind_socket(spec.address, reuse_port=spec.reuse_port)
+    spec.sock = sock
+    port = int(sock.getsockname()[1])
+    if spec.tls is not None and spec.plaintext_too:
+        sniffing = _SniffingServer(spec, sock, loop, plain_factory or spec.factory)
+        sniffing.start()
+        log.info(
+            "%s (%s) on %s:%d, TLS and plaintext", spec.name, spec.role, spec.address.host, port
+        )
+        return sniffing, port
+    server = await loop.create_server(
+        spec.factory,
+        sock=sock,
+        ssl=spec.tls() if spec.tls is not None else None,
+        ssl_handshake_timeout=SNIFF_TIMEOUT if spec.tls is not None else None,
+    )
+    log.info(
+        "%s (%s) on %s:%d%s",
+        spec.name,
+        spec.role,
+        spec.address.host,
+        port,
+        ", TLS" if spec.tls is not None else "",
+    )
+    return server, port
+
+
+class _SniffingServer:
+    """Accepts connections itself, peeks at the first byte without reading
+    it, and hands each socket to the event loop with TLS (a handshake) or
+    without (anything else)."""
+
+    def __init__(
+        self,
+        spec: ListenerSpec,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        plain_factory: Callable[[], asyncio.Protocol],
+    ) -> None:
+        self.spec = spec
+        self.sock = sock
+        self.loop = loop
+        self.plain_factory = plain_factory
+        self.pending: dict[int, tuple[socket.socket, asyncio.TimerHandle]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    def start(self) -> None:
+        self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("%s: accept failed: %s", self.spec.name, exc)
+                return
+            conn.setblocking(False)
+            fd = conn.fileno()
+            timer = self.loop.call_later(SNIFF_TIMEOUT, self._expire, fd)
+            self.pending[fd] = (conn, timer)
+            self.loop.add_reader(fd, self._sniff, fd)
+
+    def _expire(self, fd: int) -> None:
+        entry = self.pending.pop(fd, None)
+        if entry is not None:
+            self.loop.remove_reader(fd)
+            entry[0].close()
+
+    def _sniff(self, fd: int) -> None:
+        entry = self.pending.pop(fd, None)
+        if entry is None:
+            return
+        conn, timer = entry
+        timer.cancel()
+        self.loop.remove_reader(fd)
+        try:
+            first = conn.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            self.pending[fd] = (conn, self.loop.call_later(SNIFF_TIMEOUT, self._expire, fd))
+            self.loop.add_reader(fd, self._sniff, fd)
+            return
+        except OSError:
+            conn.close()
+            return
+        if not first:
+            conn.close()
+            return
+        tls = first[0] == TLS_HANDSHAKE
+        task = self.loop.create_task(self._hand_over(conn, tls))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _hand_over(self, conn: socket.socket, tls: bool) -> None:
+        spec = self.spec
+        try:
+            if tls:
+                assert spec.tls is not None
+                await self.loop.connect_accepted_socket(
+                    spec.factory, conn, ssl=spec.tls(), ssl_handshake_timeout=SNIFF_TIMEOUT
+                )
+            else:
+                await self.loop.connect_accepted_socket(self.plain_factory, conn)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            log.debug("%s: handshake failed: %s", spec.name, exc)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self.sock.fileno())
+        for fd, (conn, timer) in list(self.pending.items()):
+            timer.cancel()
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(fd)
+            conn.close()
+        self.pending.clear()
+        self.sock.close()
+
+    async def wait_closed(self) -> None:
+        for task in list(self.tasks):
+            with contextlib.suppress(BaseException):
+                await task
