@@ -156,6 +156,18 @@ class Endpoint(_Model):
     host: str
     port: int
     scheme: Literal["http"] = "http"
+    identity: str | None = None
+    """The SPIFFE ID expected at this endpoint: the connection is mutual TLS
+    (TLS 1.3, with the proxy's own mesh certificate), and a server that
+    presents any other identity is refused. Only a proxy in the mesh (a
+    sidecar, or a gateway with `mesh:`) can reach such an endpoint."""
+
+    @field_validator("identity")
+    @classmethod
+    def _spiffe(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"spiffe://[a-z0-9.\-_]+(/[A-Za-z0-9.\-_]+)+", v):
+            raise ValueError(f"{v!r} is not a SPIFFE ID (spiffe://trust-domain/path)")
+        return v
 
     @classmethod
     def parse(cls, value: Any) -> Any:
