@@ -152,8 +152,14 @@ def describe(config: Config) -> list[str]:
                 )
         if route.auth is not None:
             lines.append(f"{_label(i, route)}: auth by any of {', '.join(route.auth.use)}")
-        rl = route.rate_limit
-        if rl is not None:
+        if route.authz is not None:
+            az = route.authz
+            lines.append(
+                f"{_label(i, route)}: authz default {az.default}, {len(az.rules)} rule"
+                + ("" if len(az.rules) == 1 else "s")
+                + (" (audit: denials are logged, not enforced)" if az.mode == "audit" else "")
+            )
+        for rl in route.rate_limits():
             lines.append(
                 f"{_label(i, route)}: rate limit {_rate(rl)} per {rl.key} "
                 f"({rl.algorithm}, {rl.policy}"

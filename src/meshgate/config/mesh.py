@@ -30,11 +30,14 @@ services:
     routes:                      # optional: how callers reach it (splits, canaries)
     - path: /**
       split: [{upstream: orders, weight: 90}, {upstream: orders-v2, weight: 10}]
-    authz:
+    authz:                       # who may call it (config/authz.py)
       default: allow             # or deny
       mode: enforce              # or audit: log what would be denied
       rules:
       - {name: no-legacy, action: deny, from: ["spiffe://mesh.local/ns/legacy/*"]}
+    rate_limit:                  # inbound, on the gateway's limiters
+      per_source: 100/s          # each calling identity (key peer)
+      service: {limit: 1000, period: 1s, policy: local}   # every caller together
   customers:
     instances: [127.0.0.1:9002]  # a service without a sidecar
 ```
@@ -45,8 +48,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
+from meshgate.config.authz import AuthzConfig, AuthzRule
 from meshgate.config.schema import (
     Address,
     CircuitBreakerConfig,
@@ -56,6 +60,9 @@ from meshgate.config.schema import (
     ListenAddress,
     OutlierDetectionConfig,
     PoolConfig,
+    RateLimitConfig,
+    RateLimitSpec,
+    RedisConfig,
     RetryBudgetConfig,
     RetryConfig,
     RouteConfig,
@@ -71,12 +78,12 @@ __all__ = [
     "ControlConfig",
     "MeshConfig",
     "ServiceConfig",
+    "ServiceRateLimit",
     "TrafficPolicy",
 ]
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,253}[a-z0-9])?$")
-_ID_PATTERN = re.compile(r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)*(/\*)?$")
 
 
 def _name(value: str, what: str) -> str:
@@ -106,49 +113,51 @@ class TrafficPolicy(_Model):
         return None if v is False else v
 
 
-class AuthzRule(_Model):
-    """One rule: every field given must match (absent = any)."""
+class ServiceRateLimit(_Model):
+    """A service's inbound limits, which its sidecar's inbound route applies
+    with the gateway's limiters (`policy: local`: per instance; `policy:
+    redis`: across the service's instances, on `redis:`)."""
 
-    name: str
-    action: Literal["allow", "deny"]
-    from_: list[str] | None = Field(default=None, alias="from")
-    """Source SPIFFE IDs: exact, or a prefix ending in `/*`."""
-    methods: list[str] | None = None
-    paths: list[str] | None = None
-    """Route-style patterns: literal, `*` (one segment), `**` (any depth, last)."""
-    headers: dict[str, str | bool] | None = None
+    per_source: RateLimitSpec | None = None
+    """Each calling identity on its own (key `peer`; callers without a
+    client certificate share one bucket, `plaintext`)."""
+    service: RateLimitSpec | None = None
+    """Every caller together (key `route`)."""
+    redis: Annotated[RedisConfig | None, BeforeValidator(RedisConfig.parse)] = None
+    """The Redis server that `policy: redis` limits count on."""
 
-    @field_validator("from_")
+    @field_validator("per_source", "service")
     @classmethod
-    def _check_ids(cls, v: list[str] | None) -> list[str] | None:
-        for pattern in v or ():
-            if not _ID_PATTERN.fullmatch(pattern):
-                raise ValueError(
-                    f"{pattern!r} is not a SPIFFE ID or a prefix such as "
-                    "spiffe://mesh.local/ns/prod/*"
-                )
-        return v
-
-    @field_validator("methods")
-    @classmethod
-    def _check_methods(cls, v: list[str] | None) -> list[str] | None:
-        return [m.upper() for m in v] if v is not None else None
-
-
-class AuthzConfig(_Model):
-    """Who may call a service (the sidecar's inbound enforces it)."""
-
-    default: Literal["allow", "deny"] = "allow"
-    mode: Literal["enforce", "audit"] = "enforce"
-    rules: list[AuthzRule] = Field(default_factory=list)
+    def _check_key(cls, rl: RateLimitConfig | None, info: ValidationInfo) -> RateLimitConfig | None:
+        key = "peer" if info.field_name == "per_source" else "route"
+        if rl is not None and "key" in rl.model_fields_set and rl.key != key:
+            raise ValueError(f"this limit counts by {key} (leave its key: out), found {rl.key!r}")
+        return rl
 
     @model_validator(mode="after")
-    def _unique(self) -> AuthzConfig:
-        names = [r.name for r in self.rules]
-        for name in names:
-            if names.count(name) > 1:
-                raise ValueError(f"rule name {name!r} is used twice: names identify rules")
+    def _check(self) -> ServiceRateLimit:
+        if self.per_source is None and self.service is None:
+            raise ValueError("rate_limit: needs per_source:, service: or both")
+        for field, rl in (("per_source", self.per_source), ("service", self.service)):
+            if rl is not None and rl.policy == "redis" and self.redis is None:
+                raise ValueError(
+                    f"{field}: policy: redis needs rate_limit.redis (for example "
+                    "redis: redis://127.0.0.1:6379/0)"
+                )
         return self
+
+    def route_limits(self) -> list[RateLimitConfig]:
+        """The limits for the inbound route's `rate_limit:` list: per source
+        first (its X-RateLimit-* fields are the ones a caller reads), each
+        with its key and a name for the RateLimit fields and metrics."""
+        out: list[RateLimitConfig] = []
+        for rl, key, name in (
+            (self.per_source, "peer", "per-source"),
+            (self.service, "route", "service"),
+        ):
+            if rl is not None:
+                out.append(rl.model_copy(update={"key": key, "name": rl.name or name}))
+        return out
 
 
 class ServiceConfig(_Model):
@@ -160,6 +169,9 @@ class ServiceConfig(_Model):
     traffic: TrafficPolicy = TrafficPolicy()
     routes: list[RouteConfig] = Field(default_factory=list)
     authz: AuthzConfig = AuthzConfig()
+    """Who may call it (its sidecar's inbound enforces it; `config.authz`)."""
+    rate_limit: ServiceRateLimit | None = None
+    """Its inbound limits: `{per_source: 100/s, service: 1000/s}`."""
     instances: list[EndpointSpec] = Field(default_factory=list)
     """Static instances, for a service that has no sidecar (plain HTTP)."""
 
@@ -271,6 +283,14 @@ class MeshConfig(_Model):
                 if route.auth is not None or route.aggregate is not None:
                     errors.append(
                         (base, "mesh routes carry no edge auth or aggregation: use authz:")
+                    )
+                if route.authz is not None:
+                    errors.append(
+                        (
+                            (*base, "authz"),
+                            f"a service's routes are how callers reach it: its policy is "
+                            f"services.{name}.authz, which its own sidecar enforces",
+                        )
                     )
         if self.attestation is not None:
             for j, rule in enumerate(self.attestation.rules):

@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from meshgate.config.authz import AuthzConfig
+
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 # re.ASCII: with plain IGNORECASE, "KİB" matches and its .lower() is not a key.
@@ -404,10 +406,12 @@ class UpstreamConfig(_Model):
 
 
 RateLimitKey = str
-"""`consumer`, `api_key`, `ip`, `route`, `header:<name>`, or `default`
-(the consumer, else the API key, else the client IP)."""
+"""`consumer`, `api_key`, `ip`, `route`, `peer`, `header:<name>`, or
+`default` (the consumer, else the API key, else the client IP)."""
 
-_KEY_RE = re.compile(r"^(default|consumer|api_key|ip|route|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$")
+_KEY_RE = re.compile(
+    r"^(default|consumer|api_key|ip|route|peer|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$"
+)
 
 
 class RateLimitConfig(_Model):
@@ -418,8 +422,10 @@ class RateLimitConfig(_Model):
     period: Duration
     key: RateLimitKey = "default"
     """What is counted separately: `consumer`, `api_key`, `ip`, `route`
-    (everyone together), `header:<name>`, or `default` (the consumer, else
-    the API key, else the client IP)."""
+    (everyone together), `peer` (the SPIFFE ID of the caller's verified
+    client certificate; every caller without one shares the bucket
+    `plaintext`), `header:<name>`, or `default` (the consumer, else the API
+    key, else the client IP)."""
     algorithm: Literal["gcra", "sliding_window"] = "gcra"
     """`gcra`: token bucket semantics, refilling evenly over the period.
     `sliding_window`: a weighted count over the current and last windows."""
@@ -440,7 +446,8 @@ class RateLimitConfig(_Model):
     def _check_key(cls, v: str) -> str:
         if not _KEY_RE.match(v):
             raise ValueError(
-                f"expected consumer, api_key, ip, route, default or header:<name>, found {v!r}"
+                "expected consumer, api_key, ip, route, peer, default or header:<name>, "
+                f"found {v!r}"
             )
         return v.lower() if not v.startswith("header:") else "header:" + v[7:].lower()
 
@@ -1261,7 +1268,16 @@ class RouteConfig(_Model):
     auth: Annotated[RouteAuth | None, BeforeValidator(RouteAuth.parse)] = None
     """Name of an `auth:` entry, a list of names (any one of them admits the
     request), or `{use: [...], scopes: [...], required_claims: [...]}`."""
-    rate_limit: RateLimitSpec | None = None
+    rate_limit: RateLimitSpec | list[RateLimitSpec] | None = None
+    """`100/min`, the long form, or a list of limits that all apply (each
+    counts the request; the first to refuse answers 429): say, one per
+    caller and one for the route as a whole. Read it with `rate_limits()`."""
+    authz: AuthzConfig | None = None
+    """Who may call this route, by the SPIFFE ID of the caller's client
+    certificate, method, path and headers (`config.authz`): the mesh's
+    inbound policy, which a sidecar's inbound route carries, compiled as
+    `auth:` is. It runs after `auth:` and before faults and limits, so a
+    denied caller spends no one's quota."""
     cors: Annotated[CorsConfig | Literal[False] | None, BeforeValidator(_route_cors)] = None
     """CORS for this route (else the top-level `cors:`); `false` turns the
     top-level one off here."""
@@ -1307,7 +1323,21 @@ class RouteConfig(_Model):
             raise ValueError("split: at least one backend needs a weight above 0")
         if self.split is None and (self.sticky is not None or self.canary):
             raise ValueError("sticky: and canary: go with split:")
+        if isinstance(self.rate_limit, list):
+            if not self.rate_limit:
+                raise ValueError("rate_limit: is an empty list (omit it for no limit)")
+            names = [rl.name for rl in self.rate_limit if rl.name is not None]
+            for name in names:
+                if names.count(name) > 1:
+                    raise ValueError(f"rate_limit: two limits are named {name!r}")
         return self
+
+    def rate_limits(self) -> list[RateLimitConfig]:
+        """The route's limits, in order (none, one, or its list)."""
+        rl = self.rate_limit
+        if rl is None:
+            return []
+        return list(rl) if isinstance(rl, list) else [rl]
 
     def target_label(self) -> str:
         """`orders`, or `split(orders:90, orders-v2:10)`, for tables and logs."""
@@ -1436,15 +1466,17 @@ class Config(_Model):
                             "authentication it names",
                         )
                     )
-        rl = route.rate_limit
-        if rl is not None and rl.policy == "redis" and self.redis is None:
-            errors.append(
-                (
-                    ("routes", i, "rate_limit", "policy"),
-                    "policy: redis needs a top-level `redis:` (for example "
-                    "redis: redis://127.0.0.1:6379/0)",
+        many = isinstance(route.rate_limit, list)
+        for j, rl in enumerate(route.rate_limits()):
+            if rl.policy == "redis" and self.redis is None:
+                loc: tuple[str | int, ...] = ("routes", i, "rate_limit")
+                errors.append(
+                    (
+                        (*loc, j, "policy") if many else (*loc, "policy"),
+                        "policy: redis needs a top-level `redis:` (for example "
+                        "redis: redis://127.0.0.1:6379/0)",
+                    )
                 )
-            )
         return errors
 
 

@@ -1,5 +1,5 @@
-"""Compile a config's `cors:`, `auth:`, `fault:`, `consumers:`, `rate_limit:` and
-`transform:` into route filter chains.
+"""Compile a config's `cors:`, `auth:`, `authz:`, `fault:`, `consumers:`,
+`rate_limit:` and `transform:` into route filter chains.
 
 `FilterServices` holds what outlives one runtime: the JWT verifiers (with
 their JWKS refresh tasks), the Redis clients, and the table that `policy:
@@ -33,6 +33,7 @@ from meshgate.filters.auth import (
     AuthFilter,
     JwtAuthenticator,
 )
+from meshgate.filters.authz import AuthzFilter
 from meshgate.filters.cors import CorsFilter
 from meshgate.filters.deprecation import DeprecationFilter
 from meshgate.filters.fault import FaultFilter
@@ -128,6 +129,7 @@ class CompiledFilters:
     verifiers: list[JwtVerifier] = field(default_factory=list)
     limiters: list[RedisLimiter] = field(default_factory=list)
     auth_filters: list[tuple[str, AuthFilter]] = field(default_factory=list)
+    authz_filters: list[tuple[str, AuthzFilter]] = field(default_factory=list)
     limit_filters: list[tuple[str, RateLimitFilter]] = field(default_factory=list)
     fault_filters: list[tuple[str, FaultFilter]] = field(default_factory=list)
     cors_filters: list[tuple[str, CorsFilter]] = field(default_factory=list)
@@ -187,6 +189,12 @@ def _chain(
         )
         filters.append(("auth", auth))
         out.auth_filters.append((label, auth))
+    if route.authz is not None:
+        # After auth (it may refuse with a challenge first), before faults
+        # and limits: a denied caller triggers no fault and spends no quota.
+        authz = AuthzFilter(route.authz, label)
+        filters.append(("authz", authz))
+        out.authz_filters.append((label, authz))
     if route.deprecation is not None:
         filters.append(("deprecation", DeprecationFilter(route.deprecation)))
     if route.fault is not None:
@@ -196,13 +204,23 @@ def _chain(
         fault = FaultFilter(label, route.fault)
         filters.append(("fault", fault))
         out.fault_filters.append((label, fault))
-    rl = route.rate_limit
-    if rl is not None:
+    for index, rl in enumerate(route.rate_limits()):
         table = (
             services.shared_table(config.limits.rate_limit_slots) if rl.policy == "local" else None
         )
         redis = limiter if rl.policy == "redis" else None
-        limit = RateLimitFilter(route, label, rl, config.consumers, table=table, redis=redis)
+        limit = RateLimitFilter(
+            route,
+            label,
+            rl,
+            config.consumers,
+            table=table,
+            redis=redis,
+            index=index,
+            # Refusals by caller where callers have identities: a limit by
+            # peer, or a route with a policy on who calls it (a sidecar's inbound).
+            by_source=rl.key == "peer" or route.authz is not None,
+        )
         filters.append(("rate_limit", limit))
         out.limit_filters.append((label, limit))
     transform = compile_transform(

@@ -1,9 +1,16 @@
 """A route's `rate_limit:` as a filter.
 
 The key is chosen at config load (`consumer`, `api_key`, `ip`, `route`,
-`header:<name>`, or the default ladder consumer -> API key -> token
+`peer`, `header:<name>`, or the default ladder consumer -> API key -> token
 subject -> client IP), and so is everything in the response fields but the
-two numbers that change per request.
+two numbers that change per request. `peer` counts each caller's SPIFFE ID
+(its verified client certificate) apart, and every caller without one in
+the bucket `plaintext`.
+
+A route may carry several limits (`rate_limit: [...]`): one filter each, in
+order, all counting the request until one refuses it. Each sends its
+RateLimit-Policy and RateLimit fields (lists, in the draft: one member per
+limit); the X-RateLimit-* fields, which hold one limit, are the first's.
 
 `policy: local` decides synchronously against the worker-shared table;
 `policy: redis` awaits one script call, bounded by the Redis timeout, and
@@ -31,8 +38,10 @@ import re
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
+from meshgate.config.authz import PLAINTEXT
 from meshgate.config.schema import ConsumerConfig, RateLimitConfig, RouteConfig
 from meshgate.filters import FilterRequest, LocalReply
+from meshgate.filters.sources import SourceCounts
 from meshgate.ratelimit import Decision, LimitSpec
 from meshgate.ratelimit.local import SharedTable
 from meshgate.ratelimit.redis import RedisLimiter
@@ -43,6 +52,7 @@ log = logging.getLogger("meshgate.ratelimit")
 
 _KINDS_BY_CONSUMER = ("default", "consumer", "api_key")
 _POLICY_UNSAFE = re.compile(r"[^A-Za-z0-9_.:/\[\]-]")
+_PLAINTEXT_KEY = b"p:" + PLAINTEXT.encode()
 
 
 def route_identity(route: RouteConfig) -> str:
@@ -53,10 +63,13 @@ def route_identity(route: RouteConfig) -> str:
     return "match:" + route.model_dump_json(include={"path", "host", "methods", "headers"})
 
 
-def limit_id(route_identity: str, cfg: RateLimitConfig) -> str:
-    """A short id for one route's limit. It stays the same across reloads while
-    the route and its limit do, so that counts carry over."""
+def limit_id(route_identity: str, cfg: RateLimitConfig, index: int = 0) -> str:
+    """A short id for one route's limit (`index`: its place in the route's
+    list). It stays the same across reloads while the route and its limit
+    do, so that counts carry over."""
     text = f"{route_identity}\0{cfg.limit}\0{cfg.period}\0{cfg.key}\0{cfg.algorithm}\0{cfg.burst}"
+    if index:
+        text += f"\0{index}"
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
@@ -74,9 +87,14 @@ class RateLimitFilter:
         *,
         table: SharedTable | None,
         redis: RedisLimiter | None,
+        index: int = 0,
+        by_source: bool = False,
     ) -> None:
+        """`index`: the limit's place in its route's list (the first sends
+        the X-RateLimit-* fields). `by_source`: count refusals by the
+        caller's identity (`limited_by_source`)."""
         self.cfg = cfg
-        self.id = limit_id(route_identity(route), cfg)
+        self.id = limit_id(route_identity(route), cfg, index)
         self.prefix = self.id.encode() + b":"
         self.spec = LimitSpec.from_config(cfg)
         self.kind = cfg.key
@@ -90,7 +108,9 @@ class RateLimitFilter:
         self.deny_on_error = cfg.on_store_error == "deny"
         # Outcomes, for /metrics.
         self.allowed = self.limited = self.store_errors = 0
+        self.limited_by_source = SourceCounts(1) if by_source else None
         self.headers = cfg.headers
+        self.legacy_fields = index == 0
         # Consumers with their own limit, where the key identifies a consumer.
         self.consumer_specs: dict[str, LimitSpec] = {}
         if cfg.key in _KINDS_BY_CONSUMER:
@@ -102,6 +122,10 @@ class RateLimitFilter:
                     )
         # A route's name may hold anything: keep a token's characters.
         name = cfg.name or _POLICY_UNSAFE.sub("_", route_label)[:64]
+        if index and cfg.name is None:
+            name = f"{name[:60]}:{index + 1}"  # the route's second limit: `orders:2`
+        self.name = name
+        """The limit's name in the RateLimit fields and in /metrics."""
         self.policy_name = b'"' + name.encode("ascii") + b'"'
         # The fields of an allowed response, all but two numbers ready.
         self.templates = {spec: self._template(spec) for spec in self._specs()}
@@ -128,6 +152,9 @@ class RateLimitFilter:
                 return b"k:" + req.api_key.encode()
         elif kind == "route":
             return b"r:"
+        elif kind == "peer":
+            peer = req.peer
+            return _PLAINTEXT_KEY if peer is None else b"p:" + peer.encode()
         elif self.header is not None:
             value = req.header(self.header)
             if value is not None:
@@ -177,13 +204,18 @@ class RateLimitFilter:
         return {self.spec, *self.consumer_specs.values()}
 
     def _template(self, spec: LimitSpec) -> bytes:
-        """`%d` for remaining and reset, twice each (escaped otherwise)."""
+        """`%d` for remaining and reset, twice each with the X-RateLimit-*
+        fields, else once (escaped otherwise)."""
         name = self.policy_name.replace(b"%", b"%%")
         limit = b"%d" % spec.limit
         window = b"%d" % max(1, spec.period_us // 1_000_000)
-        return (
+        fields = (
             b"ratelimit-policy: " + name + b";q=" + limit + b";w=" + window + b"\r\n"
             b"ratelimit: " + name + b";r=%d;t=%d\r\n"
+        )
+        if not self.legacy_fields:
+            return fields
+        return fields + (
             b"x-ratelimit-limit: " + limit + b"\r\n"
             b"x-ratelimit-remaining: %d\r\n"
             b"x-ratelimit-reset: %d\r\n"
@@ -194,13 +226,17 @@ class RateLimitFilter:
         window = b"%d" % max(1, spec.period_us // 1_000_000)
         remaining = b"%d" % max(0, d.remaining)
         reset = _seconds(d.reset)
-        return [
+        out = [
             (b"ratelimit-policy", self.policy_name + b";q=" + limit + b";w=" + window),
             (b"ratelimit", self.policy_name + b";r=" + remaining + b";t=" + reset),
-            (b"x-ratelimit-limit", limit),
-            (b"x-ratelimit-remaining", remaining),
-            (b"x-ratelimit-reset", reset),
         ]
+        if self.legacy_fields:
+            out += [
+                (b"x-ratelimit-limit", limit),
+                (b"x-ratelimit-remaining", remaining),
+                (b"x-ratelimit-reset", reset),
+            ]
+        return out
 
     def apply(self, req: FilterRequest, d: Decision, spec: LimitSpec) -> LocalReply | None:
         if d.allowed:
@@ -208,9 +244,17 @@ class RateLimitFilter:
             if self.headers:
                 remaining = d.remaining if d.remaining > 0 else 0
                 reset = math.ceil(d.reset) if d.reset > 0 else 0
-                req.response_extra += self.templates[spec] % (remaining, reset, remaining, reset)
+                values = (
+                    (remaining, reset, remaining, reset)
+                    if self.legacy_fields
+                    else (remaining, reset)
+                )
+                req.response_extra += self.templates[spec] % values
             return None
         self.limited += 1
+        by_source = self.limited_by_source
+        if by_source is not None:
+            by_source.row(req.peer)[0] += 1
         headers = self.fields(d, spec) if self.headers else []
         retry = max(1, math.ceil(d.retry_after))
         headers.append((b"retry-after", b"%d" % retry))

@@ -13,6 +13,20 @@ from meshgate.protocol.headers import phrase, status_line
 PROBLEM_BASE = "https://meshgate.dev/problems/"
 
 
+class ProblemDetail(str):
+    """A `detail` text that carries extension members (RFC 9457 section 3.2)
+    to the body it is rendered in: a filter passes one as its LocalReply's
+    detail, and every path that renders a local reply gets the members
+    without a field of its own for them. The standard members win a clash."""
+
+    extensions: dict[str, object]
+
+    def __new__(cls, text: str, extensions: dict[str, object]) -> ProblemDetail:
+        self = super().__new__(cls, text)
+        self.extensions = extensions
+        return self
+
+
 def problem_body(
     status: int, kind: str, detail: str, *, request_id: str | None = None, **extra: object
 ) -> bytes:
@@ -20,8 +34,11 @@ def problem_body(
         "type": PROBLEM_BASE + kind,
         "title": phrase(status),
         "status": status,
-        "detail": detail,
+        "detail": str(detail),
     }
+    if isinstance(detail, ProblemDetail):
+        for name, value in detail.extensions.items():
+            doc.setdefault(name, value)
     if request_id:
         doc["request_id"] = request_id
     doc.update(extra)

@@ -84,7 +84,7 @@ from typing import Generic, NamedTuple, TypeVar
 
 from meshgate.config.schema import RouteConfig
 
-__all__ = ["Route", "RouteMatch", "Router", "normalize_path"]
+__all__ = ["PathPattern", "Route", "RouteMatch", "Router", "normalize_path"]
 
 T = TypeVar("T")
 
@@ -284,6 +284,43 @@ class _Pattern:
         if not self.catch_all and n > k:
             return f"path segment {k + 1} {segs[k]!r} is extra: the pattern ends after segment {k}"
         return None
+
+
+class PathPattern:
+    """A route-style path pattern on its own (an authorization rule's
+    `paths:`), parsed and refused by the same rules as a route's: it matches
+    exactly the request paths a route with this `path` (and nothing else)
+    would."""
+
+    __slots__ = ("catch_all", "shape", "static", "text")
+
+    def __init__(self, path: str, where: str) -> None:
+        if not path.startswith("/"):
+            raise ValueError(f"{where}: a path pattern starts with '/', found {path!r}")
+        pattern = _Pattern(path, where)
+        self.text = path
+        self.shape = pattern.shape
+        self.catch_all = pattern.catch_all
+        self.static = pattern.static
+        """All literal: it matches the one path equal to `text`."""
+
+    def match_segments(self, segs: Sequence[str]) -> bool:
+        """Whether a normalized path, as `path[1:].split('/')`, matches."""
+        shape = self.shape
+        n = len(segs)
+        if n < len(shape) or (n > len(shape) and not self.catch_all):
+            return False
+        for want, seg in zip(shape, segs, strict=False):
+            if want is None:
+                if not seg:
+                    return False
+            elif seg != want:
+                return False
+        return True
+
+    def matches(self, path: str) -> bool:
+        """Whether a normalized request path (no query) matches."""
+        return path[:1] == "/" and self.match_segments(path[1:].split("/"))
 
 
 def _parse_hosts(host: str | list[str] | None, where: str) -> tuple[_HostEntry, ...]:

@@ -3,6 +3,12 @@
 `token` and `mesh status` open the control plane's store themselves (SQLite
 in WAL mode takes a reader and a writer beside the running control plane),
 so they work whether `meshgate control` runs or not.
+
+`mesh explain SERVICE` prints the snapshot SERVICE's proxy gets; `mesh
+explain --from A --to B METHOD PATH` says, from mesh.yaml alone, whether B's
+inbound policy lets A make that request: A's identity, the policy, each rule
+and the decision, by the same engine the sidecar enforces with (exit 0
+allowed, 1 denied, 2 for a usage error).
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from meshgate.config.authz import PLAINTEXT
 from meshgate.config.loader import ConfigError, load_mesh
 from meshgate.config.mesh import MeshConfig
-from meshgate.config.schema import Address, parse_duration
+from meshgate.config.schema import Address, RateLimitConfig, parse_duration, redact_url
 
 __all__ = ["is_mesh_file", "register"]
 
@@ -69,6 +76,15 @@ def check_mesh(path: str) -> int:
         print(f"  note: {name}: {mesh.identity(name)}, calls {', '.join(mesh.callees(name))}")
         if svc.authz.default == "deny" and not svc.authz.rules:
             print(f"  warning: {name}: authz default deny and no rule: nothing may call it")
+        elif (
+            svc.authz.default == "allow"
+            and svc.authz.rules
+            and all(r.action == "allow" for r in svc.authz.rules)
+        ):
+            print(
+                f"  warning: {name}: authz default allow with only allow rules: the rules "
+                "change nothing (default: deny makes them the only way in)"
+            )
     return 0
 
 
@@ -149,20 +165,26 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_mesh(args: argparse.Namespace) -> int:
     mesh = _mesh(args.config)
     if mesh is None:
-        return 1
+        return 2 if args.action == "explain" and args.target else 1
+    if args.action == "explain" and (args.source or args.target):
+        return _explain_request(mesh, args)
+    args.service = args.words[0] if len(args.words) == 1 else None
     store = _store(args.config, mesh)
     try:
         if args.action == "explain":
             from meshgate.mesh.control.snapshot import build_sections
 
             if not args.service:
-                print("mesh explain needs a SERVICE", file=sys.stderr)
+                print(
+                    "mesh explain needs a SERVICE, or --from SERVICE --to SERVICE METHOD PATH",
+                    file=sys.stderr,
+                )
                 return 2
             generation = (store.generations(1) or [{"generation": 0}])[0]["generation"]
             sections = build_sections(
                 mesh, generation, args.service, store.instances(), time.time()
             )
-            print(json.dumps(sections, indent=2, sort_keys=True))
+            print(json.dumps(_redacted(sections), indent=2, sort_keys=True))
             return 0
         status = _status(mesh, store)
         if args.json:
@@ -172,6 +194,132 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def _redacted(doc: Any) -> Any:
+    """`doc` with the credentials of its URLs hidden (a Redis URL's password)."""
+    if isinstance(doc, dict):
+        return {
+            k: redact_url(v) if k.endswith("url") and isinstance(v, str) else _redacted(v)
+            for k, v in doc.items()
+        }
+    if isinstance(doc, list):
+        return [_redacted(v) for v in doc]
+    return doc
+
+
+def _caller(mesh: MeshConfig, source: str) -> tuple[str | None, str] | None:
+    """`--from`: (the identity, how to name the caller), or None if unknown."""
+    if source == PLAINTEXT:
+        return None, "a caller without a client certificate (plaintext)"
+    if source.startswith("spiffe://"):
+        return source, source
+    if source in mesh.services:
+        identity = mesh.identity(source)
+        return identity, f"{source} ({identity})"
+    return None
+
+
+def _limit_text(rl: RateLimitConfig) -> str:
+    per = {"peer": "per source", "route": "for the service"}.get(rl.key, f"per {rl.key}")
+    unit = {1.0: "s", 60.0: "min", 3600.0: "h", 86400.0: "day"}.get(rl.period)
+    rate = f"{rl.limit}/{unit}" if unit else f"{rl.limit} per {rl.period:g}s"
+    return f"{rate} {per} ({rl.policy})"
+
+
+def _explain_request(mesh: MeshConfig, args: argparse.Namespace) -> int:
+    from meshgate.filters.authz import AuthzPolicy, explain, request_path
+
+    if not args.source or not args.target or len(args.words) != 2:
+        print("mesh explain --from SERVICE --to SERVICE METHOD PATH", file=sys.stderr)
+        return 2
+    to = args.target
+    svc = mesh.services.get(to)
+    if svc is None:
+        known = ", ".join(sorted(mesh.services)) or "none"
+        print(f"--to {to!r} is not a service of this mesh (services: {known})", file=sys.stderr)
+        return 2
+    caller = _caller(mesh, args.source)
+    if caller is None:
+        print(
+            f"--from {args.source!r} is not a service of this mesh; give a service, a "
+            f"SPIFFE ID (spiffe://...) or {PLAINTEXT}",
+            file=sys.stderr,
+        )
+        return 2
+    peer, who = caller
+    method, raw_path = args.words
+    headers: list[tuple[bytes, bytes]] = []
+    for line in args.header:
+        name, sep, value = line.partition(":")
+        if not sep or not name.strip():
+            print(f"-H {line!r}: expected 'Name: value'", file=sys.stderr)
+            return 2
+        headers.append((name.strip().lower().encode("latin-1"), value.strip().encode("utf-8")))
+    try:
+        path = request_path(raw_path)
+    except ValueError as exc:
+        print(f"{exc} (the gateway answers 400)", file=sys.stderr)
+        return 2
+    method = method.upper()
+    decision = explain(svc.authz, peer, method, path, headers, policy=to)
+    trace = AuthzPolicy(svc.authz, to).trace(peer, method.encode("latin-1"), path, headers)
+    refused_plaintext = peer is None and mesh.mtls == "strict"
+    allowed = decision.allowed and not refused_plaintext
+    notes = []
+    if refused_plaintext:
+        notes.append(
+            "mtls is strict: a caller without a client certificate is refused before "
+            "any policy (the decision below is the policy's alone)"
+        )
+    if args.source in mesh.services and to not in mesh.callees(args.source):
+        notes.append(
+            f"the calls: of {args.source} do not list {to}, so its proxy has no route to it"
+        )
+    limits = svc.rate_limit.route_limits() if svc.rate_limit else []
+    if args.json:
+        doc = {
+            "caller": args.source,
+            "identity": peer,
+            "service": to,
+            "request": {"method": method, "path": path},
+            "policy": decision.policy,
+            "rule": decision.rule,
+            "decision": decision.decision,
+            "reason": decision.reason,
+            "allowed": allowed,
+            "rules": [
+                {"name": t.name, "action": t.action, "matches": t.matched, "why": t.why}
+                for t in trace
+            ],
+            "rate_limits": [_limit_text(rl) for rl in limits],
+            "notes": notes,
+        }
+        print(json.dumps(doc, indent=2))
+        return 0 if allowed else 1
+    authz = svc.authz
+    print(f"caller:   {who}")
+    print(
+        f"policy:   {to}: default {authz.default}, mode {authz.mode}, "
+        f"{len(authz.rules)} rule{'' if len(authz.rules) == 1 else 's'}"
+    )
+    print(f"request:  {method} {path}")
+    for t in trace:
+        state = "matches" if t.matched else f"does not match: {t.why}"
+        print(f"  {t.action:5} rule {t.name}: {state}")
+    for rl in limits:
+        print(f"limit:    {_limit_text(rl)}")
+    for note in notes:
+        print(f"note:     {note}")
+    verdict = {
+        "allow": f"{to} allows this request",
+        "deny": f"{to} denies this request",
+        "audit_deny": f"{to} would deny this request, and lets it through (audit mode)",
+    }[decision.decision]
+    rule = f"rule {decision.rule} decides" if decision.rule else "the default decides"
+    print(f"decision: {'ALLOWED' if allowed else 'DENIED'}: {verdict} ({rule})")
+    print(f"          {decision.reason}")
+    return 0 if allowed else 1
 
 
 def _status(mesh: MeshConfig, store: Any) -> dict[str, Any]:
@@ -343,12 +491,42 @@ def register(sub: Any) -> None:
     )
     p.set_defaults(func=cmd_token)
 
-    p = sub.add_parser("mesh", help="the mesh as the control plane sees it")
-    p.add_argument("action", choices=["status", "explain"])
-    p.add_argument("service", nargs="?")
-    p.add_argument("-c", "--config", required=True, help="mesh.yaml")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_mesh)
+    p = sub.add_parser(
+        "mesh",
+        help="the mesh as the control plane sees it",
+        description="status: services, instances and proxies. explain SERVICE: the snapshot "
+        "its proxy gets. explain --from A --to B METHOD PATH: whether B's policy lets A "
+        "make that request, and why (exit 0 allowed, 1 denied).",
+    )
+    # One parser per action, so that `explain`'s METHOD PATH may follow its options.
+    actions = p.add_subparsers(dest="action", required=True, metavar="{status,explain}")
+    for action, text in (
+        ("status", "services, instances and proxies"),
+        ("explain", "a proxy's snapshot, or whether one service may call another"),
+    ):
+        q = actions.add_parser(action, help=text)
+        q.add_argument(
+            "words",
+            nargs="*",
+            metavar="SERVICE | METHOD PATH" if action == "explain" else "SERVICE",
+        )
+        q.add_argument("-c", "--config", required=True, help="mesh.yaml")
+        q.add_argument("--json", action="store_true")
+        if action == "explain":
+            q.add_argument(
+                "--from",
+                dest="source",
+                help=f"the calling service, a SPIFFE ID, or {PLAINTEXT} (no client certificate)",
+            )
+            q.add_argument("--to", dest="target", help="the service called")
+            q.add_argument(
+                "-H",
+                "--header",
+                action="append",
+                default=[],
+                help="a request header, 'Name: value' (repeatable)",
+            )
+        q.set_defaults(func=cmd_mesh, source=None, target=None, header=[])
 
     p = sub.add_parser("trust", help="show or rotate the mesh's trust bundle, with overlap")
     p.add_argument("action", choices=["show", "add-root", "use-intermediate"])

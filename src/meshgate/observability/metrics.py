@@ -46,6 +46,22 @@ def render(state: ServerState) -> str:
             labels = _labels(worker=pid, route=label, outcome=outcome)
             lines.append(f"meshgate_auth_requests_total{labels} {n}")
     lines += [
+        "# HELP meshgate_authz_decisions_total Authorization decisions of routes with authz:"
+        " (a sidecar's inbound policy), by rule and source identity (at most 1000 sources"
+        ' per policy, then source="other").',
+        "# TYPE meshgate_authz_decisions_total counter",
+    ]
+    for _, authz in filters.authz_filters:
+        for source, decision, n in authz.metric_rows():
+            labels = _labels(
+                worker=pid,
+                policy=decision.policy,
+                decision=decision.decision,
+                rule=decision.rule or "(default)",
+                source=source,
+            )
+            lines.append(f"meshgate_authz_decisions_total{labels} {n}")
+    lines += [
         "# HELP meshgate_ratelimit_decisions_total Rate limit decisions, by outcome.",
         "# TYPE meshgate_ratelimit_decisions_total counter",
     ]
@@ -55,8 +71,22 @@ def render(state: ServerState) -> str:
             ("limited", limit.limited),
             ("store_error", limit.store_errors),
         ):
-            labels = _labels(worker=pid, route=label, policy=limit.cfg.policy, outcome=outcome)
+            labels = _labels(
+                worker=pid, route=label, limit=limit.name, policy=limit.cfg.policy, outcome=outcome
+            )
             lines.append(f"meshgate_ratelimit_decisions_total{labels} {n}")
+    lines += [
+        "# HELP meshgate_ratelimit_limited_by_source_total Requests a limit refused, by"
+        " source identity (limits by peer, and routes with authz:; at most 1000 sources"
+        ' per limit, then source="other").',
+        "# TYPE meshgate_ratelimit_limited_by_source_total counter",
+    ]
+    for label, limit in filters.limit_filters:
+        if limit.limited_by_source is None:
+            continue
+        for source, row in limit.limited_by_source.rows.items():
+            labels = _labels(worker=pid, route=label, limit=limit.name, source=source)
+            lines.append(f"meshgate_ratelimit_limited_by_source_total{labels} {row[0]}")
     lines += [
         "# HELP meshgate_ratelimit_store_errors_total Redis calls that failed or timed out.",
         "# TYPE meshgate_ratelimit_store_errors_total counter",

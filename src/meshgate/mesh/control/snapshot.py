@@ -3,7 +3,11 @@
 A snapshot is filtered to what the proxy needs (go-control-plane keys its
 cache by node; istiod by sidecar scope):
 
-- `inbound`: its own service's identity, mTLS mode and authorization policy;
+- `inbound`: its own service's identity, mTLS mode, authorization policy
+  (`authz`, an `AuthzConfig`), and inbound limits: `rate_limit`, the list
+  its inbound route's `rate_limit:` takes as is (key `peer` per source,
+  `route` for the service; null for none), and `redis`, the `redis:` its
+  gateway config needs for `policy: redis` limits (null if none);
 - `service/<name>`: for each service it calls (and those their routes split
   to), the identity to expect at its endpoints, the traffic policy, the
   routes, and the endpoints: registered instances whose lease is live, and
@@ -78,7 +82,8 @@ def build_sections(
     """Every section of `service`'s proxy's snapshot (`lease` tells it how
     often to heartbeat)."""
     instances = list(instances)
-    svc = mesh.services.get(service)
+    svc = mesh.services.get(service) or ServiceConfig()
+    limits = svc.rate_limit
     sections: dict[str, Any] = {
         "mesh": {
             "trust_domain": mesh.trust_domain,
@@ -90,9 +95,11 @@ def build_sections(
             "service": service,
             "identity": mesh.identity(service),
             "mtls": mesh.mtls,
-            "authz": (svc.authz if svc is not None else ServiceConfig().authz).model_dump(
-                mode="json", by_alias=True
+            "authz": svc.authz.model_dump(mode="json", by_alias=True),
+            "rate_limit": (
+                [rl.model_dump(mode="json") for rl in limits.route_limits()] if limits else None
             ),
+            "redis": limits.redis.model_dump(mode="json") if limits and limits.redis else None,
         },
     }
     for name in mesh.callees(service):
