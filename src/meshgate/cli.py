@@ -246,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from meshgate.mesh import ca_cli
     from meshgate.mesh import cli as mesh_cli
+    from meshgate.mesh.sidecar import cli as sidecar_cli
 
     mesh_cli.register(sub)
+    sidecar_cli.register(sub)
     ca_cli.register(sub)
     return parser
 

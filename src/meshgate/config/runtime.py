@@ -20,6 +20,7 @@ from meshgate.filters.cors import UPSTREAM_DROPPED
 from meshgate.handlers import Handler
 from meshgate.handlers.aggregate import Aggregator
 from meshgate.handlers.transform import BodyTransformer
+from meshgate.handlers.unavailable import NoEndpoints
 from meshgate.http.router import Router
 from meshgate.http.split import Splitter
 from meshgate.transform.jsonmap import JsonMap
@@ -150,6 +151,9 @@ class Runtime:
                 )
             elif transform is not None and transform.buffers():
                 handler = BodyTransformer(transform, label, timeout=total, retry=retry)
+            first = route.upstream_names()[0]
+            if handler is None and splitter is None and not clusters[first].endpoints:
+                handler = NoEndpoints(first, config.upstreams[first].service)
             target = RouteTarget(
                 clusters[route.upstream_names()[0]],
                 label,

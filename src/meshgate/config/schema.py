@@ -379,7 +379,7 @@ HostPolicy = Literal["preserve", "rewrite"]
 class UpstreamConfig(_Model):
     """A named group of endpoints that routes send traffic to."""
 
-    endpoints: list[EndpointSpec] = Field(min_length=1)
+    endpoints: list[EndpointSpec] = Field(default_factory=list)
     balancer: Literal["round_robin", "least_request", "ewma"] = "round_robin"
     """`round_robin`; `least_request` (power of two choices on in-flight
     requests); `ewma` (power of two choices on peak-EWMA latency x load)."""
@@ -398,6 +398,20 @@ class UpstreamConfig(_Model):
     `outlier_detection: false` (or `null`) turns it off."""
     health_check: HealthCheckConfig | None = None
     """Active health checks; off unless given."""
+    service: str | None = None
+    """A mesh service: its endpoints come from the control plane's snapshot
+    (the proxy must be in the mesh), and are reached over mutual TLS with
+    the service's identity checked. While it has no live instance, its
+    routes answer 503 `no-endpoints`."""
+
+    @model_validator(mode="after")
+    def _has_endpoints(self) -> UpstreamConfig:
+        if not self.endpoints and self.service is None:
+            raise ValueError(
+                "an upstream needs at least one endpoint (or `service:`, a mesh service "
+                "whose endpoints the control plane sends)"
+            )
+        return self
 
     @field_validator("outlier_detection", mode="before")
     @classmethod
@@ -1278,6 +1292,12 @@ class RouteConfig(_Model):
     inbound policy, which a sidecar's inbound route carries, compiled as
     `auth:` is. It runs after `auth:` and before faults and limits, so a
     denied caller spends no one's quota."""
+    forward_client_cert: str | None = None
+    """This proxy's SPIFFE ID: requests whose TLS handshake verified a client
+    certificate go upstream with `X-Forwarded-Client-Cert: By=<this>;URI=<the
+    caller's SPIFFE ID>` (Envoy's format). A sidecar's inbound route sets
+    it, so the app learns who called; a client's own header is never
+    forwarded."""
     cors: Annotated[CorsConfig | Literal[False] | None, BeforeValidator(_route_cors)] = None
     """CORS for this route (else the top-level `cors:`); `false` turns the
     top-level one off here."""
@@ -1387,6 +1407,33 @@ class ServerLimits(_Model):
     a full table forgets the key closest to being refilled."""
 
 
+class GatewayMeshConfig(_Model):
+    """`mesh:`: this gateway joins the mesh with an identity of its own
+    (`spiffe://<trust_domain>/ns/<namespace>/sa/<service>`), and reaches
+    the upstreams that name a `service:` through their sidecars, over
+    mutual TLS. Each worker makes its own key, in `state_dir/worker-N`."""
+
+    control: str
+    """The control plane's proxy API: `host:port`, or several, comma-separated."""
+    service: str = "gateway"
+    namespace: str = "edge"
+    trust_domain: str = "mesh.local"
+    state_dir: str = ".meshgate/gateway"
+    """Relative to this file: the key (0600), certificate, bundle and last snapshot."""
+    token_file: str | None = None
+    """A reusable join token (`meshgate token create --service gateway`),
+    read at start; or `attest_socket`."""
+    attest_socket: str | None = None
+    trust_bundle: str | None = None
+    """The mesh's root(s), to trust the control plane the first time."""
+
+    @model_validator(mode="after")
+    def _credential(self) -> GatewayMeshConfig:
+        if self.token_file is None and self.attest_socket is None:
+            raise ValueError("mesh: needs token_file: or attest_socket: to join the mesh")
+        return self
+
+
 class Config(_Model):
     """The whole file."""
 
@@ -1404,6 +1451,7 @@ class Config(_Model):
     consumers: dict[str, ConsumerConfig] = Field(default_factory=dict)
     cors: CorsConfig | None = None
     """CORS for every route without a `cors:` of its own."""
+    mesh: GatewayMeshConfig | None = None
 
     def route_cors(self, route: RouteConfig) -> CorsConfig | None:
         """The CORS a route applies: its own, else the top-level one; None if off."""

@@ -39,6 +39,7 @@ from meshgate.filters.deprecation import DeprecationFilter
 from meshgate.filters.fault import FaultFilter
 from meshgate.filters.ratelimit import RateLimitFilter
 from meshgate.filters.transform import compile_transform
+from meshgate.filters.xfcc import XfccFilter
 from meshgate.http.router import route_params
 from meshgate.ratelimit.local import SharedTable
 from meshgate.ratelimit.redis import RedisLimiter
@@ -233,6 +234,8 @@ def _chain(
         # Last: values render with the consumer and claims auth found, and
         # a refused request costs no rendering.
         filters.append(("transform", transform))
+    if route.forward_client_cert is not None:
+        filters.append(("xfcc", XfccFilter(route.forward_client_cert)))
     return Chain(filters) if filters else None
 
 

@@ -141,6 +141,7 @@ class MeshAgent:
         bundle_pem: bytes | None = None,
         instance: dict[str, Any] | None = None,
         on_snapshot: Callable[[dict[str, Any]], None] | None = None,
+        on_certificate: Callable[[], None] | None = None,
         keep_token: bool = True,
         shuffle: bool = True,
     ) -> None:
@@ -161,6 +162,8 @@ class MeshAgent:
             self.state.save("bundle.pem", bundle_pem)
         self.instance = instance
         self.on_snapshot = on_snapshot
+        self.on_certificate = on_certificate
+        """Called after a new certificate or trust bundle is in `state`."""
         self.tasks: list[asyncio.Task[None]] = []
         self.connected = asyncio.Event()
         self.version = int(self.state.snapshot.get("version", 0))
@@ -238,12 +241,20 @@ class MeshAgent:
         self.state.cert_pem = answer["certificate"].encode()
         self.state.chain_pem = answer["chain"].encode()
         self.state.bundle_pem = answer["bundle"].encode()
+        self._certificate_changed()
         log.info(
             "certificate for %s, serial %s, valid until %s",
             answer["identity"],
             answer["serial"],
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(answer["not_after"])),
         )
+
+    def _certificate_changed(self) -> None:
+        if self.on_certificate is not None:
+            try:
+                self.on_certificate()
+            except Exception:
+                log.exception("applying the new certificate failed; the previous one stays")
 
     async def _join(self) -> None:
         key_pem, csr = _new_csr(self.identity)
@@ -395,6 +406,7 @@ class MeshAgent:
             self.state.bundle_pem = bundle.encode()
             self.state.save("bundle.pem", self.state.bundle_pem)
             log.info("trust bundle updated by the control plane")
+            self._certificate_changed()
         snapshot = {"version": version, "sections": sections, "digests": msg["digests"]}
         self.state.snapshot = snapshot
         self.state.save("snapshot.json", json.dumps(snapshot).encode())

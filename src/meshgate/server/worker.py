@@ -21,8 +21,10 @@ import asyncio
 import gc
 import logging
 import os
+import pathlib
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import uvloop
 
@@ -31,6 +33,7 @@ from meshgate.config.loader import ConfigError, load_config
 from meshgate.config.runtime import Runtime
 from meshgate.config.schema import Address, Config
 from meshgate.filters.build import FilterServices
+from meshgate.mesh.member import MeshMember
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.ratelimit.local import SharedTable
 from meshgate.server.listener import ListenerSpec, Serving, start_listener
@@ -81,11 +84,16 @@ class Worker:
         self.opts = opts
         self.config = config
         self.loop = asyncio.get_running_loop()
-        self.registry = PoolRegistry(self.loop)
-        self.services = FilterServices(opts.rate_table)
-        runtime = Runtime.build(
-            config, self.registry, source=opts.config_path, services=self.services
+        self.member: MeshMember | None = None
+        self.started = False
+        if config.mesh is not None:
+            base = pathlib.Path(opts.config_path).resolve().parent
+            self.member = MeshMember(config.mesh, base, opts.worker_id, self._mesh_changed)
+        self.registry = PoolRegistry(
+            self.loop, tls=self.member.tls if self.member is not None else None
         )
+        self.services = FilterServices(opts.rate_table)
+        runtime = self._build(config)
         self.state = ServerState(runtime, self.registry, loop=self.loop)
         self.stopping = asyncio.Event()
         self.servers: list[tuple[ListenerSpec, Serving]] = []
@@ -93,7 +101,33 @@ class Worker:
         self.tasks: set[asyncio.Task[None]] = set()
         self.reload_lock = asyncio.Lock()
 
+    def _build(self, config: Config) -> Runtime:
+        """The one compile step: the file's config, with the mesh's endpoints
+        when this gateway is in the mesh."""
+        if self.member is not None:
+            config = self.member.compose(config)
+        return Runtime.build(
+            config, self.registry, source=self.opts.config_path, services=self.services
+        )
+
+    def _mesh_changed(self, sections: dict[str, Any]) -> None:
+        """A snapshot: compiled now (a failure NACKs it), swapped in after."""
+        if not self.started:
+            return  # read from disk, or joined with, while starting: `start` builds it
+        runtime = self._build(self.config)
+        task = self.loop.create_task(self._swap_locked(self.config, runtime, "the mesh snapshot"))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _swap_locked(self, config: Config, runtime: Runtime, what: str) -> None:
+        async with self.reload_lock:
+            await self._swap(config, runtime, what)
+
     async def start(self) -> None:
+        if self.member is not None:
+            await self.member.start()
+            # What the agent read from disk (or joined with) is in now.
+            self.state.runtime = self._build(self.config)
         # JWKS are fetched before the first request is accepted.
         await self.services.activate(self.state.runtime.filters)
         self.state.runtime.start_health()
@@ -123,6 +157,7 @@ class Worker:
         _freeze_heap()
         if self.opts.watch:
             self.loop.call_later(WATCH_INTERVAL, self._watch)
+        self.started = True
 
     def _sweep(self) -> None:
         self.registry.sweep(self.loop.time())
@@ -162,7 +197,7 @@ class Worker:
         self.stamp = file_stamp(path)
         try:
             config = load_config(path)
-            runtime = Runtime.build(config, self.registry, source=path, services=self.services)
+            runtime = self._build(config)
         except ConfigError as exc:
             log.error("reload refused, still serving the previous config:\n%s", exc)
             return
@@ -175,6 +210,11 @@ class Worker:
             log.warning("the number of workers changes only on restart")
         if config.limits.rate_limit_slots != self.config.limits.rate_limit_slots:
             log.warning("limits.rate_limit_slots changes only on restart")
+        if config.mesh != self.config.mesh:
+            log.warning("mesh: changes only on restart")
+        await self._swap(config, runtime, path)
+
+    async def _swap(self, config: Config, runtime: Runtime, what: str) -> None:
         # New JWKS are fetched before the new runtime takes requests; what
         # only the old runtime used is closed once it is swapped out.
         await self.services.prepare(runtime.filters)
@@ -192,7 +232,7 @@ class Worker:
         self.registry.retain_only(runtime.pool_ids())
         await old.close_health()
         log.info(
-            "reloaded %s: %d routes, %d upstreams", path, len(config.routes), len(config.upstreams)
+            "reloaded %s: %d routes, %d upstreams", what, len(config.routes), len(config.upstreams)
         )
 
     async def wait_and_drain(self) -> None:
@@ -217,6 +257,8 @@ class Worker:
                 server.close()
         self.registry.close_idle()
         await self.services.close()
+        if self.member is not None:
+            await self.member.close()
         log.info("worker %d stopped", self.opts.worker_id)
 
 

@@ -1,0 +1,1 @@
+"""The sidecar: meshgate next to one service instance (`meshgate sidecar`)."""

@@ -1,0 +1,132 @@
+"""`meshgate sidecar --service orders --app 127.0.0.1:9001 --control host:15012`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from meshgate.config.schema import Address
+
+__all__ = ["register"]
+
+
+def _address(text: str, default_host: str = "127.0.0.1") -> Address:
+    text = text.removeprefix("https://").removeprefix("http://").rstrip("/")
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected host:port, found {text!r}")
+    return Address(host=(host or default_host).strip("[]"), port=int(port))
+
+
+def _upstream(text: str) -> tuple[str, Address]:
+    name, sep, where = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=PORT or NAME=HOST:PORT, found {text!r}")
+    return name, _address(where if ":" in where else f"127.0.0.1:{where}")
+
+
+def cmd_sidecar(args: argparse.Namespace) -> int:
+    from meshgate.mesh.sidecar.proxy import SidecarOptions, run_sidecar
+
+    token = args.token
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    if token is None and args.attest_socket is None:
+        token = os.environ.get("MESHGATE_TOKEN")
+    state_dir = Path(args.state_dir or f".meshgate/sidecar-{args.service}")
+    opts = SidecarOptions(
+        service=args.service,
+        app=args.app,
+        controls=[(a.host, a.port) for a in (_address(c) for c in args.control.split(","))],
+        state_dir=state_dir,
+        trust_domain=args.trust_domain,
+        namespace=args.namespace,
+        token=token,
+        attest_socket=args.attest_socket,
+        bundle_pem=Path(args.trust_bundle).read_bytes() if args.trust_bundle else None,
+        inbound=args.inbound,
+        advertise=args.advertise,
+        outbound=None if args.no_outbound else args.outbound,
+        upstream_ports=dict(args.upstream),
+        admin=args.admin,
+        capture=args.capture,
+        capture_exclude=tuple(args.capture_exclude),
+        version=args.version,
+        zone=args.zone,
+    )
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    try:
+        return int(runner(run_sidecar(opts)))
+    except (RuntimeError, OSError, ConnectionError) as exc:
+        print(f"meshgate sidecar: {exc}", file=sys.stderr)
+        return 1
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "sidecar",
+        help="run the mesh's proxy next to one service instance",
+        description="Joins the mesh (a join token or the node's attestation socket), "
+        "serves the app's inbound traffic over mutual TLS, and its outbound calls: "
+        "on a port per service (--upstream), on one port where Host names the "
+        "service (--outbound), or captured by iptables (--capture).",
+    )
+    p.add_argument("--service", required=True)
+    p.add_argument("--app", required=True, type=_address, help="the app's host:port")
+    p.add_argument("--control", required=True, help="host:port[,host:port...] (https://...)")
+    p.add_argument("--trust-domain", default="mesh.local")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--token", help="a join token (or MESHGATE_TOKEN, or --token-file)")
+    p.add_argument("--token-file")
+    p.add_argument("--attest-socket", help="the node's attestation socket, instead of a token")
+    p.add_argument("--trust-bundle", help="the mesh's root(s), to trust the first time")
+    p.add_argument("--state-dir", help="default: .meshgate/sidecar-SERVICE")
+    p.add_argument(
+        "--inbound",
+        type=_address,
+        default=Address(host="0.0.0.0", port=15006),
+        help="0.0.0.0:15006",
+    )
+    p.add_argument("--advertise", help="the address other sidecars reach this one at")
+    p.add_argument(
+        "--outbound",
+        type=_address,
+        default=Address(host="127.0.0.1", port=15001),
+        help="where the app's calls arrive, Host naming the service (127.0.0.1:15001)",
+    )
+    p.add_argument("--no-outbound", action="store_true", help="no shared outbound port")
+    p.add_argument(
+        "--upstream",
+        type=_upstream,
+        action="append",
+        default=[],
+        metavar="NAME=PORT",
+        help="a local port for one service, as Consul's upstreams (repeatable)",
+    )
+    p.add_argument("--admin", type=_address, help="the admin API (/metrics), e.g. 127.0.0.1:15000")
+    p.add_argument(
+        "--capture",
+        action="store_true",
+        help="redirect the network namespace's TCP through the sidecar (iptables), "
+        "and remove the rules on exit; run the sidecar under a uid of its own",
+    )
+    p.add_argument(
+        "--capture-exclude",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PORT",
+        help="a destination port never captured (repeatable)",
+    )
+    p.add_argument("--version", default="")
+    p.add_argument("--zone", default="")
+    p.set_defaults(func=cmd_sidecar)

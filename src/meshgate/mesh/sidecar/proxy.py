@@ -1,0 +1,360 @@
+"""The sidecar: one proxy next to one service instance.
+
+It is the gateway's engine in two roles. `MeshAgent` keeps its identity
+(key made here, 0600; certificate renewed at about 70% of its life) and its
+snapshot; each snapshot is translated into the configs of its listeners
+(`translate.py`), compiled by `Runtime.build`, and swapped in at once, or
+NACKed whole when any of them fails. Listeners:
+
+- inbound (`sidecar-inbound`): TLS 1.3 with the proxy's certificate. Strict
+  mTLS requires a client certificate that chains to the trust bundle;
+  permissive also takes plaintext on the same port, labelled as such (no
+  peer, no XFCC). Requests go to the local app;
+- outbound (`sidecar-outbound`), on loopback: the port where Host names the
+  service (or `HTTP_PROXY` does), one port per service given with
+  `--upstream name=port`, and, with `--capture`, connections that iptables
+  redirected, routed by their original destination;
+- admin: `/metrics`, `/ready` and the rest of the admin API, of the inbound
+  listener.
+
+Rotation: a new certificate goes into `IdentityContexts`; new handshakes,
+inbound and outbound, use it, and open connections keep theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshgate.admin.server import AdminProtocol
+from meshgate.config.runtime import Runtime
+from meshgate.config.schema import Address, Config
+from meshgate.filters.build import FilterServices
+from meshgate.mesh.agent import MeshAgent
+from meshgate.mesh.sidecar.capture import Capture, destinations, original_destination
+from meshgate.mesh.translate import inbound_config, outbound_config
+from meshgate.protocol.h1 import ServerProtocol, ServerState
+from meshgate.server.listener import ListenerSpec, Serving, bind_socket, start_listener
+from meshgate.tls.holder import IdentityContexts
+from meshgate.upstream.cluster import PoolRegistry
+
+__all__ = ["Sidecar", "SidecarOptions"]
+
+log = logging.getLogger("meshgate.sidecar")
+
+FIRST_SNAPSHOT_TIMEOUT = 30.0
+
+
+@dataclass
+class SidecarOptions:
+    service: str
+    app: Address
+    controls: list[tuple[str, int]]
+    state_dir: Path
+    trust_domain: str = "mesh.local"
+    namespace: str = "default"
+    token: str | None = None
+    attest_socket: str | None = None
+    bundle_pem: bytes | None = None
+    inbound: Address = field(default_factory=lambda: Address(host="0.0.0.0", port=15006))
+    advertise: str | None = None
+    """The address other sidecars reach the inbound listener at (default:
+    the inbound host, or this host's first address when that is 0.0.0.0)."""
+    outbound: Address | None = field(default_factory=lambda: Address(host="127.0.0.1", port=15001))
+    upstream_ports: dict[str, Address] = field(default_factory=dict)
+    admin: Address | None = None
+    capture: bool = False
+    capture_exclude: tuple[int, ...] = ()
+    version: str = ""
+    zone: str = ""
+
+
+def _advertised(opts: SidecarOptions) -> str:
+    if opts.advertise:
+        return opts.advertise
+    host = opts.inbound.host
+    if host not in ("", "0.0.0.0", "::"):
+        return host
+    import socket
+
+    with contextlib.suppress(OSError):
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            address = str(info[4][0])
+            if not address.startswith("127."):
+                return address
+    return "127.0.0.1"
+
+
+class Sidecar:
+    """The running sidecar (one event loop, one process)."""
+
+    def __init__(self, opts: SidecarOptions) -> None:
+        self.opts = opts
+        self.identity = f"spiffe://{opts.trust_domain}/ns/{opts.namespace}/sa/{opts.service}"
+        self.loop = asyncio.get_running_loop()
+        self.tls = IdentityContexts(self.identity)
+        self.registry = PoolRegistry(self.loop, tls=self.tls)
+        self.services = FilterServices()
+        self.states: dict[str, ServerState] = {}
+        self.servers: list[tuple[ListenerSpec, Serving]] = []
+        self.ports: dict[str, int] = {}
+        self.dests: dict[tuple[str, int], bytes] = {}
+        self.mtls = "strict"
+        self.first = asyncio.Event()
+        self._pending: dict[str, Runtime] = {}
+        """The runtimes of the first snapshot, until the listeners start."""
+        self.capture: Capture | None = None
+        self.stopping = asyncio.Event()
+        self.socks = {"inbound": bind_socket(opts.inbound, reuse_port=False)}
+        if opts.outbound is not None:
+            self.socks["outbound"] = bind_socket(opts.outbound, reuse_port=False)
+        for name, address in opts.upstream_ports.items():
+            self.socks[f"port:{name}"] = bind_socket(address, reuse_port=False)
+        if opts.admin is not None:
+            self.socks["admin"] = bind_socket(opts.admin, reuse_port=False)
+        self.ports = {k: int(s.getsockname()[1]) for k, s in self.socks.items()}
+        self.agent = MeshAgent(
+            identity=self.identity,
+            controls=opts.controls,
+            state_dir=opts.state_dir,
+            token=opts.token,
+            attest_socket=opts.attest_socket,
+            bundle_pem=opts.bundle_pem,
+            instance={
+                "address": _advertised(opts),
+                "port": self.ports["inbound"],
+                "version": opts.version,
+                "zone": opts.zone,
+                "metadata": {"app_port": str(opts.app.port)},
+            },
+            on_snapshot=self.apply,
+            on_certificate=self._certificate,
+        )
+
+    # -- identity and config --------------------------------------------------------
+
+    def _certificate(self) -> None:
+        st = self.agent.state
+        if st.cert_pem and st.chain_pem and st.key_pem and st.bundle_pem:
+            self.tls.update(st.cert_pem + st.chain_pem, st.key_pem, st.bundle_pem)
+
+    def _configs(self, sections: dict[str, Any]) -> dict[str, Config]:
+        configs = {"inbound": inbound_config(sections, self.opts.app)}
+        if self.opts.outbound is not None:
+            configs["outbound"] = outbound_config(sections)
+        for name in self.opts.upstream_ports:
+            configs[f"port:{name}"] = outbound_config(sections, only=name)
+        return configs
+
+    def apply(self, sections: dict[str, Any]) -> None:
+        """A snapshot: compile every listener's runtime, then swap them all
+        in; a ValueError (the agent NACKs it) leaves the running ones."""
+        configs = self._configs(sections)
+        runtimes = {
+            name: Runtime.build(cfg, self.registry, source="", services=self.services)
+            for name, cfg in configs.items()
+        }
+        inbound = sections.get("inbound") or {}
+        mtls = str(inbound.get("mtls") or "strict")
+        if not self.first.is_set():
+            self.mtls = mtls
+            if mtls == "permissive":
+                self.tls.client_cert = "optional"
+        elif mtls != self.mtls:
+            log.warning("mtls %s -> %s takes effect when the sidecar restarts", self.mtls, mtls)
+        self.dests = destinations(sections)
+        for name, state in self.states.items():
+            shared = name == "inbound-plaintext"  # the inbound runtime, twice
+            runtime = runtimes["inbound" if shared else name]
+            old = state.runtime
+            state.runtime = runtime
+            if not shared:
+                old.stop_health()
+                runtime.start_health(old)
+        if self.states:
+            keep: set[int] = set()
+            for state in self.states.values():
+                keep |= state.runtime.pool_ids()
+            self.registry.retain_only(keep)
+        self._pending = runtimes
+        self.first.set()
+
+    def _route_host(self, transport: asyncio.BaseTransport) -> bytes | None:
+        dst = original_destination(transport)
+        if dst is None:
+            return None
+        return self.dests.get(dst)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.agent.start()
+        self._certificate()
+        if not self.tls.ready:
+            raise RuntimeError("no certificate: the sidecar cannot serve")
+        try:
+            await asyncio.wait_for(self.first.wait(), FIRST_SNAPSHOT_TIMEOUT)
+        except TimeoutError:
+            raise RuntimeError(
+                "no snapshot from the control plane, and none in the state directory"
+            ) from None
+        runtimes: dict[str, Runtime] = self._pending
+        loop = self.loop
+        registry = self.registry
+        for name, runtime in runtimes.items():
+            if name == "inbound":
+                self.states[name] = ServerState(
+                    runtime, registry, loop=loop, scheme=b"https", role="sidecar-inbound"
+                )
+            else:
+                self.states[name] = ServerState(
+                    runtime,
+                    registry,
+                    loop=loop,
+                    role="sidecar-outbound",
+                    route_host=self._route_host
+                    if name == "outbound" and self.opts.capture
+                    else None,
+                )
+        for runtime in runtimes.values():
+            runtime.start_health()
+        inbound = self.states["inbound"]
+        plain = ServerState(
+            inbound.runtime, registry, loop=loop, scheme=b"http", role="sidecar-inbound"
+        )
+        self.states["inbound-plaintext"] = plain
+        specs: list[tuple[ListenerSpec, Any]] = [
+            (
+                ListenerSpec(
+                    "sidecar-inbound",
+                    "inbound",
+                    self.opts.inbound,
+                    lambda: ServerProtocol(inbound),
+                    tls=self.tls.server,
+                    plaintext_too=self.mtls == "permissive",
+                    sock=self.socks["inbound"],
+                ),
+                lambda: ServerProtocol(plain),
+            )
+        ]
+        for name in self.socks:
+            if name in ("inbound", "admin"):
+                continue
+            state = self.states[name]
+            address = (
+                self.opts.outbound if name == "outbound" else self.opts.upstream_ports[name[5:]]
+            )
+            assert address is not None
+            specs.append(
+                (
+                    ListenerSpec(
+                        "sidecar-outbound",
+                        name,
+                        address,
+                        _protocol(state),
+                        sock=self.socks[name],
+                    ),
+                    None,
+                )
+            )
+        if self.opts.admin is not None:
+            specs.append(
+                (
+                    ListenerSpec(
+                        "admin",
+                        "admin",
+                        self.opts.admin,
+                        lambda: AdminProtocol(inbound),
+                        sock=self.socks["admin"],
+                    ),
+                    None,
+                )
+            )
+        for spec, plain_factory in specs:
+            server, _ = await start_listener(spec, loop, plain_factory=plain_factory)
+            self.servers.append((spec, server))
+        if self.opts.capture:
+            self.capture = Capture(
+                self.opts.service,
+                outbound_port=self.ports["outbound"],
+                inbound_port=self.ports["inbound"],
+                app_port=self.opts.app.port,
+                uid=os.getuid(),
+                exclude_ports=self.opts.capture_exclude,
+            )
+            await loop.run_in_executor(None, self.capture.install)
+        loop.call_later(0.5, self._tick)
+
+    def _tick(self) -> None:
+        for state in self.states.values():
+            try:
+                state.check_timeouts()
+            except Exception:
+                log.exception("timeout sweep failed")
+        self.registry.sweep(self.loop.time())
+        if not self.stopping.is_set():
+            tick = min(s.runtime.tick for s in self.states.values())
+            self.loop.call_later(tick, self._tick)
+
+    def describe(self) -> str:
+        parts = [f"inbound :{self.ports['inbound']} ({self.mtls} mTLS)"]
+        if "outbound" in self.ports:
+            parts.append(f"outbound :{self.ports['outbound']}")
+        for name, port in self.ports.items():
+            if name.startswith("port:"):
+                parts.append(f"{name[5:]} :{port}")
+        if "admin" in self.ports:
+            parts.append(f"admin :{self.ports['admin']}")
+        if self.capture is not None:
+            parts.append("capture on")
+        return ", ".join(parts)
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        for _spec, server in self.servers:
+            server.close()
+        if self.capture is not None:
+            await self.loop.run_in_executor(None, self.capture.remove)
+        for state in self.states.values():
+            state.drain()
+        deadline = self.loop.time() + 5.0
+        while any(s.connections for s in self.states.values()) and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for state in self.states.values():
+            for conn in list(state.connections):
+                if conn.transport is not None:
+                    conn.transport.abort()
+            await state.runtime.close_health()
+        self.registry.close_idle()
+        await self.agent.close()
+        await self.services.close()
+
+
+def _protocol(state: ServerState) -> Callable[[], asyncio.Protocol]:
+    return lambda: ServerProtocol(state)
+
+
+async def run_sidecar(opts: SidecarOptions) -> int:
+    sidecar = Sidecar(opts)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await sidecar.start()
+    except BaseException:
+        if sidecar.capture is not None:
+            sidecar.capture.remove()
+        raise
+    print(f"meshgate sidecar {sidecar.identity} ready: {sidecar.describe()}", flush=True)
+    await stop.wait()
+    log.info("sidecar stopping")
+    await sidecar.stop()
+    return 0
