@@ -143,7 +143,7 @@ class ControlPlane:
         self.push.start()
         admin = self.mesh.control.admin
         if admin is not None:
-            api = AdminApi(self)
+            api = AdminApi(self, self.push)
             adm = await asyncio.start_server(
                 lambda r, w: serve_connection(r, w, api.handle), admin.host, admin.port
             )
