@@ -40,9 +40,9 @@ from meshgate.handlers import (
     problem,
 )
 from meshgate.handlers.transform import apply_edits
+from meshgate.http.headers import phrase
 from meshgate.http.problem import PROBLEM_BASE
 from meshgate.http.router import route_params
-from meshgate.protocol.headers import phrase
 from meshgate.transform.jsonmap import MISSING, lookup, parse_pointer, path_of
 from meshgate.upstream.client import UpstreamFailure, send
 

@@ -39,10 +39,10 @@ import httptools
 
 from meshgate.filters import FilterRequest, LocalReply
 from meshgate.handlers import BufferedRequest, Handler, HandlerResponse
+from meshgate.http.batch import BatchedWriter
+from meshgate.http.headers import HOP_BY_HOP, IDEMPOTENT, connection_drop, status_line
 from meshgate.http.problem import problem_response
 from meshgate.http.router import normalize_path
-from meshgate.protocol.batch import BatchedWriter
-from meshgate.protocol.headers import HOP_BY_HOP, IDEMPOTENT, connection_drop, status_line
 from meshgate.upstream import reachability
 from meshgate.upstream.balancer import shun
 from meshgate.upstream.pool import PoolTimeout, UpstreamConnection

@@ -18,7 +18,7 @@ import random
 from typing import Protocol
 
 from meshgate.config.schema import RetryBudgetConfig, RetryConfig
-from meshgate.protocol.headers import IDEMPOTENT
+from meshgate.http.headers import IDEMPOTENT
 
 __all__ = ["RetryBudget", "RetryPolicy", "RetryTarget"]
 
