@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from meshgate.config.loader import load_config_text
-from meshgate.config.runtime import Runtime
+from meshgate.engine.runtime import Runtime
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.upstream.cluster import PoolRegistry
 from meshgate.upstream.pool import UpstreamConnection

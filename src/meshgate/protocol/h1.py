@@ -48,7 +48,7 @@ from meshgate.upstream.balancer import shun
 from meshgate.upstream.pool import PoolTimeout, UpstreamConnection
 
 if TYPE_CHECKING:
-    from meshgate.config.runtime import RouteTarget, Runtime
+    from meshgate.engine.runtime import RouteTarget, Runtime
     from meshgate.upstream.balancer import Endpoint
     from meshgate.upstream.cluster import Cluster, PoolRegistry
     from meshgate.upstream.retry import RetryPolicy

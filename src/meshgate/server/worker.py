@@ -29,8 +29,8 @@ import uvloop
 
 from meshgate.admin.server import AdminProtocol
 from meshgate.config.loader import ConfigError, load_config
-from meshgate.config.runtime import Runtime
 from meshgate.config.schema import Address, Config
+from meshgate.engine.runtime import Runtime
 from meshgate.filters.build import FilterServices
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.ratelimit.local import SharedTable
