@@ -19,7 +19,7 @@ import pstats
 import time
 from typing import Any
 
-from meshgate.config.loader import load_config_text
+from meshgate.engine.load import load_config_text
 from meshgate.engine.runtime import Runtime
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.upstream.cluster import PoolRegistry

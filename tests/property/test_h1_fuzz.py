@@ -37,7 +37,7 @@ import uvloop
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from meshgate.config.loader import load_config_text
+from meshgate.engine.load import load_config_text
 from meshgate.engine.runtime import Runtime
 from meshgate.http.router import normalize_path
 from meshgate.protocol import h1

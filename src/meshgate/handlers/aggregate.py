@@ -199,7 +199,8 @@ class _Step:
 
 def check_plan(cfg: AggregateConfig, route_path: str) -> None:
     """Refuse a plan that cannot run (unknown parameters or groups, a cycle):
-    ValueError naming the field. Called by the config's validation."""
+    ValueError naming the field. Called after the config's validation, by
+    `meshgate.engine.load`."""
     Aggregator(cfg, None, route_path, "")
 
 

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshgate.config.loader import ConfigError, load_mesh
+from meshgate.config.loader import ConfigError
 from meshgate.config.mesh import MeshConfig
 from meshgate.config.schema import Address, parse_duration
+from meshgate.engine.load import load_mesh
 
 __all__ = ["is_mesh_file", "register"]
 

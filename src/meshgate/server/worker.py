@@ -28,8 +28,9 @@ from dataclasses import dataclass
 import uvloop
 
 from meshgate.admin.server import AdminProtocol
-from meshgate.config.loader import ConfigError, load_config
+from meshgate.config.loader import ConfigError
 from meshgate.config.schema import Address, Config
+from meshgate.engine.load import load_config
 from meshgate.engine.runtime import Runtime
 from meshgate.filters.build import FilterServices
 from meshgate.protocol.h1 import ServerProtocol, ServerState

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshgate.config.loader import ConfigError, load_model_text
-from meshgate.config.mesh import MeshConfig
+from meshgate.config.loader import ConfigError
+from meshgate.engine.load import load_mesh_text
 from meshgate.mesh.control.push import Push
 from meshgate.mesh.control.state import AdminState
 from meshgate.mesh.wire import ApiError, Request, Response
@@ -144,7 +144,7 @@ class AdminApi:
         body = await req.read()
         try:
             text = body.decode("utf-8")
-            mesh, _ = load_model_text(text, "PUT /config", MeshConfig, keys="'services'")
+            mesh = load_mesh_text(text, "PUT /config", keys="'services'")
         except UnicodeDecodeError:
             raise ApiError(400, "the body is not UTF-8 YAML") from None
         except ConfigError as exc:
