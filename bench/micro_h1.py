@@ -19,8 +19,8 @@ import pstats
 import time
 from typing import Any
 
-from meshgate.config.loader import load_config_text
-from meshgate.config.runtime import Runtime
+from meshgate.engine.load import load_config_text
+from meshgate.engine.runtime import Runtime
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.upstream.cluster import PoolRegistry
 from meshgate.upstream.pool import UpstreamConnection

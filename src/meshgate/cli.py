@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from meshgate import __version__
-from meshgate.config.loader import ConfigError, load_config
+from meshgate.config.loader import ConfigError
 from meshgate.config.schema import Config
+from meshgate.engine.load import load_config
 
 if TYPE_CHECKING:
     from meshgate.http.router import Router

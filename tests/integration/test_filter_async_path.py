@@ -14,8 +14,8 @@ from typing import Any
 
 import uvloop
 
-from meshgate.config.loader import load_config_text
-from meshgate.config.runtime import Runtime
+from meshgate.engine.load import load_config_text
+from meshgate.engine.runtime import Runtime
 from meshgate.filters import Chain, FilterRequest, LocalReply
 from meshgate.protocol import h1
 from meshgate.upstream.cluster import PoolRegistry

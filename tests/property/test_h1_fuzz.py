@@ -37,8 +37,8 @@ import uvloop
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from meshgate.config.loader import load_config_text
-from meshgate.config.runtime import Runtime
+from meshgate.engine.load import load_config_text
+from meshgate.engine.runtime import Runtime
 from meshgate.http.router import normalize_path
 from meshgate.protocol import h1
 from meshgate.protocol.h1 import ServerProtocol, ServerState

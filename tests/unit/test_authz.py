@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 from meshgate.config.authz import AuthzConfig
-from meshgate.config.loader import ConfigError, ConfigProblem, load_config, load_mesh
+from meshgate.config.loader import ConfigError, ConfigProblem
 from meshgate.config.mesh import MeshConfig
 from meshgate.config.schema import Config, RouteConfig
+from meshgate.engine.load import load_config, load_mesh
 from meshgate.filters import FilterRequest, LocalReply
 from meshgate.filters.authz import AuthzFilter, AuthzPolicy, Decision, explain
 from meshgate.filters.build import FilterServices, compile_filters

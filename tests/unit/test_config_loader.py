@@ -13,13 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshgate.config.describe import describe
-from meshgate.config.loader import (
-    ConfigError,
-    ConfigProblem,
-    load_config,
-    load_config_text,
-)
+from meshgate.config.loader import ConfigError, ConfigProblem
 from meshgate.config.schema import Config
+from meshgate.engine.load import load_config, load_config_text, load_mesh_text
 
 SEED = Path(__file__).resolve().parents[2] / "examples" / "seed.yaml"
 
@@ -769,3 +765,72 @@ routes:
     transform = config.routes[0].transform
     assert transform is not None and transform.response is not None
     assert transform.response.status == {404: 410, 500: 503}
+
+
+# --- compiled after validation (meshgate.engine.load) -----------------------------------
+
+_AGGREGATE = """\
+upstreams:
+  a: {endpoints: [127.0.0.1:1]}
+routes:
+- path: /ok
+  upstream: a
+- path: /x/{id}
+  aggregate:
+    backends:
+    - {upstream: a, path: "/a/{id}", group: order}
+    - {upstream: a, path: "/b/{ordr.customer_id}", group: customer}
+"""
+
+
+def test_an_aggregate_plan_is_compiled_when_the_file_loads() -> None:
+    # The schema takes its shape; the plan is refused at its route's line.
+    Config.model_validate(yaml.safe_load(_AGGREGATE))
+    with pytest.raises(ConfigError) as info:
+        load_config_text(_AGGREGATE, "bad.yaml")
+    assert str(info.value) == (
+        "bad.yaml:6:3: field 'routes[1]': aggregate.backends[1].path: {ordr.…} names no "
+        "backend's group (groups: customer, order) (found: a mapping with path, aggregate)"
+    )
+
+
+def test_every_refused_json_map_and_plan_is_reported_in_line_order() -> None:
+    text = (
+        _AGGREGATE
+        + "- path: /y\n  upstream: a\n  transform:\n"
+        + "    response:\n      body: {move: {/a: /a}}\n"
+        + "    request:\n      body: {allow: [/a/b], deny: [/a]}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "bad.yaml")
+    assert [(p.line, p.field, p.message.split(" (found")[0]) for p in info.value.problems] == [
+        (
+            6,
+            "routes[1]",
+            "aggregate.backends[1].path: {ordr.…} names no backend's group "
+            "(groups: customer, order)",
+        ),
+        (15, "routes[2].transform.response.body", "body: move '/a': moves onto itself"),
+        (17, "routes[2].transform.request.body", "body: deny '/a' removes allowed '/a/b'"),
+    ]
+
+
+def test_a_mesh_route_json_map_is_compiled_when_mesh_yaml_loads() -> None:
+    text = (
+        "trust_domain: example.org\n"
+        "services:\n"
+        "  orders: {}\n"
+        "  web:\n"
+        "    routes:\n"
+        "    - path: /o/**\n"
+        "      upstream: orders\n"
+        "      transform:\n"
+        "        response:\n"
+        "          body: {allow: [/a/b], deny: [/a]}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_mesh_text(text, "mesh.yaml")
+    assert str(info.value) == (
+        "mesh.yaml:10:11: field 'services.web.routes[0].transform.response.body': body: "
+        "deny '/a' removes allowed '/a/b' (found: a mapping with allow, deny)"
+    )

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from meshgate.config.loader import load_config_text
 from meshgate.config.schema import FaultConfig
+from meshgate.engine.load import load_config_text
 from meshgate.filters import Chain, FilterRequest, FilterResult, LocalReply
 from meshgate.filters.build import FilterServices, compile_check, compile_filters
 from meshgate.filters.fault import FaultFilter

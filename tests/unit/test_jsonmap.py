@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import re
 from typing import Any
 
 import orjson
 import pytest
-from pydantic import ValidationError
 
+from meshgate.config.loader import ConfigError
 from meshgate.config.schema import BodyMap
+from meshgate.engine.load import load_config_text
 from meshgate.transform.jsonmap import JsonMap, NotJson
 
 WHERE = "route 'orders' response body"
@@ -399,9 +399,27 @@ def test_contradictory_rules_are_refused(rules: dict[str, Any], message: str) ->
         JsonMap(BodyMap.model_construct(**rules), WHERE)
     assert str(info.value).startswith(WHERE + ": ")
     assert message in str(info.value)
-    # the config refuses them when it loads
-    with pytest.raises(ValidationError, match=re.escape("body: " + message)):
-        BodyMap.model_validate(rules)
+    # the schema takes their shape; the config refuses them when it loads,
+    # at the map's line
+    BodyMap.model_validate(rules)
+    text = (
+        "upstreams: {a: {endpoints: ['127.0.0.1:1']}}\n"
+        "routes:\n"
+        "- path: /x\n"
+        "  upstream: a\n"
+        "  transform:\n"
+        "    response:\n"
+        f"      body: {json.dumps(rules)}\n"
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_config_text(text, "bad.yaml")
+    [problem] = refused.value.problems
+    assert (problem.file, problem.line, problem.field) == (
+        "bad.yaml",
+        7,
+        "routes[0].transform.response.body",
+    )
+    assert problem.message.startswith("body: " + message)
 
 
 def test_rename_names_are_checked_by_the_schema() -> None:

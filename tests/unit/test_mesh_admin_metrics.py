@@ -9,9 +9,10 @@ from typing import Any
 from meshgate.mesh.control.admin import render_metrics
 
 
-def _cp(streams: list[Any]) -> Any:
-    push = SimpleNamespace(streams=list(streams), version=7, nacks=2, propagation=[0.01, 0.02])
-    return SimpleNamespace(push=push, generation=3, issued=5, refused=1)
+def _metrics(streams: list[Any], now: float) -> str:
+    push: Any = SimpleNamespace(streams=list(streams), version=7, nacks=2, propagation=[0.01, 0.02])
+    cp: Any = SimpleNamespace(generation=3, issued=5, refused=1)
+    return render_metrics(cp, push, now=now)
 
 
 def _stream(proxy_id: str, identity: str, not_before: float, not_after: float) -> Any:
@@ -22,20 +23,20 @@ def _stream(proxy_id: str, identity: str, not_before: float, not_after: float) -
 def test_a_certificate_in_its_last_fifth_is_expiring() -> None:
     fresh = _stream("p1", "spiffe://td/ns/default/sa/a", 1000.0, 2000.0)
     late = _stream("p2", 'spiffe://td/ns/default/sa/"b"', 1000.0, 2000.0)
-    text = render_metrics(_cp([fresh]), now=1500.0)
+    text = _metrics([fresh], 1500.0)
     assert (
         'meshgate_identity_cert_expiring{identity="spiffe://td/ns/default/sa/a",proxy="p1"} 0'
         in text
     )
-    text = render_metrics(_cp([fresh, late]), now=1850.0)
+    text = _metrics([fresh, late], 1850.0)
     assert 'proxy="p1"} 1' in text and 'proxy="p2"} 1' in text
     assert '\\"b\\"' in text  # label values are escaped
-    text = render_metrics(_cp([fresh]), now=1790.0)
+    text = _metrics([fresh], 1790.0)
     assert 'proxy="p1"} 0' in text
 
 
 def test_counters_and_the_propagation_summary() -> None:
-    text = render_metrics(_cp([]), now=0.0)
+    text = _metrics([], 0.0)
     assert "meshgate_control_proxies_connected 0" in text
     assert "meshgate_control_config_generation 3" in text
     assert "meshgate_control_nacks_total 2" in text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meshgate.config.loader import load_config_text
+from meshgate.engine.load import load_config_text
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 STUBS = """\

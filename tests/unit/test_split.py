@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from meshgate.config.describe import describe
-from meshgate.config.loader import load_config_text
 from meshgate.config.schema import RouteConfig
+from meshgate.engine.load import load_config_text
 from meshgate.http import split as split_mod
 from meshgate.http.split import Splitter, cookie_value, sticky_hash
 

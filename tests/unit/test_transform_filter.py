@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from meshgate.config.loader import ConfigError, load_config_text
+from meshgate.config.loader import ConfigError
 from meshgate.config.schema import ResponseTransform, TransformConfig
+from meshgate.engine.load import load_config_text
 from meshgate.filters import FilterRequest, LocalReply
 from meshgate.filters.build import FilterServices, compile_filters
 from meshgate.filters.transform import (

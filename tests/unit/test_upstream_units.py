@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from meshgate.protocol.batch import WriteBatcher
+from meshgate.http.batch import WriteBatcher
 from meshgate.upstream.balancer import Endpoint, LeastRequest, PeakEwma, RoundRobin
 from meshgate.upstream.pool import EndpointPool, PoolTimeout, UpstreamConnection
 

@@ -17,8 +17,8 @@ import orjson
 
 from meshgate import __version__
 from meshgate.config.schema import redact_url
+from meshgate.http.headers import status_line
 from meshgate.observability.metrics import render
-from meshgate.protocol.headers import status_line
 
 if TYPE_CHECKING:
     from meshgate.protocol.h1 import ServerState

@@ -13,6 +13,12 @@ default is used when VAR is unset or empty), and `$$` for a literal `$`. An
 unquoted value that is exactly one reference is read again as a YAML scalar
 after substitution, so `workers: ${WORKERS}` gives an int. Keys are not
 interpolated.
+
+This is the config layer: it imports nothing of the engine. Checks that need
+the engine's own code (the route table, transform templates, JSON body maps,
+aggregate plans) run after validation in `meshgate.engine.load`, which is
+what loads a gateway config or a mesh.yaml; a problem they find is named by
+file, line and field through the `SourceMap` returned here.
 """
 
 from __future__ import annotations
@@ -33,12 +39,18 @@ from yaml.error import Mark
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
-from meshgate.config.mesh import MeshConfig
 from meshgate.config.schema import Config, CrossReferenceError
 
 _M = TypeVar("_M", bound=BaseModel)
 
-__all__ = ["ConfigError", "ConfigProblem", "load_config", "load_config_text"]
+__all__ = [
+    "ConfigError",
+    "ConfigProblem",
+    "SourceMap",
+    "format_path",
+    "load_model_text",
+    "read_config_file",
+]
 
 Path = tuple[str | int, ...]
 
@@ -115,29 +127,6 @@ class ConfigError(Exception):
         return "\n".join(str(p) for p in self.problems)
 
 
-def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
-    """Read, interpolate and validate the config file at `path`.
-
-    `env` defaults to `os.environ`. Raises `ConfigError` for every failure:
-    missing or unreadable file, bad encoding, YAML syntax, unknown or invalid fields.
-    """
-    filename = os.fspath(path)
-    return load_config_text(read_config_file(filename), filename, env=env)
-
-
-def load_mesh(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> MeshConfig:
-    """Read and validate mesh.yaml, every problem named by file, line and field."""
-    filename = os.fspath(path)
-    mesh, _ = load_model_text(
-        read_config_file(filename),
-        filename,
-        MeshConfig,
-        env=env,
-        keys="'trust_domain', 'control' and 'services'",
-    )
-    return mesh
-
-
 def read_config_file(filename: str) -> str:
     """The text of a config file; `ConfigError` naming the file when it cannot be read."""
     try:
@@ -160,17 +149,6 @@ def read_config_file(filename: str) -> str:
         raise ConfigError([problem]) from None
 
 
-def load_config_text(
-    text: str, filename: str = "<string>", *, env: Mapping[str, str] | None = None
-) -> Config:
-    """Like `load_config`, for text already read; `filename` is only used in messages."""
-    config, builder = load_model_text(
-        text, filename, Config, env=env, keys="'listen', 'upstreams' and 'routes'"
-    )
-    _check_routes(config, filename, builder)
-    return config
-
-
 def load_model_text(
     text: str,
     filename: str,
@@ -178,10 +156,10 @@ def load_model_text(
     *,
     env: Mapping[str, str] | None = None,
     keys: str,
-) -> tuple[_M, _Builder]:
+) -> tuple[_M, SourceMap]:
     """YAML text validated into `model`, every problem named by file, line and
     field (`ConfigError`); `keys` names the top-level keys an empty file lacks.
-    The builder is returned for checks that locate fields after validation."""
+    The `SourceMap` is for the checks that run after validation."""
     env = os.environ if env is None else env
     try:
         root = _compose(text, filename)
@@ -215,72 +193,35 @@ def load_model_text(
             value = model.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(_Explainer(filename, data, builder).explain(exc)) from None
-        return value, builder
+        return value, SourceMap(filename, data, builder)
     except RecursionError:
         raise _file_error(filename, "the document is nested too deeply") from None
 
 
-def locate(builder: _Builder, path: Sequence[str | int]) -> tuple[int | None, int | None]:
-    """The line and column of the field at `path`, for a check after validation."""
-    mark = builder.marks.get(tuple(path))
-    return _position(mark) if mark is not None else (None, None)
+class SourceMap:
+    """Where each field of a validated file is, for the checks that run after
+    validation: what they find is named by file, line and field as a
+    validation error is."""
 
+    def __init__(self, filename: str, data: dict[str, Any], builder: _Builder) -> None:
+        self.filename = filename
+        self._explainer = _Explainer(filename, data, builder)
 
-_ROUTE_REF = re.compile(r"routes\[(\d+)\]")
-_ROUTE_FIELDS = ("path", "rewrite", "strip_prefix", "host", "methods", "headers", "name")
+    def has(self, path: Sequence[str | int]) -> bool:
+        """Whether the file has a mark for the field at `path`."""
+        return tuple(path) in self._explainer.marks
 
+    def at(self, path: Sequence[str | int], message: str) -> ConfigProblem:
+        """`message` at the field's own line, or at none if the file has no
+        mark for it."""
+        line, column = _position(self._explainer.marks.get(tuple(path)))
+        return ConfigProblem(self.filename, line, column, format_path(path), message)
 
-def _check_routes(config: Config, filename: str, builder: _Builder) -> None:
-    """Compile the route table once, so that a pattern the router refuses
-    (a `**` that is not last, a rewrite naming an unknown segment...) is a
-    config error with its line, like any other."""
-    from meshgate.http.router import Router
-
-    try:
-        Router([(route, None) for route in config.routes])
-    except ValueError as exc:
-        message = str(exc)
-        m = _ROUTE_REF.search(message)
-        path: tuple[str | int, ...] = ()
-        if m is not None:
-            path = ("routes", int(m.group(1)))
-            for name in _ROUTE_FIELDS:
-                if f"'{name}'" in message or f"{name}:" in message or f"{name} " in message:
-                    if (*path, name) in builder.marks:
-                        path = (*path, name)
-                    break
-        line, column = _position(builder.marks.get(path))
-        raise ConfigError(
-            [ConfigProblem(filename, line, column, format_path(path), message)]
-        ) from None
-    _check_transforms(config, filename, builder)
-
-
-def _check_transforms(config: Config, filename: str, builder: _Builder) -> None:
-    """Compile each route's `transform:` header, query and path edits (their
-    templates) here, so that a refusal points at its line like any other."""
-    from meshgate.filters.transform import compile_transform
-    from meshgate.http.router import route_params
-
-    for i, route in enumerate(config.routes):
-        if route.transform is None:
-            continue
-        try:
-            compile_transform(route.transform, f"routes[{i}]", params=route_params(route.path))
-        except ValueError as exc:
-            message = str(exc)
-            # `routes[0].transform.request.headers.set.x-a: ...`: the deepest
-            # part of that dotted field the file has a mark for.
-            path: tuple[str | int, ...] = ("routes", i)
-            for part in message.partition(": ")[0].split(".")[1:]:
-                if (*path, part) not in builder.marks:
-                    break
-                path = (*path, part)
-            line, column = _position(builder.marks.get(path))
-            field, _, why = message.partition(": ")
-            raise ConfigError(
-                [ConfigProblem(filename, line, column, format_path(path), why or field)]
-            ) from None
+    def invalid(self, path: Sequence[str | int], message: str) -> ConfigProblem:
+        """`message` as a validator's refusal of the value at `path` reads:
+        at the closest line the file has for it, with what was found there."""
+        where = self._explainer._locate(path)
+        return self._explainer._problem("value_error", path, where, message, where.value)
 
 
 def _file_error(filename: str, message: str) -> ConfigError:

@@ -5,7 +5,11 @@ its line number rather than a silently ignored key. Durations accept `250ms`,
 `2s`, `1m`, `1h` or a bare number of seconds; sizes accept `16KiB`, `1MiB` or
 a bare number of bytes. Validation here is about shape; cross references
 (a route naming an upstream that does not exist) are checked by
-`Config` itself so that the error points at the route's field.
+`Config` itself so that the error points at the route's field. What needs
+the engine's code to check (route patterns, templates, JSON body maps,
+aggregate plans) is compiled after validation by `meshgate.engine.load`:
+this module, like the rest of `meshgate.config`, imports nothing of the
+engine.
 """
 
 from __future__ import annotations
@@ -1066,7 +1070,10 @@ _GROUP_REF_RE = re.compile(r"\\g<(\w+)>|\\(\d+)")
 class BodyMap(_Model):
     """A JSON body mapping, applied in this order: allow, deny, rename,
     move, defaults, set, drop_nulls. Pointers are RFC 6901; a `*` segment
-    means every element of an array. A body that is not JSON is left alone."""
+    means every element of an array. A body that is not JSON is left alone.
+    Contradictory rules (a move out of a denied member...) are refused when
+    the config loads: `meshgate.engine.load` compiles each map after
+    validation and points at its line."""
 
     allow: list[Pointer] | None = None
     """Keep only these members (and what is under them)."""
@@ -1082,15 +1089,6 @@ class BodyMap(_Model):
     """Pointer -> value, always set."""
     drop_nulls: bool = False
     """Remove members whose value is null, at every depth."""
-
-    @model_validator(mode="after")
-    def _compiles(self) -> BodyMap:
-        # Contradictory rules (a move out of a denied member...) are refused
-        # here, where the loader can point at the mapping's line.
-        from meshgate.transform.jsonmap import JsonMap
-
-        JsonMap(self, "body")
-        return self
 
     @field_validator("rename")
     @classmethod
@@ -1330,9 +1328,8 @@ class RouteConfig(_Model):
         ) != 1:
             raise ValueError("a route has exactly one of upstream:, split: or aggregate:")
         if self.aggregate is not None:
-            from meshgate.handlers.aggregate import check_plan
-
-            check_plan(self.aggregate, self.path)
+            # The plan itself (groups, parameters, cycles) is compiled after
+            # validation, by `meshgate.engine.load`.
             t = self.transform
             if t is not None and t.request is not None and t.request.body is not None:
                 raise ValueError(

@@ -26,7 +26,7 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from meshgate.config.describe import describe
-from meshgate.config.loader import load_config
+from meshgate.engine.load import load_config
 from meshgate.server.worker import Worker, WorkerOptions
 
 log = logging.getLogger("meshgate.demo")

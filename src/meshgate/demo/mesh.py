@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshgate.config.loader import load_mesh
+from meshgate.engine.load import load_mesh
 from meshgate.mesh.agent import MeshAgent
 from meshgate.mesh.control.server import ControlPlane
 

@@ -40,9 +40,9 @@ from meshgate.handlers import (
     problem,
 )
 from meshgate.handlers.transform import apply_edits
+from meshgate.http.headers import phrase
 from meshgate.http.problem import PROBLEM_BASE
 from meshgate.http.router import route_params
-from meshgate.protocol.headers import phrase
 from meshgate.transform.jsonmap import MISSING, lookup, parse_pointer, path_of
 from meshgate.upstream.client import UpstreamFailure, send
 
@@ -199,7 +199,8 @@ class _Step:
 
 def check_plan(cfg: AggregateConfig, route_path: str) -> None:
     """Refuse a plan that cannot run (unknown parameters or groups, a cycle):
-    ValueError naming the field. Called by the config's validation."""
+    ValueError naming the field. Called after the config's validation, by
+    `meshgate.engine.load`."""
     Aggregator(cfg, None, route_path, "")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import orjson
 
-from meshgate.protocol.headers import phrase, status_line
+from meshgate.http.headers import phrase, status_line
 
 PROBLEM_BASE = "https://meshgate.dev/problems/"
 

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from meshgate.config.authz import PLAINTEXT
-from meshgate.config.loader import ConfigError, load_mesh
+from meshgate.config.loader import ConfigError
 from meshgate.config.mesh import MeshConfig
 from meshgate.config.schema import Address, RateLimitConfig, parse_duration, redact_url
+from meshgate.engine.load import load_mesh
 
 __all__ = ["is_mesh_file", "register"]
 

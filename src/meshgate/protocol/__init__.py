@@ -1,2 +1,1 @@
-"""Wire protocols: the HTTP/1.1 server side of a client connection (`h1`),
-and header tables built once at import (`headers`)."""
+"""Wire protocols: the HTTP/1.1 server side of a client connection (`h1`)."""

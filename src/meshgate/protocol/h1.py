@@ -39,17 +39,17 @@ import httptools
 
 from meshgate.filters import FilterRequest, LocalReply
 from meshgate.handlers import BufferedRequest, Handler, HandlerResponse
+from meshgate.http.batch import BatchedWriter
+from meshgate.http.headers import HOP_BY_HOP, IDEMPOTENT, connection_drop, status_line
 from meshgate.http.problem import problem_response
 from meshgate.http.router import normalize_path
-from meshgate.protocol.batch import BatchedWriter
-from meshgate.protocol.headers import HOP_BY_HOP, IDEMPOTENT, connection_drop, status_line
 from meshgate.tls.identity import peer_spiffe_id
 from meshgate.upstream import reachability
 from meshgate.upstream.balancer import shun
 from meshgate.upstream.pool import PoolTimeout, UpstreamConnection
 
 if TYPE_CHECKING:
-    from meshgate.config.runtime import RouteTarget, Runtime
+    from meshgate.engine.runtime import RouteTarget, Runtime
     from meshgate.upstream.balancer import Endpoint
     from meshgate.upstream.cluster import Cluster, PoolRegistry
     from meshgate.upstream.retry import RetryPolicy

@@ -19,8 +19,9 @@ import signal
 import socket
 import time
 
-from meshgate.config.loader import ConfigError, load_config
+from meshgate.config.loader import ConfigError
 from meshgate.config.schema import Address, Config
+from meshgate.engine.load import load_config
 from meshgate.filters.build import compile_check
 from meshgate.ratelimit.local import SharedTable
 from meshgate.server.worker import WATCH_INTERVAL, WorkerOptions, file_stamp, run_worker

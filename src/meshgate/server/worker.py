@@ -29,14 +29,15 @@ from typing import Any
 import uvloop
 
 from meshgate.admin.server import AdminProtocol
-from meshgate.config.loader import ConfigError, load_config
-from meshgate.config.runtime import Runtime
+from meshgate.config.loader import ConfigError
 from meshgate.config.schema import Address, Config
+from meshgate.engine.listener import ListenerSpec, Serving, start_listener
+from meshgate.engine.load import load_config
+from meshgate.engine.runtime import Runtime
 from meshgate.filters.build import FilterServices
 from meshgate.mesh.member import MeshMember
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.ratelimit.local import SharedTable
-from meshgate.server.listener import ListenerSpec, Serving, start_listener
 from meshgate.upstream.cluster import PoolRegistry
 
 log = logging.getLogger("meshgate.server")

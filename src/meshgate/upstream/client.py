@@ -37,7 +37,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from meshgate.protocol.headers import IDEMPOTENT
+from meshgate.http.headers import IDEMPOTENT
 from meshgate.upstream import reachability
 from meshgate.upstream.balancer import shun
 from meshgate.upstream.pool import PoolTimeout, UpstreamConnection

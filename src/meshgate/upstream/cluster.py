@@ -13,7 +13,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from meshgate.config.schema import UpstreamConfig
-from meshgate.protocol.batch import WriteBatcher
+from meshgate.http.batch import WriteBatcher
 from meshgate.upstream import reachability
 from meshgate.upstream.balancer import BALANCERS, Balancer, Endpoint
 from meshgate.upstream.health import HealthChecker

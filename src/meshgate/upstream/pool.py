@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
-from meshgate.protocol.batch import BatchedWriter, WriteBatcher
-from meshgate.protocol.headers import CONNECTION_IGNORED, HOP_BY_HOP, connection_tokens
+from meshgate.http.batch import BatchedWriter, WriteBatcher
+from meshgate.http.headers import CONNECTION_IGNORED, HOP_BY_HOP, connection_tokens
 from meshgate.tls.identity import peer_spiffe_id
 
 if TYPE_CHECKING:

@@ -15,20 +15,32 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from meshgate.config.schema import RetryBudgetConfig, RetryConfig
-from meshgate.protocol.headers import IDEMPOTENT
+from meshgate.http.headers import IDEMPOTENT
 
-if TYPE_CHECKING:
-    from meshgate.upstream.cluster import Cluster
-
-__all__ = ["RetryBudget", "RetryPolicy"]
+__all__ = ["RetryBudget", "RetryPolicy", "RetryTarget"]
 
 log = logging.getLogger("meshgate.upstream")
 
 _BUCKETS = 10
 _GATEWAY = frozenset({502, 503, 504})
+
+
+class RetryTarget(Protocol):
+    """What a retry decision reads and counts on the upstream it goes to (a
+    `Cluster`): its breaker's `max_retries`, its retries in flight, its
+    budget, and the count of retries allowed."""
+
+    retries_active: int
+    retried: int
+
+    @property
+    def max_retries(self) -> int | None: ...
+
+    @property
+    def budget(self) -> RetryBudget: ...
 
 
 class RetryPolicy:
@@ -70,7 +82,7 @@ class RetryPolicy:
 
     def next_delay(
         self,
-        cluster: Cluster,
+        cluster: RetryTarget,
         cause: str,
         attempt: int,
         *,

@@ -19,14 +19,13 @@ from __future__ import annotations
 import hmac
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from meshgate.config.loader import ConfigError, load_model_text
-from meshgate.config.mesh import MeshConfig
+from meshgate.config.loader import ConfigError
+from meshgate.engine.load import load_mesh_text
+from meshgate.mesh.control.push import Push
+from meshgate.mesh.control.state import AdminState
 from meshgate.mesh.wire import ApiError, Request, Response
-
-if TYPE_CHECKING:
-    from meshgate.mesh.control.server import ControlPlane
 
 __all__ = ["AdminApi", "render_metrics"]
 
@@ -44,9 +43,8 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def render_metrics(cp: ControlPlane, now: float | None = None) -> str:
+def render_metrics(cp: AdminState, push: Push, now: float | None = None) -> str:
     now = time.time() if now is None else now
-    push = cp.push
     lines = [
         "# HELP meshgate_control_proxies_connected Proxies with a stream to this instance.",
         "# TYPE meshgate_control_proxies_connected gauge",
@@ -99,12 +97,15 @@ def render_metrics(cp: ControlPlane, now: float | None = None) -> str:
 
 
 class AdminApi:
-    def __init__(self, cp: ControlPlane) -> None:
+    def __init__(self, cp: AdminState, push: Push) -> None:
         self.cp = cp
+        self.push = push
 
     async def handle(self, req: Request) -> Response:
         if (req.method, req.path) == ("GET", "/metrics"):
-            return Response.text(200, render_metrics(self.cp), "text/plain; version=0.0.4")
+            return Response.text(
+                200, render_metrics(self.cp, self.push), "text/plain; version=0.0.4"
+            )
         if (req.method, req.path) == ("GET", "/status"):
             return Response(200, self._status())
         if (req.method, req.path) == ("PUT", "/config"):
@@ -112,10 +113,10 @@ class AdminApi:
         raise ApiError(404, f"no such endpoint: {req.method} {req.path}")
 
     def _status(self) -> dict[str, Any]:
-        cp = self.cp
+        cp, push = self.cp, self.push
         return {
             "generation": cp.generation,
-            "version": cp.push.version,
+            "version": push.version,
             "proxies": {
                 s.proxy_id: {
                     "identity": s.identity,
@@ -123,7 +124,7 @@ class AdminApi:
                     "cert": s.cert,
                     "nack": s.nack,
                 }
-                for s in cp.push.streams
+                for s in push.streams
             },
         }
 
@@ -143,7 +144,7 @@ class AdminApi:
         body = await req.read()
         try:
             text = body.decode("utf-8")
-            mesh, _ = load_model_text(text, "PUT /config", MeshConfig, keys="'services'")
+            mesh = load_mesh_text(text, "PUT /config", keys="'services'")
         except UnicodeDecodeError:
             raise ApiError(400, "the body is not UTF-8 YAML") from None
         except ConfigError as exc:

@@ -33,16 +33,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from meshgate.mesh.control.snapshot import build_sections, delta, digest
+from meshgate.mesh.control.state import PushState
 from meshgate.mesh.control.store import Instance
 from meshgate.mesh.wire import ApiError, Request
-
-if TYPE_CHECKING:
-    from meshgate.mesh.control.server import ControlPlane
 
 __all__ = ["Push"]
 
@@ -84,7 +82,7 @@ class ProxyStream:
 
 
 class Push:
-    def __init__(self, cp: ControlPlane) -> None:
+    def __init__(self, cp: PushState) -> None:
         self.cp = cp
         self.streams: set[ProxyStream] = set()
         self.version = 0

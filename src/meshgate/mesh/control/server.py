@@ -37,8 +37,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from meshgate.config.loader import ConfigError, load_mesh, load_model_text, read_config_file
+from meshgate.config.loader import ConfigError, read_config_file
 from meshgate.config.mesh import MeshConfig
+from meshgate.engine.load import load_mesh, load_mesh_text
 from meshgate.mesh.ca import CertificateAuthority, CsrRefused
 from meshgate.mesh.control.admin import AdminApi
 from meshgate.mesh.control.push import Push
@@ -143,7 +144,7 @@ class ControlPlane:
         self.push.start()
         admin = self.mesh.control.admin
         if admin is not None:
-            api = AdminApi(self)
+            api = AdminApi(self, self.push)
             adm = await asyncio.start_server(
                 lambda r, w: serve_connection(r, w, api.handle), admin.host, admin.port
             )
@@ -402,9 +403,7 @@ class ControlPlane:
                 text = self.store.generation_text(latest[0]["generation"])
                 if text is not None:
                     try:
-                        mesh, _ = load_model_text(
-                            text, self.mesh_path, MeshConfig, keys="'services'"
-                        )
+                        mesh = load_mesh_text(text, self.mesh_path, keys="'services'")
                     except ConfigError as exc:
                         log.error("a generation from the store is refused: %s", exc)
                         return

@@ -34,14 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from meshgate.admin.server import AdminProtocol
-from meshgate.config.runtime import Runtime
 from meshgate.config.schema import Address, Config
+from meshgate.engine.listener import ListenerSpec, Serving, bind_socket, start_listener
+from meshgate.engine.runtime import Runtime
 from meshgate.filters.build import FilterServices
 from meshgate.mesh.agent import MeshAgent
 from meshgate.mesh.sidecar.capture import Capture, destinations, original_destination
 from meshgate.mesh.translate import inbound_config, outbound_config
 from meshgate.protocol.h1 import ServerProtocol, ServerState
-from meshgate.server.listener import ListenerSpec, Serving, bind_socket, start_listener
 from meshgate.tls.holder import IdentityContexts
 from meshgate.upstream.cluster import PoolRegistry
 
