@@ -25,6 +25,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "mesh: runs the mesh's real processes (control plane, agents); `pytest -m mesh` "
         "runs them alone, `-m 'not mesh'` skips them",
     )
+    config.addinivalue_line(
+        "markers",
+        "slow: a long mesh test (certificate rotation under load, ten services, namespaces); "
+        "`pytest -m slow` runs them alone, `-m 'not slow'` skips them",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
