@@ -16,6 +16,7 @@ import logging
 import pathlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from meshgate.auth.jwt import JwtVerifier
 from meshgate.config.schema import (
@@ -42,7 +43,9 @@ from meshgate.filters.transform import compile_transform
 from meshgate.filters.xfcc import XfccFilter
 from meshgate.http.router import route_params
 from meshgate.ratelimit.local import SharedTable
-from meshgate.ratelimit.redis import RedisLimiter
+
+if TYPE_CHECKING:
+    from meshgate.ratelimit.redis import RedisLimiter
 
 __all__ = ["CompiledFilters", "FilterServices", "compile_filters"]
 
@@ -90,6 +93,10 @@ class FilterServices:
         key = cfg.model_dump_json()
         limiter = self.limiters.get(key)
         if limiter is None:
+            # Imported here: a process that limits nothing in Redis (most
+            # sidecars) never loads the Redis client (about 6 MiB).
+            from meshgate.ratelimit.redis import RedisLimiter
+
             limiter = self.limiters[key] = RedisLimiter(cfg)
         return limiter
 

@@ -36,7 +36,7 @@ import logging
 import math
 import re
 from collections.abc import Coroutine, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshgate.config.authz import PLAINTEXT
 from meshgate.config.schema import ConsumerConfig, RateLimitConfig, RouteConfig
@@ -44,7 +44,9 @@ from meshgate.filters import FilterRequest, LocalReply
 from meshgate.filters.sources import SourceCounts
 from meshgate.ratelimit import Decision, LimitSpec
 from meshgate.ratelimit.local import SharedTable
-from meshgate.ratelimit.redis import RedisLimiter
+
+if TYPE_CHECKING:
+    from meshgate.ratelimit.redis import RedisLimiter
 
 __all__ = ["RateLimitFilter", "limit_id", "route_identity"]
 

@@ -167,6 +167,10 @@ class Sidecar:
             self.mtls = mtls
             if mtls == "permissive":
                 self.tls.client_cert = "optional"
+                # Contexts made before the first snapshot (a join) require a
+                # client certificate: make them again, as no listener serves yet.
+                self.tls.listener_context = None
+                self._certificate()
         elif mtls != self.mtls:
             log.warning("mtls %s -> %s takes effect when the sidecar restarts", self.mtls, mtls)
         self.dests = destinations(sections)
@@ -185,6 +189,15 @@ class Sidecar:
             self.registry.retain_only(keep)
         self._pending = runtimes
         self.first.set()
+        log.info(
+            "snapshot applied: %s",
+            ", ".join(
+                f"{k[len('service/') :]} {len(v.get('endpoints') or ())} endpoint(s)"
+                for k, v in sorted(sections.items())
+                if k.startswith("service/")
+            )
+            or "no services to call",
+        )
 
     def _route_host(self, transport: asyncio.BaseTransport) -> bytes | None:
         dst = original_destination(transport)
