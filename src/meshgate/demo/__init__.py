@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -171,7 +172,14 @@ async def _serve_backend(
                     "path": target,
                     "seen_headers": {
                         k: headers[k]
-                        for k in ("host", "x-forwarded-for", "x-request-id", "via", "x-consumer")
+                        for k in (
+                            "host",
+                            "x-forwarded-for",
+                            "x-request-id",
+                            "via",
+                            "x-consumer",
+                            "x-forwarded-client-cert",
+                        )
                         if k in headers
                     },
                 }
@@ -384,8 +392,12 @@ async def _demo(port: int) -> int:
     mesh = MeshDemo([(name, bport) for name, bport in BACKENDS], port=0)
     await mesh.start()
     print("", flush=True)
-    for line in mesh.report():
+    for line in await mesh.report():
         print(line, flush=True)
+    # Ctrl-C stops both gateways (each worker set its own handler).
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stopping.set)
     print(
         "\nAlso try:\n"
         f'  curl -si -H "Authorization: Bearer $TOKEN" http://127.0.0.1:{port}/api/orders/7\n'
