@@ -367,9 +367,15 @@ class MeshAgent:
             self.stream_conn = None
 
     async def _heartbeat(self, stream: Any) -> None:
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(max(self.lease / 3, 0.05))
-            stream.send({"type": "heartbeat", "cert": self._cert_info()})
+            # Every third of the current lease: the first snapshot, which comes
+            # just after the hello, may shorten the default one (15 s) that
+            # this stream began with, and the instance must not miss it.
+            await asyncio.sleep(min(max(self.lease / 3, 0.05), 0.5))
+            if time.monotonic() - last >= max(self.lease / 3, 0.05):
+                stream.send({"type": "heartbeat", "cert": self._cert_info()})
+                last = time.monotonic()
 
     def _apply(self, stream: Any, msg: dict[str, Any]) -> None:
         received = time.time()
