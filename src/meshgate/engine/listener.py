@@ -39,6 +39,9 @@ ROLES: tuple[Role, ...] = ("gateway", "sidecar-inbound", "sidecar-outbound", "ad
 TLS_HANDSHAKE = 0x16
 """The first byte of a TLS record carrying a handshake (a ClientHello)."""
 SNIFF_TIMEOUT = 5.0
+SNIFF_PENDING = 1024
+"""Connections accepted and not yet told apart, at most: past it, the
+oldest waits no longer (a client that sends nothing holds no slot long)."""
 
 
 def bind_socket(address: Address, *, reuse_port: bool = True) -> socket.socket:
@@ -156,6 +159,8 @@ class _SniffingServer:
                 log.warning("%s: accept failed: %s", self.spec.name, exc)
                 return
             conn.setblocking(False)
+            if len(self.pending) >= SNIFF_PENDING:
+                self._expire(next(iter(self.pending)))
             fd = conn.fileno()
             timer = self.loop.call_later(SNIFF_TIMEOUT, self._expire, fd)
             self.pending[fd] = (conn, timer)

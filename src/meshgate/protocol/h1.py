@@ -150,6 +150,7 @@ class ServerState:
         "draining",
         "loop",
         "registry",
+        "require_peer",
         "role",
         "route_host",
         "runtime",
@@ -165,6 +166,7 @@ class ServerState:
         scheme: bytes = b"http",
         role: str = "gateway",
         route_host: Callable[[asyncio.BaseTransport], bytes | None] | None = None,
+        require_peer: bool = False,
     ) -> None:
         self.runtime = runtime
         self.registry = registry
@@ -173,6 +175,9 @@ class ServerState:
         self.scheme = scheme
         self.role = role
         """The listener's role: gateway, sidecar-inbound, sidecar-outbound."""
+        self.require_peer = require_peer
+        """A TLS listener that serves only peers with a SPIFFE ID (strict
+        mTLS): a verified certificate without one is closed at once."""
         self.route_host = route_host
         """For a listener that captures connections: the host to route a new
         connection's requests by (its original destination's service), or
@@ -335,6 +340,10 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             # Read once: the handshake is over, and the identity it verified
             # holds for every request on this connection.
             self.peer = peer_spiffe_id(transport)
+            if self.peer is None and state.require_peer:
+                log.info("%s: a client certificate without a SPIFFE ID: closed", state.role)
+                self.transport.abort()
+                return
         if state.route_host is not None:
             self.route_host = state.route_host(transport)
         # A new connection must send its request head within header_timeout.

@@ -224,7 +224,12 @@ class Sidecar:
         for name, runtime in runtimes.items():
             if name == "inbound":
                 self.states[name] = ServerState(
-                    runtime, registry, loop=loop, scheme=b"https", role="sidecar-inbound"
+                    runtime,
+                    registry,
+                    loop=loop,
+                    scheme=b"https",
+                    role="sidecar-inbound",
+                    require_peer=self.mtls == "strict",
                 )
             else:
                 self.states[name] = ServerState(
