@@ -231,3 +231,38 @@ def test_the_gateway_joins_the_mesh_and_calls_a_sidecar_over_mtls(mesh: Mesh) ->
     assert json.loads(r.body)["source"] == GATEWAY
     key = mesh.tmp / "gateway-state" / "worker-0" / "key.pem"
     assert key.stat().st_mode & 0o777 == 0o600
+
+
+def test_two_workers_serve_one_instance_each_with_its_own_key(mesh: Mesh, tmp_path: Path) -> None:
+    """`--workers 2`: two processes on the same ports, one registered
+    instance, and a key per worker (a key never leaves its process)."""
+    app = UpstreamServer("payments-2").start()
+    token = mesh.cp.token("payments")  # reusable: both workers join with it
+    sc = SidecarProcess(
+        mesh.cp, "payments", app.port, tmp_path, token=token, extra=("--workers", "2")
+    )
+    try:
+        sc.start()
+        sc.wait_log("worker 1 serving", timeout=30)
+        keys = sorted(sc.state_dir.glob("worker-*/key.pem"))
+        assert [k.parent.name for k in keys] == ["worker-0", "worker-1"]
+        assert keys[0].read_bytes() != keys[1].read_bytes()
+        assert all(k.stat().st_mode & 0o777 == 0o600 for k in keys)
+        children = Path(f"/proc/{sc.pid}/task/{sc.pid}/children").read_text().split()
+        assert len(children) == 1
+        orders = mesh.sidecars["orders"]
+        # payments now has two instances (this one and the fixture's): both
+        # answer, over mutual TLS, with the caller's identity.
+        wait_until(
+            lambda: (
+                any(r.target == "/w2" for r in app.requests)
+                or fetch(orders.url("/w2", "payments")).status != 200
+            ),
+            timeout=15,
+            what="the two-worker instance gets requests",
+        )
+        for req in app.requests:
+            assert req.header("x-forwarded-client-cert") == f"By={PAYMENTS};URI={ORDERS}"
+    finally:
+        sc.stop()
+        app.stop()

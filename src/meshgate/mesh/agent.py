@@ -249,6 +249,14 @@ class MeshAgent:
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(answer["not_after"])),
         )
 
+    def credentials(self) -> tuple[bytes, bytes, bytes] | None:
+        """(certificate and chain, key, trust bundle) as PEM, or None before
+        the first certificate: what this proxy's TLS contexts are made of."""
+        st = self.state
+        if st.cert_pem and st.chain_pem and st.key_pem and st.bundle_pem:
+            return st.cert_pem + st.chain_pem, st.key_pem, st.bundle_pem
+        return None
+
     def _certificate_changed(self) -> None:
         if self.on_certificate is not None:
             try:

@@ -67,9 +67,9 @@ class MeshMember:
         )
 
     def _certificate(self) -> None:
-        st = self.agent.state
-        if st.cert_pem and st.chain_pem and st.key_pem and st.bundle_pem:
-            self.tls.update(st.cert_pem + st.chain_pem, st.key_pem, st.bundle_pem)
+        creds = self.agent.credentials()
+        if creds is not None:
+            self.tls.update(*creds)
 
     def _snapshot(self, sections: dict[str, Any]) -> None:
         previous = self.sections

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import os
+import signal
+import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshgate.config.schema import Address
+
+if TYPE_CHECKING:
+    from meshgate.mesh.sidecar.proxy import SidecarOptions
 
 __all__ = ["register"]
 
@@ -30,7 +37,7 @@ def _upstream(text: str) -> tuple[str, Address]:
 
 
 def cmd_sidecar(args: argparse.Namespace) -> int:
-    from meshgate.mesh.sidecar.proxy import SidecarOptions, run_sidecar
+    from meshgate.mesh.sidecar.proxy import SidecarOptions, bind_all
 
     token = args.token
     if args.token_file:
@@ -57,7 +64,33 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         capture_exclude=tuple(args.capture_exclude),
         version=args.version,
         zone=args.zone,
+        workers=max(1, args.workers),
     )
+    try:
+        socks = bind_all(opts)
+    except OSError as exc:
+        print(f"meshgate sidecar: {exc}", file=sys.stderr)
+        return 1
+    children: list[int] = []
+    for worker_id in range(1, max(1, args.workers)):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(_serve(dataclasses.replace(opts, worker_id=worker_id), socks))
+        children.append(pid)
+    try:
+        return _serve(opts, socks)
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _serve(opts: SidecarOptions, socks: dict[str, socket.socket]) -> int:
+    from meshgate.mesh.sidecar.proxy import run_sidecar
+
     try:
         import uvloop
 
@@ -65,7 +98,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     try:
-        return int(runner(run_sidecar(opts)))
+        return int(runner(run_sidecar(opts, socks)))
     except (RuntimeError, OSError, ConnectionError) as exc:
         print(f"meshgate sidecar: {exc}", file=sys.stderr)
         return 1
@@ -126,6 +159,13 @@ def register(sub: Any) -> None:
         default=[],
         metavar="PORT",
         help="a destination port never captured (repeatable)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes serving the same ports (each with its own key; the join token "
+        "must be reusable)",
     )
     p.add_argument("--version", default="")
     p.add_argument("--zone", default="")

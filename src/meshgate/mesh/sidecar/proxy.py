@@ -28,6 +28,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.tls.holder import IdentityContexts
 from meshgate.upstream.cluster import PoolRegistry
 
-__all__ = ["Sidecar", "SidecarOptions"]
+__all__ = ["Sidecar", "SidecarOptions", "bind_all", "run_sidecar"]
 
 log = logging.getLogger("meshgate.sidecar")
 
@@ -74,6 +75,24 @@ class SidecarOptions:
     capture_exclude: tuple[int, ...] = ()
     version: str = ""
     zone: str = ""
+    workers: int = 1
+    """Processes serving the same listeners (SO_REUSEPORT is not needed:
+    they share the sockets bound before the fork). Each has its own key, in
+    `state_dir/worker-N`; worker 0 registers the instance and writes the
+    capture rules."""
+    worker_id: int = 0
+
+
+def bind_all(opts: SidecarOptions) -> dict[str, socket.socket]:
+    """Every listening socket of a sidecar, bound before any worker starts."""
+    socks = {"inbound": bind_socket(opts.inbound, reuse_port=False)}
+    if opts.outbound is not None:
+        socks["outbound"] = bind_socket(opts.outbound, reuse_port=False)
+    for name, address in opts.upstream_ports.items():
+        socks[f"port:{name}"] = bind_socket(address, reuse_port=False)
+    if opts.admin is not None:
+        socks["admin"] = bind_socket(opts.admin, reuse_port=False)
+    return socks
 
 
 def _advertised(opts: SidecarOptions) -> str:
@@ -82,8 +101,6 @@ def _advertised(opts: SidecarOptions) -> str:
     host = opts.inbound.host
     if host not in ("", "0.0.0.0", "::"):
         return host
-    import socket
-
     with contextlib.suppress(OSError):
         for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
             address = str(info[4][0])
@@ -95,7 +112,7 @@ def _advertised(opts: SidecarOptions) -> str:
 class Sidecar:
     """The running sidecar (one event loop, one process)."""
 
-    def __init__(self, opts: SidecarOptions) -> None:
+    def __init__(self, opts: SidecarOptions, socks: dict[str, socket.socket] | None = None) -> None:
         self.opts = opts
         self.identity = f"spiffe://{opts.trust_domain}/ns/{opts.namespace}/sa/{opts.service}"
         self.loop = asyncio.get_running_loop()
@@ -112,28 +129,27 @@ class Sidecar:
         """The runtimes of the first snapshot, until the listeners start."""
         self.capture: Capture | None = None
         self.stopping = asyncio.Event()
-        self.socks = {"inbound": bind_socket(opts.inbound, reuse_port=False)}
-        if opts.outbound is not None:
-            self.socks["outbound"] = bind_socket(opts.outbound, reuse_port=False)
-        for name, address in opts.upstream_ports.items():
-            self.socks[f"port:{name}"] = bind_socket(address, reuse_port=False)
-        if opts.admin is not None:
-            self.socks["admin"] = bind_socket(opts.admin, reuse_port=False)
+        self.socks = socks if socks is not None else bind_all(opts)
         self.ports = {k: int(s.getsockname()[1]) for k, s in self.socks.items()}
         self.agent = MeshAgent(
             identity=self.identity,
             controls=opts.controls,
-            state_dir=opts.state_dir,
+            state_dir=opts.state_dir
+            if opts.workers == 1
+            else opts.state_dir / f"worker-{opts.worker_id}",
             token=opts.token,
             attest_socket=opts.attest_socket,
             bundle_pem=opts.bundle_pem,
+            # One instance, whatever the number of workers serving it.
             instance={
                 "address": _advertised(opts),
                 "port": self.ports["inbound"],
                 "version": opts.version,
                 "zone": opts.zone,
                 "metadata": {"app_port": str(opts.app.port)},
-            },
+            }
+            if opts.worker_id == 0
+            else None,
             on_snapshot=self.apply,
             on_certificate=self._certificate,
         )
@@ -141,9 +157,9 @@ class Sidecar:
     # -- identity and config --------------------------------------------------------
 
     def _certificate(self) -> None:
-        st = self.agent.state
-        if st.cert_pem and st.chain_pem and st.key_pem and st.bundle_pem:
-            self.tls.update(st.cert_pem + st.chain_pem, st.key_pem, st.bundle_pem)
+        creds = self.agent.credentials()
+        if creds is not None:
+            self.tls.update(*creds)
 
     def _configs(self, sections: dict[str, Any]) -> dict[str, Config]:
         configs = {"inbound": inbound_config(sections, self.opts.app)}
@@ -298,7 +314,7 @@ class Sidecar:
         for spec, plain_factory in specs:
             server, _ = await start_listener(spec, loop, plain_factory=plain_factory)
             self.servers.append((spec, server))
-        if self.opts.capture:
+        if self.opts.capture and self.opts.worker_id == 0:
             self.capture = Capture(
                 self.opts.service,
                 outbound_port=self.ports["outbound"],
@@ -359,8 +375,8 @@ def _protocol(state: ServerState) -> Callable[[], asyncio.Protocol]:
     return lambda: ServerProtocol(state)
 
 
-async def run_sidecar(opts: SidecarOptions) -> int:
-    sidecar = Sidecar(opts)
+async def run_sidecar(opts: SidecarOptions, socks: dict[str, socket.socket] | None = None) -> int:
+    sidecar = Sidecar(opts, socks)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -371,7 +387,10 @@ async def run_sidecar(opts: SidecarOptions) -> int:
         if sidecar.capture is not None:
             sidecar.capture.remove()
         raise
-    print(f"meshgate sidecar {sidecar.identity} ready: {sidecar.describe()}", flush=True)
+    if opts.worker_id == 0:
+        print(f"meshgate sidecar {sidecar.identity} ready: {sidecar.describe()}", flush=True)
+    else:
+        log.info("worker %d serving", opts.worker_id)
     await stop.wait()
     log.info("sidecar stopping")
     await sidecar.stop()
