@@ -253,14 +253,14 @@ def test_two_workers_serve_one_instance_each_with_its_own_key(mesh: Mesh, tmp_pa
         orders = mesh.sidecars["orders"]
         # payments now has two instances (this one and the fixture's): both
         # answer, over mutual TLS, with the caller's identity.
-        wait_until(
-            lambda: (
-                any(r.target == "/w2" for r in app.requests)
-                or fetch(orders.url("/w2", "payments")).status != 200
-            ),
-            timeout=15,
-            what="the two-worker instance gets requests",
-        )
+        statuses = []
+
+        def reached() -> bool:
+            statuses.append(fetch(orders.url("/w2", "payments")).status)
+            return any(r.target == "/w2" for r in app.requests)
+
+        wait_until(reached, timeout=15, what="the two-worker instance gets requests")
+        assert set(statuses) == {200}
         for req in app.requests:
             assert req.header("x-forwarded-client-cert") == f"By={PAYMENTS};URI={ORDERS}"
     finally:
