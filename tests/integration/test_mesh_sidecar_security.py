@@ -935,3 +935,55 @@ def test_the_mesh_outlives_its_control_plane_and_rejoins_it(mesh: Mesh) -> None:
     assert req.header("x-forwarded-client-cert") == f"By={INVENTORY};URI={ORDERS}"
     # Nothing needed a new certificate: the one from the join served throughout.
     assert orders.log_text().count(f"certificate for {ORDERS}, serial") == 1
+
+
+def test_a_mesh_certificate_without_a_spiffe_id_is_closed_in_strict_mode(mesh: Mesh) -> None:
+    """Signed by the mesh's own intermediate (read from the control plane's
+    state, as only an attacker with the CA key could), but naming a DNS name
+    instead of a SPIFFE ID: the chain verifies, and the strict inbound still
+    serves nothing, though orders' policy allows every mesh identity."""
+    orders = mesh.sidecars["orders"]
+    app = mesh.apps["orders"]
+    before = app_witness(app)
+    ca_dir = mesh.cp.state / "ca"
+    issuer = x509.load_pem_x509_certificate((ca_dir / "intermediate.pem").read_bytes())
+    issuer_key = serialization.load_pem_private_key(
+        (ca_dir / "intermediate.key").read_bytes(), password=None
+    )
+    assert isinstance(issuer_key, ec.EllipticCurvePrivateKey)
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "no-spiffe")]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("orders.local")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(issuer_key, hashes.SHA256())
+    )
+    work = mesh.tmp / "no-spiffe"
+    work.mkdir(exist_ok=True)
+    pem = serialization.Encoding.PEM
+    (work / "leaf.pem").write_bytes(leaf.public_bytes(pem))
+    (work / "leaf.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    out = s_client(
+        orders.inbound_port,
+        "-tls1_3",
+        "-cert",
+        str(work / "leaf.pem"),
+        "-cert_chain",
+        str(ca_dir / "chain.pem"),
+        "-key",
+        str(work / "leaf.key"),
+        path="/no-spiffe",
+    )
+    assert out.response() is None, out.stdout
+    assert app_witness(app) == before
+    orders.wait_log("without a SPIFFE ID: closed")
