@@ -834,3 +834,54 @@ def test_a_mesh_route_json_map_is_compiled_when_mesh_yaml_loads() -> None:
         "mesh.yaml:10:11: field 'services.web.routes[0].transform.response.body': body: "
         "deny '/a' removes allowed '/a/b' (found: a mapping with allow, deny)"
     )
+
+
+def test_a_gateway_joining_the_mesh_needs_a_way_to_join(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        mesh:
+          control: 127.0.0.1:15012
+        upstreams:
+          orders: {service: orders}
+        routes:
+        - {path: /orders/**, upstream: orders}
+        """,
+    )
+    problem = only_problem(path)
+    assert problem.field == "mesh"
+    assert problem.line == 1
+    assert "token_file: or attest_socket:" in problem.message
+
+
+def test_a_mesh_upstream_needs_no_endpoints(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        mesh: {control: 127.0.0.1:15012, token_file: t}
+        upstreams:
+          orders: {service: orders, balancer: ewma}
+        routes:
+        - {path: /orders/**, upstream: orders}
+        """,
+    )
+    config = load_config(path, env={})
+    assert config.upstreams["orders"].endpoints == []
+    assert config.mesh is not None and config.mesh.service == "gateway"
+
+
+def test_an_endpoint_identity_must_be_a_spiffe_id(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        upstreams:
+          orders:
+            endpoints:
+            - {host: 127.0.0.1, port: 9001, identity: "https://orders"}
+        routes:
+        - {path: /orders/**, upstream: orders}
+        """,
+    )
+    problem = only_problem(path)
+    assert problem.line == 4
+    assert "is not a SPIFFE ID" in problem.message
