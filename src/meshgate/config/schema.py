@@ -408,6 +408,14 @@ class UpstreamConfig(_Model):
     the service's identity checked. While it has no live instance, its
     routes answer 503 `no-endpoints`."""
 
+    @field_validator("endpoints")
+    @classmethod
+    def _some_endpoints(cls, v: list[Endpoint]) -> list[Endpoint]:
+        if not v:
+            # Given, and empty (a mesh upstream leaves `endpoints` out).
+            raise ValueError("an upstream needs at least one endpoint")
+        return v
+
     @model_validator(mode="after")
     def _has_endpoints(self) -> UpstreamConfig:
         if not self.endpoints and self.service is None:

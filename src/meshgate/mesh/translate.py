@@ -99,7 +99,8 @@ def _upstream(name: str, section: Mapping[str, Any]) -> dict[str, Any]:
             endpoints.append({"host": ep["address"], "port": int(ep["port"])})
     up: dict[str, Any] = dict(section.get("traffic") or {})
     up["service"] = name
-    up["endpoints"] = endpoints
+    if endpoints:  # none: the upstream's routes answer 503 no-endpoints
+        up["endpoints"] = endpoints
     return up
 
 
@@ -147,7 +148,8 @@ def with_mesh_endpoints(config: Config, sections: Mapping[str, Any]) -> Config:
             continue
         section = sections.get(SERVICE_PREFIX + up.service) or {}
         endpoints = [
-            Endpoint.model_validate(ep) for ep in _upstream(up.service, section)["endpoints"]
+            Endpoint.model_validate(ep)
+            for ep in _upstream(up.service, section).get("endpoints", ())
         ]
         upstreams[name] = up.model_copy(update={"endpoints": endpoints})
         changed = True
