@@ -51,6 +51,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from meshgate.config.authz import AuthzConfig, AuthzRule
+from meshgate.config.base import _Model
 from meshgate.config.schema import (
     Address,
     CircuitBreakerConfig,
@@ -67,7 +68,6 @@ from meshgate.config.schema import (
     RetryConfig,
     RouteConfig,
     UpstreamTimeouts,
-    _Model,
 )
 
 __all__ = [
