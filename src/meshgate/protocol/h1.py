@@ -44,9 +44,8 @@ from meshgate.http.headers import HOP_BY_HOP, IDEMPOTENT, connection_drop, statu
 from meshgate.http.problem import problem_response
 from meshgate.http.router import normalize_path
 from meshgate.tls.identity import peer_spiffe_id
-from meshgate.upstream import reachability
-from meshgate.upstream.balancer import shun
-from meshgate.upstream.pool import PoolTimeout, UpstreamConnection
+from meshgate.upstream.attempt import UpstreamAttempt, UpstreamFailure
+from meshgate.upstream.pool import UpstreamConnection
 
 if TYPE_CHECKING:
     from meshgate.engine.runtime import RouteTarget, Runtime
@@ -920,25 +919,6 @@ def _header_pairs(raw: bytes) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(pairs)
 
 
-def _response_header(conn: UpstreamConnection, name: bytes) -> bytes | None:
-    """The first value of a response header the connection collected."""
-    parts = conn.parts
-    for i in range(1, len(parts) - 2, 4):
-        if parts[i] == name:
-            return parts[i + 2]
-    return None
-
-
-def _retry_after(conn: UpstreamConnection) -> float | None:
-    """An upstream's `Retry-After` in seconds (delta form only), or None."""
-    value = _response_header(conn, b"retry-after")
-    if value is not None:
-        value = value.strip()
-        if value.isdigit():
-            return float(int(value))
-    return None
-
-
 def _unsent_body(expect: bytes | None, complete: bool) -> bool:
     """A refused request whose client waits for `100 Continue` before sending
     its body: close after the answer, rather than wait for a body that may
@@ -1049,8 +1029,10 @@ class _Head:
         )
 
 
-class Exchange:
+class Exchange(UpstreamAttempt):
     """One request and its response, proxied to an upstream or answered locally."""
+
+    logger = log
 
     # No __slots__: the many fields that start at a default live on the class,
     # so a request stores only the handful it sets (CPython 3.11 keeps such
@@ -1072,6 +1054,7 @@ class Exchange:
     pending: asyncio.Task[None] | None = None  # the route's filters are waiting
     begun = False  # start() ran
     in_cluster = False  # counted in its cluster's requests in flight
+    refused = False  # by a circuit breaker
     route_retry: RetryPolicy | None = None  # the route's own retry policy
     budget = 0.0  # the client's own deadline, in seconds from its request (0: none)
     grpc = False  # send grpc-timeout on, too
@@ -1293,25 +1276,20 @@ class Exchange:
             return
         cluster = self.cluster
         assert cluster is not None
-        limit = cluster.max_requests
-        if limit is not None and cluster.active >= limit:
-            self._overloaded(f"{limit} requests are in flight (circuit_breaker.max_requests)")
-            return
-        cluster.active += 1
-        self.in_cluster = True
-        now = self.started = self.last_activity = self.loop.time()
+        now = self.loop.time()
         total = self.route_total or cluster.total_timeout
-        self.read_limit = self.route_read or cluster.read_timeout
         if self.budget and self.budget < total:
             total = self.budget  # the caller's deadline is sooner
-        self.deadline = now + total
         policy = self.route_retry or cluster.retry
         if policy is not None:
             self.policy = policy
-            cluster.budget.request(now)
-            if policy.per_try_timeout is not None:
-                self.try_deadline = now + policy.per_try_timeout
-        self._go(cluster.balancer.pick())
+        first = self._begin(now, total)
+        if isinstance(first, UpstreamFailure):
+            self._reply_overloaded(first)
+            return
+        self.started = self.last_activity = now
+        self.read_limit = self.route_read or cluster.read_timeout
+        self._go(first)
 
     def _go(self, ep: Endpoint) -> None:
         """Send this try to `ep`: on an idle pooled connection, or a new one."""
@@ -1324,44 +1302,26 @@ class Exchange:
 
     # -- retries ---------------------------------------------------------------------
 
-    def _maybe_retry(
+    def _retry_delay(
         self,
         cause: str,
         failed: Endpoint | None,
         *,
         sent: bool,
         retry_after: float | None = None,
-    ) -> bool:
-        """Retry after a failed try, if the policy, the method, the body, the
-        budget, the breaker and the deadline all allow it; True when a retry
-        is scheduled (the caller then answers nothing)."""
-        policy = self.policy
-        cluster = self.cluster
-        if policy is None or cluster is None or self.finished or self.head_sent:
-            return False
+    ) -> float | None:
+        """`UpstreamAttempt._retry_delay`, once nothing of the answer reached
+        the client and the body can be sent again; a retry allowed resets
+        what the failed try left (its body goes out again from `replay`)."""
+        if self.finished or self.head_sent:
+            return None
         if sent and self.has_body and self.replay is None:
-            return False  # the body is too large to send again
-        tried = self.tried
-        if failed is not None:
-            tried = self.tried = (*tried, failed)
-        now = self.loop.time()
-        delay = policy.next_delay(
-            cluster,
-            cause,
-            self.attempt,
-            method=self.method,
-            sent=sent,
-            now=now,
-            deadline=self.deadline,
-            retry_after=retry_after,
-            free=reachability.free_retry(cluster.balancer, tried, cause, sent=sent),
+            return None  # the body is too large to send again
+        delay = UpstreamAttempt._retry_delay(
+            self, cause, failed, sent=sent, retry_after=retry_after
         )
         if delay is None:
-            return False
-        self.attempt += 1
-        if not self.retry_counted:
-            self.retry_counted = True
-            cluster.retries_active += 1
+            return None
         if self.replay is not None:
             self.body_buf = self.replay + self.body_buf
         self.replay = None
@@ -1370,8 +1330,22 @@ class Exchange:
         self.chunked_out = False
         self.out = []
         self.status = 0
-        self.last_activity = now
-        self.try_deadline = 0.0
+        self.last_activity = self.loop.time()
+        return delay
+
+    def _maybe_retry(
+        self,
+        cause: str,
+        failed: Endpoint | None,
+        *,
+        sent: bool,
+        retry_after: float | None = None,
+    ) -> bool:
+        """Retry after a failed try, if `_retry_delay` allows it; True when a
+        retry is scheduled (the caller then answers nothing)."""
+        delay = self._retry_delay(cause, failed, sent=sent, retry_after=retry_after)
+        if delay is None:
+            return False
         self.task = self.loop.create_task(self._retry(delay))
         return True
 
@@ -1381,91 +1355,26 @@ class Exchange:
         self.task = None
         if self.finished:
             return
-        cluster = self.cluster
-        assert cluster is not None
-        policy = self.policy
-        now = self.last_activity = self.loop.time()
-        if policy is not None and policy.per_try_timeout is not None:
-            self.try_deadline = now + policy.per_try_timeout
-        self._go(reachability.retry_endpoint(cluster.balancer, self.tried)[0])
+        self._go(self._next_try())
 
     async def _connect(self, ep: Endpoint) -> None:
-        cluster = self.cluster
-        assert cluster is not None
-        pool = ep.pool
-        try:
-            if not pool.has_capacity():
-                limit = cluster.max_pending
-                if limit is not None and cluster.pending >= limit:
-                    self.task = None
-                    self._overloaded(
-                        f"{limit} requests already wait for a connection "
-                        "(circuit_breaker.max_pending)"
-                    )
-                    return
-                cluster.pending += 1
-                try:
-                    wait_until = self.loop.time() + cluster.acquire_timeout
-                    while not pool.has_capacity():
-                        remaining = wait_until - self.loop.time()
-                        if remaining <= 0:
-                            raise PoolTimeout
-                        await pool.wait_for_capacity(remaining)
-                        conn = pool.take_idle()
-                        if conn is not None:
-                            self.task = None
-                            if self.finished:
-                                pool.release(conn)
-                            else:
-                                self._attach(ep, conn)
-                            return
-                finally:
-                    cluster.pending -= 1
-            conn = await pool.connect()
-        except asyncio.CancelledError:
-            raise
-        except PoolTimeout:
-            self.fail(
-                503,
-                "upstream-overloaded",
-                f"no connection to {pool.address} became free in time",
-            )
-            return
-        except (TimeoutError, OSError) as exc:
-            self.task = None
-            timed_out = isinstance(exc, TimeoutError)
-            reason = "timed out" if timed_out else exc.strerror or exc.__class__.__name__
-            reachability.connect_failed(ep, reason)
-            if cluster.outlier is not None:
-                cluster.outlier.failure(ep, gateway=True)
-            if self._maybe_retry("connect-failure", ep, sent=False):
-                return
-            self.fail(
-                *reachability.connect_failure_answer(
-                    cluster.balancer, pool.address, reason, timed_out=timed_out
-                )
-            )
-            return
+        got = await self._open(ep)
         self.task = None
-        if ep.unreachable:
-            reachability.connected(ep)
-        if self.finished:
-            pool.release(conn)
-            return
-        self._attach(ep, conn)
+        if isinstance(got, UpstreamConnection):
+            if self.finished:
+                ep.pool.release(got)
+            else:
+                self._attach(ep, got)
+        elif isinstance(got, UpstreamFailure):
+            if self.refused:
+                self._reply_overloaded(got)
+            else:
+                self.fail(got.status, got.kind, got.detail)
+        else:
+            self.task = self.loop.create_task(self._retry(got))
 
     def _attach(self, ep: Endpoint, conn: UpstreamConnection) -> None:
-        self.endpoint = ep
-        ep.active += 1
-        self.conn = conn
-        # `conn.bind(self, ...)`, inlined: this is the hot path.
-        conn.sink = self
-        conn.no_body = self.method == b"HEAD"
-        conn.close_delimited = False
-        conn.bytes_in = 0
-        conn.parts = [b""]
-        conn.has_length = conn.chunked = conn.in_body = False
-        conn.drop = None
+        left = self._bind(ep, conn, self.loop.time())
         transport = conn.transport
         assert transport is not None
         head = self.head
@@ -1474,14 +1383,7 @@ class Exchange:
             assert parts is not None
             parts[4] = b"host: " + ep.authority + CRLF
             head = b"".join(parts)
-        # What is left of this request's deadline goes to the next hop, in
-        # milliseconds (a budget, not a time: hops need no common clock).
-        end = self.deadline
-        if self.try_deadline and self.try_deadline < end:
-            end = self.try_deadline
-        left = int((end - self.loop.time()) * 1000)
-        if left < 1:
-            left = 1
+        # What is left of this request's deadline goes to the next hop.
         if self.grpc:
             head = head[:-2] + b"x-meshgate-deadline: %d\r\ngrpc-timeout: %dm\r\n\r\n" % (
                 left,
@@ -1726,30 +1628,16 @@ class Exchange:
 
     def on_upstream_head(self, conn: UpstreamConnection) -> None:
         status = self.status = conn.status
-        cluster = self.cluster
-        if cluster is not None and cluster.outlier is not None and self.endpoint is not None:
-            if status >= 500:
-                cluster.outlier.failure(self.endpoint, gateway=status in (502, 503, 504))
-            else:
-                cluster.outlier.success(self.endpoint)
-        policy = self.policy
-        busy = status == 503 or status == 429
-        retriable = policy is not None and status in policy.statuses and not self.head_sent
-        retry_after = _retry_after(conn) if busy or retriable else None
-        if busy and self.endpoint is not None:
-            shun(self.endpoint, retry_after)
-        if retriable and not (
-            status == 503 and _response_header(conn, b"x-meshgate-overloaded") is not None
-        ):
-            failed = self.endpoint
-            if self._maybe_retry(str(status), failed, sent=True, retry_after=retry_after):
-                # This answer is dropped: the connection goes, mid-response.
-                conn.sink = None
-                conn.keep_alive = False
-                self.conn = None
-                self._release_endpoint()
-                conn.abort()
-                return
+        delay = self._judge_head(conn, None)
+        if delay is not None:
+            # This answer is dropped: the connection goes, mid-response.
+            conn.sink = None
+            conn.keep_alive = False
+            self.conn = None
+            self._release_endpoint()
+            conn.abort()
+            self.task = self.loop.create_task(self._retry(delay))
+            return
         self.last_activity = self.loop.time()
         # The connection collected the forwardable header lines while parsing
         # (parts[0] is kept for the status line).
@@ -1837,16 +1725,7 @@ class Exchange:
             proto.writelines(out)
             self.out = []
         self.conn = None
-        ep = self.endpoint
-        if ep is not None:
-            self.endpoint = None
-            ep.active -= 1
-            balancer = ep.balancer
-            if balancer.needs_latency:
-                now = self.loop.time()
-                # This try's latency: earlier failed tries and backoff are not
-                # this endpoint's.
-                balancer.observe(ep, now - (self.try_started or self.started), now)
+        self._end_try()
         if not self.request_complete:
             conn.keep_alive = False
         if proto.write_paused and conn.transport is not None:
@@ -2023,25 +1902,11 @@ class Exchange:
 
     # -- endings ---------------------------------------------------------------------
 
-    def _release_endpoint(self) -> None:
-        """The exchange no longer loads its endpoint (failures are not timed)."""
-        ep = self.endpoint
-        if ep is not None:
-            self.endpoint = None
-            ep.active -= 1
-
     def fail(self, status: int, kind: str, detail: str) -> None:
         """Answer with a problem instead of the upstream's response."""
         if self.finished:
             return
-        log.warning(
-            "%s %s -> %s: %d %s",
-            self.method.decode("latin-1"),
-            self.target.decode("latin-1"),
-            self.cluster.name if self.cluster else "-",
-            status,
-            detail,
-        )
+        self._log_failure(status, detail)
         if not self.request_complete:
             self.keep_alive = False
         self.reply_local(status, kind, detail)
@@ -2054,46 +1919,17 @@ class Exchange:
         self.proto.write(reply)
         self._finish()
 
-    def _gateway_failure(self) -> None:
-        """The bound endpoint failed as a gateway sees it (reset, timeout, a
-        response that cannot be parsed): tell outlier detection."""
-        cluster = self.cluster
-        if cluster is not None and cluster.outlier is not None and self.endpoint is not None:
-            cluster.outlier.failure(self.endpoint, gateway=True)
-
-    def _overloaded(self, detail: str) -> None:
+    def _reply_overloaded(self, refused: UpstreamFailure) -> None:
         """A circuit breaker limit is reached: 503 at once, marked as such."""
-        cluster = self.cluster
-        assert cluster is not None
-        cluster.overloaded += 1
         if not self.request_complete:
             self.keep_alive = False  # the body is not coming (no 100 Continue)
-        now = self.loop.time()
-        if now - cluster.overload_logged >= 1.0:
-            cluster.overload_logged = now
-            log.warning(
-                "upstream %s: circuit breaker open: %s (%d refused so far)",
-                cluster.name,
-                detail,
-                cluster.overloaded,
-            )
         self.reply_local(
-            503,
-            "upstream-overloaded",
-            f"upstream {cluster.name}: {detail}",
+            refused.status,
+            refused.kind,
+            refused.detail,
             extra=((b"x-meshgate-overloaded", b"1"),),
         )
         self._send_local()
-
-    def _leave_cluster(self) -> None:
-        if self.in_cluster:
-            self.in_cluster = False
-            cluster = self.cluster
-            assert cluster is not None
-            cluster.active -= 1
-            if self.retry_counted:
-                self.retry_counted = False
-                cluster.retries_active -= 1
 
     def _finish(self) -> None:
         if self.finished:

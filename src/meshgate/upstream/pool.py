@@ -9,7 +9,7 @@ open connections is capped by `max_connections`; past it, a request waits on
 
 `UpstreamConnection` is an `asyncio.Protocol` that parses responses with
 httptools and hands every event to the exchange currently bound to it (see
-`protocol.h1.Exchange`). It carries no request logic of its own: the
+the attempt, `upstream.attempt.UpstreamAttempt`). It carries no request logic of its own: the
 exchange decides framing, reuse and errors.
 """
 
