@@ -131,18 +131,17 @@ class UpstreamAttempt:
 
     # -- admission ---------------------------------------------------------------------
 
-    def _begin(self, now: float, total: float) -> Endpoint | UpstreamFailure:
+    def _begin(self, now: float, total: float) -> Endpoint:
         """Admission by the circuit breaker's `max_requests` (the refusal is
-        returned); then this request is counted in the cluster's requests in
-        flight, its clock starts (`total` seconds for every try), the retry
-        budget counts it, and the first try's endpoint is returned."""
+        raised: a `try` costs nothing until it is); then this request is
+        counted in the cluster's requests in flight, its clock starts
+        (`total` seconds for every try), the retry budget counts it, and the
+        first try's endpoint is returned."""
         cluster = self.cluster
         assert cluster is not None
         limit = cluster.max_requests
         if limit is not None and cluster.active >= limit:
-            return self._overloaded(
-                f"{limit} requests are in flight (circuit_breaker.max_requests)"
-            )
+            raise self._overloaded(f"{limit} requests are in flight (circuit_breaker.max_requests)")
         cluster.active += 1
         self.in_cluster = True
         self.deadline = now + total

@@ -258,9 +258,7 @@ class _Call(UpstreamAttempt):
     # -- the call --------------------------------------------------------------------
 
     async def run(self) -> Response:
-        first = self._begin(self.loop.time(), self.timeout)
-        if isinstance(first, UpstreamFailure):
-            raise first
+        first = self._begin(self.loop.time(), self.timeout)  # (raises a refusal)
         try:
             outcome = await self._tries(first)
         finally:
