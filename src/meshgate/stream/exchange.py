@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from meshgate.handlers import BufferedRequest, Handler, HandlerResponse
 from meshgate.http.headers import IDEMPOTENT, status_line
@@ -38,6 +38,7 @@ from meshgate.upstream.attempt import UpstreamAttempt, UpstreamFailure
 from meshgate.upstream.pool import UpstreamConnection
 
 if TYPE_CHECKING:
+    from meshgate.filters import ResponseHook
     from meshgate.upstream.balancer import Endpoint
     from meshgate.upstream.cluster import Cluster
     from meshgate.upstream.retry import RetryPolicy
@@ -93,7 +94,9 @@ class ProxyExchange(UpstreamAttempt):
     try_deadline = 0.0
     retry_counted = False
     response_extra = b""  # header lines the filters add to the response
-    response_edits: Any = None  # the transform filter's status and header edits
+    # The response phase: the filters' response hooks as one (run in reverse
+    # order of the request hooks that registered them), or None.
+    response_phase: ResponseHook | None = None
     response_drop: frozenset[bytes] | None = None  # upstream headers the route owns
     max_body = 0  # a buffered route: the largest body read (0: streamed)
     handler: Handler | None = None
@@ -497,13 +500,15 @@ class ProxyExchange(UpstreamAttempt):
                 if parts[i] not in drop:
                     kept += parts[i : i + 4]
             parts = kept
-        edits = self.response_edits
-        if edits is not None:
-            # The route's status and header edits (the framing below keeps
+        # The response phase, after the headers the route owns are gone and
+        # before the framing and the lines every answer gets (`response_extra`).
+        phase = self.response_phase
+        if phase is not None:
+            # The filters' status and header edits (the framing below keeps
             # to the upstream's status: a mapping never adds or drops a body).
-            self.status = edits.status(status)
+            self.status = phase.status(status)
             parts[0] = status_line(self.status)
-            parts = edits.apply_parts(parts)
+            parts = phase.apply_parts(parts)
         if conn.no_body or status in NO_BODY_STATUS:
             pass
         elif not conn.has_length:

@@ -148,7 +148,7 @@ class _Head:
         added = req.add
         if req.response_extra:
             ex.response_extra = req.response_extra
-        ex.response_edits = req.response_edits
+        phase = ex.response_phase = req.response_edits
         rt = self.rt
         if rt.response_drop is not None:
             ex.response_drop = rt.response_drop
@@ -170,7 +170,7 @@ class _Head:
                     params=req.params,
                     consumer=req.consumer,
                     claims=req.claims,
-                    response_edits=req.response_edits,
+                    response_edits=phase,
                     cluster=rt.cluster
                     if splitter is None
                     else splitter.pick(self.headers, req.client, req.consumer, req.subject),

@@ -1,8 +1,9 @@
 """A buffered upstream client: one whole request to a cluster, one whole response back.
 
 Request aggregation and body-transforming routes need the whole response
-before they can answer, so they cannot stream through `protocol.h1.Exchange`.
-`send()` gives them the same upstream layer the streaming proxy uses, with
+before they can answer, so they cannot stream through a request's stream
+(`stream.exchange.ProxyExchange`). `send()` gives them the same upstream
+layer the streaming proxy uses, the same tries (`upstream.attempt`), with
 the same semantics:
 
 - the cluster's balancer picks the endpoint; a retry goes to another one;

@@ -48,7 +48,7 @@ class PeerIdentityError(OSError):
 
 
 class ResponseSink(Protocol):
-    """What an `UpstreamConnection` reports to (implemented by the exchange)."""
+    """What an `UpstreamConnection` reports to (an `upstream.attempt.UpstreamAttempt`)."""
 
     def on_upstream_head(self, conn: UpstreamConnection) -> None: ...
     def on_upstream_body(self, data: bytes) -> None: ...
