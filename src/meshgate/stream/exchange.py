@@ -21,7 +21,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from meshgate.handlers import BufferedRequest, Handler, HandlerResponse
+from meshgate.handlers import BufferedRequest, Handler
 from meshgate.http.headers import IDEMPOTENT, status_line
 from meshgate.protocol.api import PAUSE_BUFFER, PAUSE_DONE, PAUSE_UPSTREAM, StreamSink
 from meshgate.stream.heads import (
@@ -32,7 +32,6 @@ from meshgate.stream.heads import (
     RESPONSE_TAIL,
     header_pairs,
     local_reply,
-    whole_response,
 )
 from meshgate.upstream.attempt import UpstreamAttempt, UpstreamFailure
 from meshgate.upstream.pool import UpstreamConnection
@@ -107,7 +106,7 @@ class ProxyExchange(UpstreamAttempt):
     finished = False
     replay: list[bytes] | None = None
     sent_body = 0
-    retried = False
+    stale_retried = False
     status = 0
     started = 0.0
     deadline = 0.0
@@ -407,51 +406,8 @@ class ProxyExchange(UpstreamAttempt):
         self.local_reply_now()
 
     def _run_handler(self) -> None:
-        req = self.buffered
-        handler = self.handler
-        assert req is not None and handler is not None
-        req.body = b"".join(self.body_buf)
-        self.body_buf = []
-        self.body_buffered = 0
-        now = self.started = self.loop.time()
-        total = self.route_total or 3600.0
-        if self.budget and self.budget < total:
-            total = self.budget  # the caller's deadline is sooner
-        deadline = now + total
-        self.deadline = deadline + 1.0  # the backstop (`_check_buffered`)
-        self.pending = self.loop.create_task(self._handle(handler, req, deadline))
-
-    async def _handle(self, handler: Handler, req: BufferedRequest, deadline: float) -> None:
-        try:
-            resp = await handler.handle(req, deadline)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("route %s: the handler failed", self.route_label)
-            self.pending = None
-            self.reply_local(500, "handler-error", "the gateway failed to answer this request")
-        else:
-            self.pending = None
-            self._reply_whole(resp)
-        if self.finished:
-            return
-        if self.proto.is_head(self):
-            self.start()
-
-    def _reply_whole(self, resp: HandlerResponse) -> None:
-        """A handler's answer, framed as a whole response."""
-        self.status = resp.status
-        if self.proto.state.draining:
-            self.keep_alive = False
-        self.local_reply = whole_response(
-            resp,
-            method=self.method,
-            request_id=self.request_id,
-            keep_alive=self.keep_alive,
-            http10=self.http10,
-            response_extra=self.response_extra,
-            response_drop=self.response_drop,
-        )
+        """The whole body is in: the route's handler answers (`ProxyStream`)."""
+        raise NotImplementedError
 
     def abort_request(self, status: int, kind: str, detail: str) -> None:
         """The client's body broke mid-stream: reset the upstream request."""
@@ -588,11 +544,7 @@ class ProxyExchange(UpstreamAttempt):
         proto.stream_done(self)
 
     def on_upstream_error(self, conn: UpstreamConnection, reason: str) -> None:
-        self.conn = None
-        self._gateway_failure()
-        failed = self.endpoint
-        self._release_endpoint()
-        conn.abort()
+        failed = self._broken(conn)
         if self.head_sent:
             self._abort_client()  # bytes already went to the client
         elif self._maybe_retry("reset", failed, sent=True):
@@ -619,34 +571,31 @@ class ProxyExchange(UpstreamAttempt):
             else:
                 self._abort_client()  # a truncated response must look truncated
             return
-        if (
-            conn.reused
-            and conn.bytes_in == 0
-            and not self.retried
-            and self.replay is not None
-            and (self.request_complete or not self.has_body)
-            and (self.method in IDEMPOTENT or self.sent_body == 0)
-        ):
-            # A pooled connection the upstream had closed while it sat idle.
-            # Its other idle connections are likely stale as well.
-            self.retried = True
+        fresh = self._stale(conn)
+        if fresh is not None:
+            # What was sent goes again, from `replay`, on a new connection.
             replay = self.replay
+            assert replay is not None
             self.replay = None
             self.body_buf = replay + self.body_buf
             self.sent_body = 0
-            conn.pool.close_idle()
-            cluster = self.cluster
-            assert cluster is not None
-            self.task = self.loop.create_task(self._connect(cluster.balancer.pick()))
+            self.task = self.loop.create_task(self._connect(fresh))
             return
-        if self.cluster is not None and self.cluster.outlier is not None and conn_ep is not None:
-            self.cluster.outlier.failure(conn_ep, gateway=True)
-        if self._maybe_retry("reset", conn_ep, sent=True):
+        delay = self._reset_retry(conn_ep)
+        if delay is not None:
+            self.task = self.loop.create_task(self._retry(delay))
             return
         self.fail(
             502,
             "upstream-reset",
             f"{conn.pool.address} closed the connection before answering",
+        )
+
+    def _replayable(self) -> bool:
+        return (
+            self.replay is not None
+            and (self.request_complete or not self.has_body)
+            and (self.method in IDEMPOTENT or self.sent_body == 0)
         )
 
     def on_upstream_pause_writing(self) -> None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httptools
 
 from meshgate.filters import FilterRequest, LocalReply
-from meshgate.handlers import BufferedRequest, Handler
+from meshgate.handlers import BufferedRequest, Handler, HandlerResponse
 from meshgate.http.headers import REQUEST_OWN, REQUEST_WRITTEN
 from meshgate.http.router import normalize_path
 from meshgate.protocol.api import PAUSE_BUFFER, PAUSE_DONE, RequestHead
@@ -41,6 +41,7 @@ from meshgate.stream.heads import (
     VIA_TOKEN,
     forward_pairs,
     header_pairs,
+    whole_response,
 )
 
 if TYPE_CHECKING:
@@ -529,3 +530,51 @@ class ProxyStream(ProxyExchange):
         self.expect_continue = expect_continue and not self.http10 and not self.body_buffered
         if self.proto.is_head(self):
             self.start()
+
+    def _run_handler(self) -> None:
+        """The whole body is in: the handler answers, in a task."""
+        req = self.buffered
+        handler = self.handler
+        assert req is not None and handler is not None
+        req.body = b"".join(self.body_buf)
+        self.body_buf = []
+        self.body_buffered = 0
+        now = self.started = self.loop.time()
+        total = self.route_total or 3600.0
+        if self.budget and self.budget < total:
+            total = self.budget  # the caller's deadline is sooner
+        deadline = now + total
+        self.deadline = deadline + 1.0  # the backstop (`_check_buffered`)
+        self.pending = self.loop.create_task(self._handle(handler, req, deadline))
+
+    async def _handle(self, handler: Handler, req: BufferedRequest, deadline: float) -> None:
+        try:
+            resp = await handler.handle(req, deadline)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("route %s: the handler failed", self.route_label)
+            self.pending = None
+            self.reply_local(500, "handler-error", "the gateway failed to answer this request")
+        else:
+            self.pending = None
+            self._reply_whole(resp)
+        if self.finished:
+            return
+        if self.proto.is_head(self):
+            self.start()
+
+    def _reply_whole(self, resp: HandlerResponse) -> None:
+        """A handler's answer, framed as a whole response."""
+        self.status = resp.status
+        if self.proto.state.draining:
+            self.keep_alive = False
+        self.local_reply = whole_response(
+            resp,
+            method=self.method,
+            request_id=self.request_id,
+            keep_alive=self.keep_alive,
+            http10=self.http10,
+            response_extra=self.response_extra,
+            response_drop=self.response_drop,
+        )

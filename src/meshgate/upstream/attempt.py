@@ -18,6 +18,8 @@ and it is written once, here, as `UpstreamAttempt`, the base class of both:
   and the endpoint of the next try (`_next_try`);
 - the response head as the cluster sees it: outlier detection, 429/503
   shunning with `Retry-After`, and a retriable status (`_judge_head`);
+- a try that broke: a response that cannot be parsed (`_broken`), a stale
+  pooled connection retried at once (`_stale`), a reset (`_reset_retry`);
 - endings: the endpoint's load and latency (`_end_try`,
   `_release_endpoint`), outlier failures (`_gateway_failure`), the breaker's
   refusals (`_overloaded`), and the cluster's counters (`_leave_cluster`).
@@ -98,6 +100,7 @@ class UpstreamAttempt:
     retry_counted: bool  # counted in the cluster's retries in flight
     in_cluster: bool  # counted in the cluster's requests in flight
     refused: bool  # by a circuit breaker (logged once a second, not per request)
+    stale_retried: bool  # retried at once after a stale pooled connection
     deadline: float  # the whole exchange's, retries included
     try_deadline: float  # the current try's (0: none)
     try_started: float
@@ -311,6 +314,45 @@ class UpstreamAttempt:
         ):
             return self._retry_delay(str(status), ep, sent=True, retry_after=retry_after)
         return None
+
+    # -- a try that broke ----------------------------------------------------------------
+
+    def _broken(self, conn: UpstreamConnection) -> Endpoint | None:
+        """The try's connection sent what cannot be parsed: its endpoint is
+        blamed (outlier detection) and released, the connection reset. The
+        endpoint it was on."""
+        self.conn = None
+        self._gateway_failure()
+        failed = self.endpoint
+        self._release_endpoint()
+        conn.abort()
+        return failed
+
+    def _replayable(self) -> bool:
+        """The request can go again as it went (the subclass says)."""
+        raise NotImplementedError
+
+    def _stale(self, conn: UpstreamConnection) -> Endpoint | None:
+        """A pooled connection the upstream had closed while it sat idle:
+        nothing came back on it, this request was not retried so yet, and
+        it can go again (`_replayable`). The pool's other idle connections
+        are likely stale as well, and are closed; the endpoint to retry on
+        at once, on a fresh connection. None for any other loss."""
+        if conn.reused and conn.bytes_in == 0 and not self.stale_retried and self._replayable():
+            self.stale_retried = True
+            conn.pool.close_idle()
+            cluster = self.cluster
+            assert cluster is not None
+            return cluster.balancer.pick()
+        return None
+
+    def _reset_retry(self, ep: Endpoint | None) -> float | None:
+        """The connection closed before an answer: `ep` is blamed; the
+        backoff before a retry (`_retry_delay`), or None."""
+        cluster = self.cluster
+        if cluster is not None and cluster.outlier is not None and ep is not None:
+            cluster.outlier.failure(ep, gateway=True)
+        return self._retry_delay("reset", ep, sent=True)
 
     # -- endings -------------------------------------------------------------------------
 

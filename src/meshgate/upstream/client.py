@@ -427,11 +427,7 @@ class _Call(UpstreamAttempt):
         self._settle(self._response())
 
     def on_upstream_error(self, conn: UpstreamConnection, reason: str) -> None:
-        self.conn = None
-        self._gateway_failure()
-        failed = self.endpoint
-        self._release_endpoint()
-        conn.abort()
+        failed = self._broken(conn)
         delay = self._retry_delay("reset", failed, sent=True)
         if delay is not None:
             self._settle(_Retry(delay, failed))
@@ -456,21 +452,11 @@ class _Call(UpstreamAttempt):
                     )
                 )
             return
-        if (
-            conn.reused
-            and conn.bytes_in == 0
-            and not self.stale_retried
-            and (self.method in IDEMPOTENT or not self.body)
-        ):
-            # A pooled connection the upstream had closed while it sat idle.
-            # Its other idle connections are likely stale as well.
-            self.stale_retried = True
-            conn.pool.close_idle()
-            self._settle(_Retry(0.0, None, self.cluster.balancer.pick()))
+        fresh = self._stale(conn)
+        if fresh is not None:
+            self._settle(_Retry(0.0, None, fresh))
             return
-        if self.cluster.outlier is not None and conn_ep is not None:
-            self.cluster.outlier.failure(conn_ep, gateway=True)
-        delay = self._retry_delay("reset", conn_ep, sent=True)
+        delay = self._reset_retry(conn_ep)
         if delay is not None:
             self._settle(_Retry(delay, conn_ep))
             return
@@ -481,6 +467,9 @@ class _Call(UpstreamAttempt):
                 f"{conn.pool.address} closed the connection before answering",
             )
         )
+
+    def _replayable(self) -> bool:
+        return self.method in IDEMPOTENT or not self.body
 
     def on_upstream_pause_writing(self) -> None:
         return None  # the whole request is in the transport's buffer already
