@@ -529,7 +529,15 @@ class ProxyExchange(UpstreamAttempt):
             proto.writelines(out)
             self.out = []
         self.conn = None
-        self._end_try()
+        # `self._end_try()`, inlined: this is the hot path.
+        ep = self.endpoint
+        if ep is not None:
+            self.endpoint = None
+            ep.active -= 1
+            balancer = ep.balancer
+            if balancer.needs_latency:
+                now = self.loop.time()
+                balancer.observe(ep, now - self.try_started, now)
         if not self.request_complete:
             conn.keep_alive = False
         if proto.write_paused and conn.transport is not None:
