@@ -22,6 +22,7 @@ from typing import Any
 from meshgate.engine.load import load_config_text
 from meshgate.engine.runtime import Runtime
 from meshgate.protocol.h1 import ServerProtocol, ServerState
+from meshgate.stream.stream import ProxyStream
 from meshgate.upstream.cluster import PoolRegistry
 from meshgate.upstream.pool import UpstreamConnection
 
@@ -80,7 +81,7 @@ async def main(n: int, profile: bool) -> None:
     loop = asyncio.get_running_loop()
     registry = PoolRegistry(loop)
     runtime = Runtime.build(load_config_text(CONFIG), registry)
-    state = ServerState(runtime, registry, loop=loop)
+    state = ServerState(runtime, registry, loop=loop, streams=ProxyStream)
     proto = ServerProtocol(state)
     client = MemTransport()
     proto.connection_made(client)  # type: ignore[arg-type]

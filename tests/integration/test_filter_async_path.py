@@ -18,6 +18,7 @@ from meshgate.engine.load import load_config_text
 from meshgate.engine.runtime import Runtime
 from meshgate.filters import Chain, FilterRequest, LocalReply
 from meshgate.protocol import h1
+from meshgate.stream.stream import ProxyStream
 from meshgate.upstream.cluster import PoolRegistry
 
 
@@ -65,7 +66,7 @@ routes:
     match = runtime.router.match("GET", "h", "/b", [])
     assert match is not None
     match.route.target.chain = Chain([("wait", filter_for_b)])
-    state = h1.ServerState(runtime, registry, loop=loop)
+    state = h1.ServerState(runtime, registry, loop=loop, streams=ProxyStream)
     server = await loop.create_server(lambda: h1.ServerProtocol(state), "127.0.0.1", 0)
     return runtime, server.sockets[0].getsockname()[1], [up, server]
 
@@ -94,21 +95,21 @@ def test_filters_finishing_with_the_exchange_ahead_start_it_once() -> None:
             await gate
 
         _, port, servers = await _gateway(seen, lambda req: wait())
-        original = h1.Exchange.on_upstream_end
+        original = ProxyStream.on_upstream_end
 
-        def on_end(self: h1.Exchange, conn: Any) -> None:
+        def on_end(self: ProxyStream, conn: Any) -> None:
             if self.route_label == "a" and not gate.done():
                 gate.set_result(None)  # B's decision arrives in this same turn
             original(self, conn)
 
-        h1.Exchange.on_upstream_end = on_end  # type: ignore[method-assign]
+        ProxyStream.on_upstream_end = on_end  # type: ignore[method-assign]
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /a HTTP/1.1\r\nhost: h\r\n\r\nGET /b HTTP/1.1\r\nhost: h\r\n\r\n")
             data = await _read_all(reader)
             writer.close()
         finally:
-            h1.Exchange.on_upstream_end = original  # type: ignore[method-assign]
+            ProxyStream.on_upstream_end = original  # type: ignore[method-assign]
             for server in servers:
                 server.close()
         return seen, data

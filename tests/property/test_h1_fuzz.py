@@ -40,8 +40,8 @@ from hypothesis import strategies as st
 from meshgate.engine.load import load_config_text
 from meshgate.engine.runtime import Runtime
 from meshgate.http.router import normalize_path
-from meshgate.protocol import h1
 from meshgate.protocol.h1 import ServerProtocol, ServerState
+from meshgate.stream.stream import ProxyStream
 from meshgate.upstream.cluster import PoolRegistry
 from meshgate.upstream.pool import EndpointPool, UpstreamConnection
 
@@ -146,8 +146,8 @@ class RecordingServerProtocol(ServerProtocol):
         self.methods: list[bytes] = []
 
 
-class RecordingExchange(h1.Exchange):
-    def __init__(self, proto: ServerProtocol, method: bytes, *args: Any) -> None:
+class RecordingStream(ProxyStream):
+    def __init__(self, proto: Any, method: bytes, *args: Any) -> None:
         super().__init__(proto, method, *args)
         if isinstance(proto, RecordingServerProtocol):
             proto.methods.append(method)
@@ -165,7 +165,6 @@ async def _connect_in_memory(self: EndpointPool) -> UpstreamConnection:
 @pytest.fixture(scope="module", autouse=True)
 def _in_memory_proxy() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(h1, "Exchange", RecordingExchange)
         mp.setattr(EndpointPool, "connect", _connect_in_memory)
         yield
 
@@ -252,7 +251,7 @@ class Harness:
         loop.set_exception_handler(lambda _loop, ctx: self.loop_errors.append(ctx))
         registry = PoolRegistry(loop)
         self.runtime = Runtime.build(load_config_text(CONFIG), registry)
-        self.state = ServerState(self.runtime, registry, loop=loop)
+        self.state = ServerState(self.runtime, registry, loop=loop, streams=RecordingStream)
         self.batcher = self.state.batcher
         self.pool = self.runtime.clusters["backend"].endpoints[0].pool
         self.upstreams: list[Upstream] = []

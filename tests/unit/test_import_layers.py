@@ -189,7 +189,7 @@ def test_the_graph_is_read() -> None:
     assert "meshgate.mesh.control.server" in modules  # a namespace package's module
     pairs = {(e.source, e.target) for e in edges}
     assert ("meshgate.cli", "meshgate.config.loader") in pairs
-    assert ("meshgate.protocol.h1", "meshgate.upstream.balancer") in pairs  # TYPE_CHECKING
+    assert ("meshgate.protocol.h1", "meshgate.engine.runtime") in pairs  # TYPE_CHECKING
     assert ("meshgate.demo", "meshgate.demo.mesh") in pairs  # inside a function
 
 

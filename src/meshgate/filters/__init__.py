@@ -17,15 +17,75 @@ loop's task machinery.
 
 What filters change is collected on the request (headers to add and remove,
 a new request target, response header lines) and applied once, when the chain is
-done, by the protocol layer.
+done, by the request's stream (`stream.ProxyStream`).
+
+The response phase: a filter that edits the response registers a
+`ResponseHook` on the request (`FilterRequest.on_response`). The stream runs
+the hooks on the upstream's response head in reverse order of registration
+(Envoy's encoder filters: request hooks A, B, C; response hooks C, B, A), on
+a streamed head (`apply_parts`) or a whole response (`apply_pairs`), never on
+the gateway's own answers. `FilterRequest.response_edits` is that phase as
+one hook. Header lines a filter adds to every answer, the gateway's own
+included (CORS), go on `response_extra`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["Chain", "Filter", "FilterRequest", "FilterResult", "LocalReply"]
+__all__ = [
+    "Chain",
+    "Filter",
+    "FilterRequest",
+    "FilterResult",
+    "LocalReply",
+    "ResponseHook",
+    "ResponsePhase",
+]
+
+
+class ResponseHook(Protocol):
+    """A filter's response phase, for one request (`filters.transform.ResponseEdits`)."""
+
+    def status(self, status: int) -> int:
+        """The status the client gets for `status`."""
+        ...
+
+    def apply_parts(self, parts: list[bytes]) -> list[bytes]:
+        """A streamed response head edited: parts[0] is the status line, then
+        (name, b": ", value, b"\\r\\n") quads with lower-case names; `parts`
+        itself when nothing changes."""
+        ...
+
+    def apply_pairs(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """A whole response's (name, value) headers edited."""
+        ...
+
+
+class ResponsePhase:
+    """Several filters' response hooks as one, run in reverse order of
+    registration (the last request hook's response hook first)."""
+
+    __slots__ = ("hooks",)
+
+    def __init__(self, hooks: Sequence[ResponseHook]) -> None:
+        self.hooks = tuple(reversed(hooks))
+
+    def status(self, status: int) -> int:
+        for hook in self.hooks:
+            status = hook.status(status)
+        return status
+
+    def apply_parts(self, parts: list[bytes]) -> list[bytes]:
+        for hook in self.hooks:
+            parts = hook.apply_parts(parts)
+        return parts
+
+    def apply_pairs(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        for hook in self.hooks:
+            headers = hook.apply_pairs(headers)
+        return headers
 
 
 class LocalReply:
@@ -68,8 +128,8 @@ class FilterRequest:
         "peer",
         "query_credentials",
         "request_id",
-        "response_edits",
         "response_extra",
+        "response_hooks",
         "subject",
         "target",
     )
@@ -88,9 +148,9 @@ class FilterRequest:
         """The route's path parameters (`{id}` -> value), or None."""
         self.request_id = request_id
         """The request's X-Request-Id, as sent upstream."""
-        self.response_edits: Any = None
-        """Edits to the response's status and headers, rendered for this
-        request by the transform filter (`filters.transform.ResponseEdits`)."""
+        self.response_hooks: list[ResponseHook] | None = None
+        """The response phase's hooks, in the order the filters registered
+        them (`on_response`); None when no filter edits the response."""
         self.target = target
         """The upstream request target; a filter may replace it."""
         self.headers = headers
@@ -115,6 +175,24 @@ class FilterRequest:
         self.peer: str | None = None
         """The SPIFFE ID of the peer's verified client certificate (read once
         per connection from the TLS transport), or None for plaintext."""
+
+    def on_response(self, hook: ResponseHook) -> None:
+        """Run `hook` on this request's response (in reverse order of the
+        filters that registered one)."""
+        hooks = self.response_hooks
+        if hooks is None:
+            self.response_hooks = [hook]
+        else:
+            hooks.append(hook)
+
+    @property
+    def response_edits(self) -> ResponseHook | None:
+        """The response phase as one hook (the only one itself, when a
+        single filter registered one), or None."""
+        hooks = self.response_hooks
+        if not hooks:
+            return None
+        return hooks[0] if len(hooks) == 1 else ResponsePhase(hooks)
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a (lower-case) header, or None."""

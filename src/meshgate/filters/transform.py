@@ -23,8 +23,9 @@ found are known when values render. Per request it:
   `req.add`: every name it touches is dropped from the client's lines and
   its final values are added. A client's `x_name` spelling of a touched
   name is dropped as well (CGI-style servers read it as `x-name`);
-- puts the route's response edits on `req.response_edits` (`ResponseEdits`):
-  one shared object when no response value depends on the request.
+- registers the route's response edits as the request's response hook
+  (`req.on_response`, a `ResponseEdits`): one shared object when no
+  response value depends on the request.
 
 Edits apply in the order remove, rename, set, add. A rename moves every
 value of the old name, in order, to the new name, replacing what the new
@@ -65,7 +66,7 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SUBST_LITERAL = re.compile(r"[\x21-\x3e\x40-\x5b\x5d-\x7e]")
 _SUBST_ESCAPE = re.compile(r"\\(?:g<\w+>|[1-9][0-9]?(?![0-9])|\\)")
 _NO_BODY_STATUS = frozenset({204, 304})
-# Headers the protocol layer writes itself (h1's REQUEST_OWN and the response
+# Headers the gateway writes itself (http.headers.REQUEST_OWN and the response
 # tail), whatever a filter says: editing them would do nothing, or send two.
 # A request rename may still read one (`rename: {x-request-id: x-trace}`).
 _GATEWAY_REQUEST_HEADERS = frozenset(
@@ -481,7 +482,7 @@ class _HeaderOps:
 
 class ResponseEdits:
     """A route's status and header edits for one response (or for all of
-    them, when no value depends on the request)."""
+    them, when no value depends on the request): a `filters.ResponseHook`."""
 
     __slots__ = ("add", "remove", "rename", "set", "status_map", "touched")
 
@@ -547,9 +548,9 @@ class ResponseEdits:
         return out
 
     def apply_parts(self, parts: list[bytes]) -> list[bytes]:
-        """The same edits on h1's layout: parts[0] is the status line, then
-        (name, b": ", value, b"\\r\\n") quads with lower-case names. Returns
-        `parts` itself when nothing changes."""
+        """The same edits on a streamed head's layout: parts[0] is the status
+        line, then (name, b": ", value, b"\\r\\n") quads with lower-case
+        names. Returns `parts` itself when nothing changes."""
         touched = self.touched
         if not touched:
             if not self.add:
@@ -725,7 +726,7 @@ class _PathRewrite:
 
 class TransformFilter:
     """A route's `transform:` request edits, and its response edits handed
-    on through `req.response_edits`."""
+    on as a response hook (`req.on_response`)."""
 
     __slots__ = (
         "headers",
@@ -839,10 +840,10 @@ class TransformFilter:
         if response is not None:
             rops = self.response_headers
             if rops is None:
-                req.response_edits = response
+                req.on_response(response)
             else:
                 set_values, add = rops.render(req)
-                req.response_edits = response._rendered(set_values, add)
+                req.on_response(response._rendered(set_values, add))
         if query is not None or self.path is not None:
             target = req.target
             path, sep, qs = target.partition(b"?")

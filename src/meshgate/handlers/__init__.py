@@ -9,7 +9,7 @@ buffered only when a filter asks for it"):
 - `transform:` with a JSON body mapping edits the request's or the
   response's body (`handlers.transform`).
 
-The protocol layer reads the request body (up to the handler's `max_body`,
+The request's stream (`stream.ProxyStream`) reads the request body (up to the handler's `max_body`,
 413 past it), runs the route's filters as usual, then hands a
 `BufferedRequest` to the route's `Handler` and writes the `HandlerResponse`
 it returns. Upstream calls go through `upstream.client.send`: the same
@@ -81,7 +81,8 @@ class BufferedRequest:
         self.consumer = consumer
         self.claims = claims
         self.response_edits = response_edits
-        """`filters.transform.ResponseEdits` for this request, or None."""
+        """The response phase of the route's filters (a `filters.ResponseHook`,
+        such as `filters.transform.ResponseEdits`), or None."""
         self.cluster = cluster
         """The upstream the route picked (after `split:`), for a proxied
         route; None for an aggregation."""

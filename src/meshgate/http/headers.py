@@ -25,6 +25,41 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
     }
 )
 
+# Request headers that meshgate writes itself instead of copying through:
+# the framing (Content-Length or chunked, for the body it forwards), Host and
+# the forwarding headers.
+REQUEST_WRITTEN = HOP_BY_HOP | {
+    b"content-length",
+    b"host",
+    b"expect",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-request-id",
+    b"via",
+    b"x-meshgate-deadline",
+    b"grpc-timeout",
+}
+# Forwarding headers a client could forge and that upstream frameworks believe
+# (a URL's scheme, port and prefix, the client's address or certificate):
+# never copied from a client. A route's own transform may still set them.
+CLIENT_FORGEABLE = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-server",
+        b"x-forwarded-uri",
+        b"x-forwarded-method",
+        b"x-forwarded-ssl",
+        b"x-forwarded-scheme",
+        b"x-forwarded-client-cert",
+        b"x-real-ip",
+    }
+)
+# What is never copied from the client's own header lines.
+REQUEST_OWN = REQUEST_WRITTEN | CLIENT_FORGEABLE
+
 
 def _status_line(code: int) -> bytes:
     try:

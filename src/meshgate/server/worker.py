@@ -38,6 +38,7 @@ from meshgate.filters.build import FilterServices
 from meshgate.mesh.member import MeshMember
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.ratelimit.local import SharedTable
+from meshgate.stream.stream import ProxyStream
 from meshgate.upstream.cluster import PoolRegistry
 
 log = logging.getLogger("meshgate.server")
@@ -95,7 +96,7 @@ class Worker:
         )
         self.services = FilterServices(opts.rate_table)
         runtime = self._build(config)
-        self.state = ServerState(runtime, self.registry, loop=self.loop)
+        self.state = ServerState(runtime, self.registry, loop=self.loop, streams=ProxyStream)
         self.stopping = asyncio.Event()
         self.servers: list[tuple[ListenerSpec, Serving]] = []
         self.stamp = file_stamp(opts.config_path)

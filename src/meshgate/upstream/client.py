@@ -1,8 +1,9 @@
 """A buffered upstream client: one whole request to a cluster, one whole response back.
 
 Request aggregation and body-transforming routes need the whole response
-before they can answer, so they cannot stream through `protocol.h1.Exchange`.
-`send()` gives them the same upstream layer the streaming proxy uses, with
+before they can answer, so they cannot stream through a request's stream
+(`stream.exchange.ProxyExchange`). `send()` gives them the same upstream
+layer the streaming proxy uses, the same tries (`upstream.attempt`), with
 the same semantics:
 
 - the cluster's balancer picks the endpoint; a retry goes to another one;
@@ -38,9 +39,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from meshgate.http.headers import IDEMPOTENT
-from meshgate.upstream import reachability
-from meshgate.upstream.balancer import shun
-from meshgate.upstream.pool import PoolTimeout, UpstreamConnection
+from meshgate.upstream.attempt import UpstreamAttempt, UpstreamFailure
+from meshgate.upstream.pool import UpstreamConnection
 
 if TYPE_CHECKING:
     from meshgate.upstream.balancer import Endpoint
@@ -87,17 +87,6 @@ class Response:
         return f"<Response {self.status} {len(self.headers)} headers {len(self.body)} bytes>"
 
 
-class UpstreamFailure(Exception):
-    """The call got no usable answer: what a gateway would answer instead
-    (502, 503 or 504), its problem type slug (`kind`) and why (`detail`)."""
-
-    def __init__(self, status: int, kind: str, detail: str) -> None:
-        super().__init__(f"{status} {kind}: {detail}")
-        self.status = status
-        self.kind = kind
-        self.detail = detail
-
-
 class _Retry:
     """A try failed and is retried: after `delay`, on another endpoint than
     `failed`; or (`endpoint` set) at once on a fresh connection to it."""
@@ -140,8 +129,9 @@ async def send(
     return await call.run()
 
 
-class _Call:
-    """One `send()`: its tries, and the `ResponseSink` of the connection it is on."""
+class _Call(UpstreamAttempt):
+    """One `send()`: its tries (`UpstreamAttempt`), and the `ResponseSink` of
+    the connection it is on."""
 
     __slots__ = (
         "attempt",
@@ -157,6 +147,7 @@ class _Call:
         "head_seen",
         "head_start",
         "host_line",
+        "in_cluster",
         "last_activity",
         "loop",
         "max_body",
@@ -177,6 +168,8 @@ class _Call:
         "try_deadline",
         "try_started",
     )
+    logger = log
+    cluster: Cluster
 
     def __init__(
         self,
@@ -199,7 +192,7 @@ class _Call:
         self.max_body = max_body
         self.policy = retry if retry is not None else cluster.retry
         # A deadline the caller chose shorter than the upstream's own total
-        # says nothing about the endpoint (as a client's deadline in h1).
+        # says nothing about the endpoint (as a client's deadline in a stream).
         self.blame_total = timeout >= cluster.total_timeout
         self.read_limit = cluster.read_timeout
         self.deadline = 0.0
@@ -208,6 +201,7 @@ class _Call:
         self.last_activity = 0.0
         self.attempt = 1
         self.retry_counted = False
+        self.in_cluster = False
         self.stale_retried = False
         self.tried: tuple[Endpoint, ...] = ()  # endpoints whose try failed, in order
         self.refused = False  # by a circuit breaker (logged once a second, not per call)
@@ -265,37 +259,20 @@ class _Call:
     # -- the call --------------------------------------------------------------------
 
     async def run(self) -> Response:
-        cluster = self.cluster
-        limit = cluster.max_requests
-        if limit is not None and cluster.active >= limit:
-            raise self._overloaded(f"{limit} requests are in flight (circuit_breaker.max_requests)")
-        cluster.active += 1
+        first = self._begin(self.loop.time(), self.timeout)  # (raises a refusal)
         try:
-            outcome = await self._tries()
+            outcome = await self._tries(first)
         finally:
             # Also when the caller cancels: reset what is bound, count off.
             self._drop_upstream()
-            cluster.active -= 1
-            if self.retry_counted:
-                self.retry_counted = False
-                cluster.retries_active -= 1
+            self._leave_cluster()
         if isinstance(outcome, UpstreamFailure):
             if not self.refused:
-                self._log(outcome)
+                self._log_failure(outcome.status, outcome.detail)
             raise outcome
         return outcome
 
-    async def _tries(self) -> Response | UpstreamFailure:
-        cluster = self.cluster
-        loop = self.loop
-        now = loop.time()
-        self.deadline = now + self.timeout
-        policy = self.policy
-        if policy is not None:
-            cluster.budget.request(now)
-            if policy.per_try_timeout is not None:
-                self.try_deadline = now + policy.per_try_timeout
-        ep = cluster.balancer.pick()
+    async def _tries(self, ep: Endpoint) -> Response | UpstreamFailure:
         fresh = False
         while True:
             outcome = await self._try(ep, fresh)
@@ -308,10 +285,7 @@ class _Call:
                 continue
             if outcome.delay > 0:
                 await asyncio.sleep(outcome.delay)
-            now = self.last_activity = loop.time()
-            if policy is not None and policy.per_try_timeout is not None:
-                self.try_deadline = now + policy.per_try_timeout
-            ep = reachability.retry_endpoint(cluster.balancer, self.tried)[0]
+            ep = self._next_try()
             fresh = False
 
     async def _try(self, ep: Endpoint, fresh: bool) -> _Outcome:
@@ -337,61 +311,22 @@ class _Call:
                 timer.cancel()
 
     async def _connect(self, ep: Endpoint) -> UpstreamConnection | UpstreamFailure | _Retry:
-        """A connection to `ep`: a new one, or a pooled one freed while waiting
-        for room in a full pool. Bounded by the total and per-try deadlines."""
-        cluster = self.cluster
-        loop = self.loop
-        pool = ep.pool
+        """A connection to `ep` (`_open`), bounded by the total and per-try
+        deadlines."""
         end = self.deadline
         if self.try_deadline and self.try_deadline < end:
             end = self.try_deadline
         scope = asyncio.timeout_at(end)
         try:
             async with scope:
-                if not pool.has_capacity():
-                    limit = cluster.max_pending
-                    if limit is not None and cluster.pending >= limit:
-                        return self._overloaded(
-                            f"{limit} requests already wait for a connection "
-                            "(circuit_breaker.max_pending)"
-                        )
-                    cluster.pending += 1
-                    try:
-                        wait_until = loop.time() + cluster.acquire_timeout
-                        while not pool.has_capacity():
-                            remaining = wait_until - loop.time()
-                            if remaining <= 0:
-                                raise PoolTimeout
-                            await pool.wait_for_capacity(remaining)
-                            conn = pool.take_idle()
-                            if conn is not None:
-                                return conn
-                    finally:
-                        cluster.pending -= 1
-                conn = await pool.connect()
-                if ep.unreachable:
-                    reachability.connected(ep)
-                return conn
-        except PoolTimeout:
-            return UpstreamFailure(
-                503, "upstream-overloaded", f"no connection to {pool.address} became free in time"
-            )
-        except (TimeoutError, OSError) as exc:
-            timed_out = isinstance(exc, TimeoutError)
-            if timed_out and scope.expired():
+                got = await self._open(ep)
+        except TimeoutError:
+            if scope.expired():
                 return self._timeout_connecting(ep, end)
-            reason = "timed out" if timed_out else exc.strerror or exc.__class__.__name__
-            reachability.connect_failed(ep, reason)
-            if cluster.outlier is not None:
-                cluster.outlier.failure(ep, gateway=True)
-            delay = self._maybe_retry("connect-failure", ep, sent=False)
-            if delay is not None:
-                return _Retry(delay, ep)
-            return UpstreamFailure(
-                *reachability.connect_failure_answer(
-                    cluster.balancer, pool.address, reason, timed_out=timed_out
-                )
-            )
+            raise
+        if isinstance(got, float):
+            return _Retry(got, ep)
+        return got
 
     def _timeout_connecting(self, ep: Endpoint, end: float) -> UpstreamFailure | _Retry:
         """The total or the per-try deadline passed before a connection was
@@ -403,29 +338,19 @@ class _Call:
                 f"the upstream exchange took longer than {self.timeout:g}s",
             )
         self.try_deadline = 0.0
-        delay = self._maybe_retry("timeout", ep, sent=False)
+        delay = self._retry_delay("timeout", ep, sent=False)
         if delay is not None:
             return _Retry(delay, ep)
         return UpstreamFailure(504, "upstream-timeout", self._per_try_detail())
 
     def _attach(self, ep: Endpoint, conn: UpstreamConnection) -> None:
-        self.endpoint = ep
-        ep.active += 1
-        self.conn = conn
-        conn.bind(self, no_body=self.method == b"HEAD")
+        now = self.last_activity = self.loop.time()
+        left = self._bind(ep, conn, now)
         self.status = 0
         self.head_seen = False
         self.resp_headers = []
         self.chunks = []
         self.size = 0
-        now = self.last_activity = self.loop.time()
-        # What is left of the deadline goes to the next hop, in milliseconds.
-        end = self.deadline
-        if self.try_deadline and self.try_deadline < end:
-            end = self.try_deadline
-        left = int((end - now) * 1000)
-        if left < 1:
-            left = 1
         host_line = self.host_line
         if host_line is None:
             host_line = b"host: " + ep.authority + CRLF
@@ -442,56 +367,17 @@ class _Call:
         else:
             conn.write(head)
 
-    # -- retries ---------------------------------------------------------------------
-
-    def _maybe_retry(
-        self,
-        cause: str,
-        failed: Endpoint | None,
-        *,
-        sent: bool,
-        retry_after: float | None = None,
-    ) -> float | None:
-        """The backoff before a retry, when the policy, the method, the budget,
-        the breaker and the deadline all allow one (it is then counted); None
-        when the try's failure is the answer."""
-        policy = self.policy
-        if policy is None:
-            return None
-        cluster = self.cluster
-        if failed is not None:
-            self.tried = (*self.tried, failed)
-        delay = policy.next_delay(
-            cluster,
-            cause,
-            self.attempt,
-            method=self.method,
-            sent=sent,
-            now=self.loop.time(),
-            deadline=self.deadline,
-            retry_after=retry_after,
-            free=reachability.free_retry(cluster.balancer, self.tried, cause, sent=sent),
-        )
-        if delay is None:
-            return None
-        self.attempt += 1
-        if not self.retry_counted:
-            self.retry_counted = True
-            cluster.retries_active += 1
-        self.try_deadline = 0.0
-        return delay
-
     # -- ResponseSink (called by the connection) -------------------------------------
 
     def on_upstream_head(self, conn: UpstreamConnection) -> None:
         status = self.status = conn.status
-        cluster = self.cluster
         ep = self.endpoint
-        if cluster.outlier is not None and ep is not None:
-            if status >= 500:
-                cluster.outlier.failure(ep, gateway=status in (502, 503, 504))
-            else:
-                cluster.outlier.success(ep)
+        delay = self._judge_head(conn, conn.drop)
+        if delay is not None:
+            # This answer is dropped: the connection goes, mid-response.
+            self._drop_upstream()
+            self._settle(_Retry(delay, ep))
+            return
         # The forwardable lines the connection collected, framing left out.
         parts = conn.parts
         drop = conn.drop
@@ -503,21 +389,6 @@ class _Call:
                 length = parts[i + 2]
             elif drop is None or name not in drop:
                 headers.append((name, parts[i + 2]))
-        policy = self.policy
-        busy = status == 503 or status == 429
-        retriable = policy is not None and status in policy.statuses
-        retry_after = _retry_after(headers) if busy or retriable else None
-        if busy and ep is not None:
-            shun(ep, retry_after)
-        if retriable and not (
-            status == 503 and _first(headers, b"x-meshgate-overloaded") is not None
-        ):
-            delay = self._maybe_retry(str(status), ep, sent=True, retry_after=retry_after)
-            if delay is not None:
-                # This answer is dropped: the connection goes, mid-response.
-                self._drop_upstream()
-                self._settle(_Retry(delay, ep))
-                return
         self.head_seen = True
         self.last_activity = self.loop.time()
         self.resp_headers = headers
@@ -546,14 +417,7 @@ class _Call:
 
     def on_upstream_end(self, conn: UpstreamConnection) -> None:
         self.conn = None
-        ep = self.endpoint
-        if ep is not None:
-            self.endpoint = None
-            ep.active -= 1
-            balancer = ep.balancer
-            if balancer.needs_latency:
-                now = self.loop.time()
-                balancer.observe(ep, now - self.try_started, now)
+        self._end_try()
         transport = conn.transport
         if conn.wbuf or (transport is not None and transport.get_write_buffer_size()):
             # Answered before the request was all sent: the rest would be
@@ -563,12 +427,8 @@ class _Call:
         self._settle(self._response())
 
     def on_upstream_error(self, conn: UpstreamConnection, reason: str) -> None:
-        self.conn = None
-        self._gateway_failure()
-        failed = self.endpoint
-        self._release_endpoint()
-        conn.abort()
-        delay = self._maybe_retry("reset", failed, sent=True)
+        failed = self._broken(conn)
+        delay = self._retry_delay("reset", failed, sent=True)
         if delay is not None:
             self._settle(_Retry(delay, failed))
         else:
@@ -592,21 +452,11 @@ class _Call:
                     )
                 )
             return
-        if (
-            conn.reused
-            and conn.bytes_in == 0
-            and not self.stale_retried
-            and (self.method in IDEMPOTENT or not self.body)
-        ):
-            # A pooled connection the upstream had closed while it sat idle.
-            # Its other idle connections are likely stale as well.
-            self.stale_retried = True
-            conn.pool.close_idle()
-            self._settle(_Retry(0.0, None, self.cluster.balancer.pick()))
+        fresh = self._stale(conn)
+        if fresh is not None:
+            self._settle(_Retry(0.0, None, fresh))
             return
-        if self.cluster.outlier is not None and conn_ep is not None:
-            self.cluster.outlier.failure(conn_ep, gateway=True)
-        delay = self._maybe_retry("reset", conn_ep, sent=True)
+        delay = self._reset_retry(conn_ep)
         if delay is not None:
             self._settle(_Retry(delay, conn_ep))
             return
@@ -617,6 +467,9 @@ class _Call:
                 f"{conn.pool.address} closed the connection before answering",
             )
         )
+
+    def _replayable(self) -> bool:
+        return self.method in IDEMPOTENT or not self.body
 
     def on_upstream_pause_writing(self) -> None:
         return None  # the whole request is in the transport's buffer already
@@ -655,7 +508,7 @@ class _Call:
             self._gateway_failure()
             failed = self.endpoint
             self._drop_upstream()
-            delay = self._maybe_retry("timeout", failed, sent=True)
+            delay = self._retry_delay("timeout", failed, sent=True)
             if delay is not None:
                 self._settle(_Retry(delay, failed))
             else:
@@ -671,11 +524,6 @@ class _Call:
             self._gateway_failure()
         self._drop_upstream()
         self._settle(UpstreamFailure(504, "upstream-timeout", detail))
-
-    def _per_try_detail(self) -> str:
-        policy = self.policy
-        per_try = policy.per_try_timeout if policy is not None else None
-        return f"the try took longer than {per_try or 0.0:g}s"
 
     # -- endings ---------------------------------------------------------------------
 
@@ -710,58 +558,3 @@ class _Call:
             self.conn = None
             conn.abort()
         self._release_endpoint()
-
-    def _release_endpoint(self) -> None:
-        ep = self.endpoint
-        if ep is not None:
-            self.endpoint = None
-            ep.active -= 1
-
-    def _gateway_failure(self) -> None:
-        """The bound endpoint failed as a gateway sees it: tell outlier detection."""
-        outlier = self.cluster.outlier
-        if outlier is not None and self.endpoint is not None:
-            outlier.failure(self.endpoint, gateway=True)
-
-    def _overloaded(self, detail: str) -> UpstreamFailure:
-        """A circuit breaker limit is reached (logged at most once a second)."""
-        cluster = self.cluster
-        self.refused = True
-        cluster.overloaded += 1
-        now = self.loop.time()
-        if now - cluster.overload_logged >= 1.0:
-            cluster.overload_logged = now
-            log.warning(
-                "upstream %s: circuit breaker open: %s (%d refused so far)",
-                cluster.name,
-                detail,
-                cluster.overloaded,
-            )
-        return UpstreamFailure(503, "upstream-overloaded", f"upstream {cluster.name}: {detail}")
-
-    def _log(self, failure: UpstreamFailure) -> None:
-        log.warning(
-            "%s %s -> %s: %d %s",
-            self.method.decode("latin-1"),
-            self.target.decode("latin-1"),
-            self.cluster.name,
-            failure.status,
-            failure.detail,
-        )
-
-
-def _first(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key == name:
-            return value
-    return None
-
-
-def _retry_after(headers: list[tuple[bytes, bytes]]) -> float | None:
-    """A `Retry-After` in seconds (delta form only), or None."""
-    value = _first(headers, b"retry-after")
-    if value is not None:
-        value = value.strip()
-        if value.isdigit():
-            return float(int(value))
-    return None

@@ -8,9 +8,9 @@ open connections is capped by `max_connections`; past it, a request waits on
 `acquire_timeout`.
 
 `UpstreamConnection` is an `asyncio.Protocol` that parses responses with
-httptools and hands every event to the exchange currently bound to it (see
-`protocol.h1.Exchange`). It carries no request logic of its own: the
-exchange decides framing, reuse and errors.
+httptools and hands every event to the attempt currently bound to it (its
+`ResponseSink`, an `upstream.attempt.UpstreamAttempt`). It carries no request
+logic of its own: the attempt decides framing, reuse and errors.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class PeerIdentityError(OSError):
 
 
 class ResponseSink(Protocol):
-    """What an `UpstreamConnection` reports to (implemented by the exchange)."""
+    """What an `UpstreamConnection` reports to (an `upstream.attempt.UpstreamAttempt`)."""
 
     def on_upstream_head(self, conn: UpstreamConnection) -> None: ...
     def on_upstream_body(self, data: bytes) -> None: ...

@@ -43,6 +43,7 @@ from meshgate.mesh.agent import MeshAgent
 from meshgate.mesh.sidecar.capture import Capture, destinations, original_destination
 from meshgate.mesh.translate import inbound_config, outbound_config
 from meshgate.protocol.h1 import ServerProtocol, ServerState
+from meshgate.stream.stream import ProxyStream
 from meshgate.tls.holder import IdentityContexts
 from meshgate.upstream.cluster import PoolRegistry
 
@@ -243,6 +244,7 @@ class Sidecar:
                     runtime,
                     registry,
                     loop=loop,
+                    streams=ProxyStream,
                     scheme=b"https",
                     role="sidecar-inbound",
                     require_peer=self.mtls == "strict",
@@ -252,6 +254,7 @@ class Sidecar:
                     runtime,
                     registry,
                     loop=loop,
+                    streams=ProxyStream,
                     role="sidecar-outbound",
                     route_host=self._route_host
                     if name == "outbound" and self.opts.capture
@@ -261,7 +264,12 @@ class Sidecar:
             runtime.start_health()
         inbound = self.states["inbound"]
         plain = ServerState(
-            inbound.runtime, registry, loop=loop, scheme=b"http", role="sidecar-inbound"
+            inbound.runtime,
+            registry,
+            loop=loop,
+            streams=ProxyStream,
+            scheme=b"http",
+            role="sidecar-inbound",
         )
         self.states["inbound-plaintext"] = plain
         specs: list[tuple[ListenerSpec, Any]] = [
