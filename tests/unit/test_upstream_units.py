@@ -178,3 +178,52 @@ async def test_retired_pool_keeps_its_waiters_waiting_for_room() -> None:
     busy.connection_lost(None)  # ...and the close makes room
     await asyncio.wait_for(waiter, 1.0)
     assert pool.has_capacity()
+
+
+async def test_a_cold_pool_opens_at_most_max_connecting_at_once() -> None:
+    """A burst on a cold pool waits for the connections being opened (each a
+    TLS handshake in the mesh) instead of opening one per request; each
+    connect that ends lets the next waiter in. A real server on loopback
+    accepts them, slowly."""
+    from meshgate.upstream.pool import MAX_CONNECTING
+
+    accepted: list[asyncio.StreamWriter] = []
+    gate = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    server = await asyncio.start_server(
+        lambda r, w: accepted.append(w), "127.0.0.1", 0, backlog=128
+    )
+    port = server.sockets[0].getsockname()[1]
+    pool = _pool(loop, port=port, max_connections=100, connect_timeout=5.0)
+    peak = 0
+    real_create = loop.create_connection
+
+    async def slow_create(*args: Any, **kwargs: Any) -> Any:
+        await gate.wait()  # held, as a slow handshake would be
+        return await real_create(*args, **kwargs)
+
+    loop.create_connection = slow_create  # type: ignore[method-assign]
+
+    async def one() -> None:
+        nonlocal peak
+        while not pool.has_capacity():
+            await pool.wait_for_capacity(5.0)
+        task = pool.connect()
+        peak = max(peak, pool.connecting + 1)
+        await task
+
+    try:
+        tasks = [asyncio.ensure_future(one()) for _ in range(30)]
+        await asyncio.sleep(0.05)
+        assert pool.connecting == MAX_CONNECTING
+        assert len(pool.waiters) == 30 - MAX_CONNECTING
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        assert pool.open_count == 30
+        assert peak <= MAX_CONNECTING
+    finally:
+        loop.create_connection = real_create  # type: ignore[method-assign]
+        for w in accepted:
+            w.close()
+        server.close()
+        pool.close_idle()

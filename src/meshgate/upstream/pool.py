@@ -31,6 +31,9 @@ from meshgate.tls.identity import peer_spiffe_id
 if TYPE_CHECKING:
     from meshgate.tls.holder import IdentityContexts
 
+MAX_CONNECTING = 8
+"""Connections one endpoint pool opens at once, at most."""
+
 log = logging.getLogger("meshgate.upstream")
 
 # Response headers never copied to the client: hop-by-hop ones, and the
@@ -360,7 +363,14 @@ class EndpointPool:
         return None
 
     def has_capacity(self) -> bool:
-        return self.open_count < self.max_connections
+        """Room for one more connection, and few enough being opened: past
+        MAX_CONNECTING, a request waits for one of them (or for a pooled
+        one), so that a burst on a cold pool does not open a connection (a
+        TLS handshake, in the mesh) per request."""
+        return self.open_count < self.max_connections and self.connecting < MAX_CONNECTING
+
+    def full(self) -> bool:
+        return self.open_count >= self.max_connections
 
     async def connect(self) -> UpstreamConnection:
         """Open a new connection (the caller checked `has_capacity`)."""
@@ -417,6 +427,8 @@ class EndpointPool:
             raise
         finally:
             self.connecting -= 1
+            if self.waiters:
+                self._wake_one()  # a connect slot is free
         return conn
 
     async def wait_for_capacity(self, timeout: float) -> None:

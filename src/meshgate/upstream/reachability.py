@@ -146,7 +146,7 @@ def _start_probe(ep: Endpoint) -> None:
 async def _probe(ep: Endpoint) -> None:
     pool = ep.pool
     try:
-        if not pool.has_capacity():
+        if pool.full():
             ok = True  # its connections are all in use: it accepts them
         else:
             conn = await pool.connect()
