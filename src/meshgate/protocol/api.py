@@ -30,6 +30,7 @@ __all__ = [
     "PAUSE_DONE",
     "PAUSE_PIPELINE",
     "PAUSE_UPSTREAM",
+    "Framing",
     "ListenerState",
     "RequestHead",
     "Stream",
@@ -57,7 +58,25 @@ class ListenerState(Protocol):
     def access_log(self) -> bool: ...
 
 
-class RequestHead(Protocol):
+class Framing(Protocol):
+    """How a request head frames its body, and the forwarded headers it
+    brought: what a stream needs to write the request upstream."""
+
+    @property
+    def chunked_in(self) -> bool: ...
+    @property
+    def length(self) -> bytes: ...
+    @property
+    def has_length(self) -> bool: ...
+    @property
+    def expect(self) -> bytes | None: ...
+    @property
+    def xff(self) -> bytes | None: ...
+    @property
+    def via(self) -> bytes | None: ...
+
+
+class RequestHead(Framing, Protocol):
     """A parsed request head, as `Stream.on_request_head` reads it (it is
     valid during that call only: the connection goes on to the next head)."""
 
@@ -71,18 +90,6 @@ class RequestHead(Protocol):
     def host_count(self) -> int: ...
     @property
     def route_host(self) -> bytes | None: ...
-    @property
-    def expect(self) -> bytes | None: ...
-    @property
-    def chunked_in(self) -> bool: ...
-    @property
-    def length(self) -> bytes: ...
-    @property
-    def has_length(self) -> bool: ...
-    @property
-    def xff(self) -> bytes | None: ...
-    @property
-    def via(self) -> bytes | None: ...
     @property
     def budget(self) -> float: ...
     @property

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -31,7 +31,7 @@ from meshgate.filters import FilterRequest, LocalReply
 from meshgate.handlers import BufferedRequest, Handler, HandlerResponse
 from meshgate.http.headers import REQUEST_OWN, REQUEST_WRITTEN
 from meshgate.http.router import normalize_path
-from meshgate.protocol.api import PAUSE_BUFFER, PAUSE_DONE, RequestHead
+from meshgate.protocol.api import PAUSE_BUFFER, PAUSE_DONE, Framing, RequestHead
 from meshgate.stream.exchange import ProxyExchange
 from meshgate.stream.heads import (
     COLON_SP,
@@ -77,24 +77,6 @@ def _unsent_body(expect: bytes | None, complete: bool) -> bool:
     its body: close after the answer, rather than wait for a body that may
     or may not come (as Go's server does)."""
     return expect == b"100-continue" and not complete
-
-
-class _Framing(Protocol):
-    """What `ProxyStream.set_target` reads of a request head (the parsed
-    one, or a `_Head` kept while the filters wait)."""
-
-    @property
-    def chunked_in(self) -> bool: ...
-    @property
-    def length(self) -> bytes: ...
-    @property
-    def has_length(self) -> bool: ...
-    @property
-    def expect(self) -> bytes | None: ...
-    @property
-    def xff(self) -> bytes | None: ...
-    @property
-    def via(self) -> bytes | None: ...
 
 
 class _Head:
@@ -397,7 +379,7 @@ class ProxyStream(ProxyExchange):
         cluster: Cluster,
         label: str,
         target: bytes,
-        head: _Framing,
+        head: Framing,
         headers: list[tuple[bytes, bytes]],
         added: list[tuple[bytes, bytes]] | None,
         drop: frozenset[bytes] | None,
