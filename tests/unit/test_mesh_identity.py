@@ -140,3 +140,16 @@ def test_prefix_pattern_is_textual() -> None:
     sid = SpiffeId.parse("spiffe://td/ns/production/sa/x")
     assert not sid.matches("spiffe://td/ns/prod/*")
     assert sid.matches("spiffe://td/ns/prod*")
+
+
+def test_control_addresses_one_parser_for_every_proxy() -> None:
+    from meshgate.mesh.wire import control_addresses
+
+    assert control_addresses("https://cp.example:15012/, 10.0.0.2:15012,[::1]:1") == [
+        ("cp.example", 15012),
+        ("10.0.0.2", 15012),
+        ("::1", 1),
+    ]
+    assert control_addresses(":15012") == [("127.0.0.1", 15012)]
+    with pytest.raises(ValueError, match="expected host:port"):
+        control_addresses("cp.example")

@@ -444,6 +444,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 async def _agent(args: argparse.Namespace) -> int:
     from meshgate.mesh.agent import MeshAgent
+    from meshgate.mesh.wire import control_addresses
 
     bundle = Path(args.trust_bundle).read_bytes() if args.trust_bundle else None
     token = args.token
@@ -456,7 +457,7 @@ async def _agent(args: argparse.Namespace) -> int:
         instance = {"address": host, "port": port, "version": args.version, "zone": args.zone}
     agent = MeshAgent(
         identity=identity,
-        controls=[_address(c) for c in args.control.split(",")],
+        controls=control_addresses(args.control),
         state_dir=Path(args.state_dir),
         token=token,
         attest_socket=args.attest_socket,

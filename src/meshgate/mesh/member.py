@@ -20,20 +20,12 @@ from typing import Any
 from meshgate.config.schema import Config, GatewayMeshConfig
 from meshgate.mesh.agent import MeshAgent
 from meshgate.mesh.translate import with_mesh_endpoints
+from meshgate.mesh.wire import control_addresses
 from meshgate.tls.holder import IdentityContexts
 
 __all__ = ["MeshMember"]
 
 log = logging.getLogger("meshgate.mesh")
-
-
-def _controls(text: str) -> list[tuple[str, int]]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().removeprefix("https://").rstrip("/")
-        host, _, port = part.rpartition(":")
-        out.append((host.strip("[]") or "127.0.0.1", int(port)))
-    return out
 
 
 class MeshMember:
@@ -57,7 +49,7 @@ class MeshMember:
         bundle = (base_dir / cfg.trust_bundle).read_bytes() if cfg.trust_bundle else None
         self.agent = MeshAgent(
             identity=self.identity,
-            controls=_controls(cfg.control),
+            controls=control_addresses(cfg.control),
             state_dir=base_dir / cfg.state_dir / f"worker-{worker_id}",
             token=token,
             attest_socket=cfg.attest_socket,

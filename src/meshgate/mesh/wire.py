@@ -31,6 +31,7 @@ __all__ = [
     "ClientConnection",
     "Request",
     "Response",
+    "control_addresses",
     "control_identity",
     "peer_spiffe_id",
     "serve_connection",
@@ -38,6 +39,19 @@ __all__ = [
 
 MAX_BODY = 1 << 20  # a CSR or a hello is a few KiB; a line on the stream likewise
 MAX_HEAD = 16 * 1024
+
+
+def control_addresses(text: str) -> list[tuple[str, int]]:
+    """`host:port[,host:port...]` (each may start with `https://`), as the
+    sidecar, the agent and a gateway's `mesh.control` give the control plane."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().removeprefix("https://").rstrip("/")
+        host, sep, port = part.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"expected host:port for the control plane, found {part!r}")
+        out.append((host.strip("[]") or "127.0.0.1", int(port)))
+    return out
 
 
 def control_identity(trust_domain: str) -> str:

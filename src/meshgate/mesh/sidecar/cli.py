@@ -38,6 +38,7 @@ def _upstream(text: str) -> tuple[str, Address]:
 
 def cmd_sidecar(args: argparse.Namespace) -> int:
     from meshgate.mesh.sidecar.proxy import SidecarOptions, bind_all
+    from meshgate.mesh.wire import control_addresses
 
     token = args.token
     if args.token_file:
@@ -45,10 +46,15 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     if token is None and args.attest_socket is None:
         token = os.environ.get("MESHGATE_TOKEN")
     state_dir = Path(args.state_dir or f".meshgate/sidecar-{args.service}")
+    try:
+        controls = control_addresses(args.control)
+    except ValueError as exc:
+        print(f"meshgate sidecar: --control: {exc}", file=sys.stderr)
+        return 2
     opts = SidecarOptions(
         service=args.service,
         app=args.app,
-        controls=[(a.host, a.port) for a in (_address(c) for c in args.control.split(","))],
+        controls=controls,
         state_dir=state_dir,
         trust_domain=args.trust_domain,
         namespace=args.namespace,
