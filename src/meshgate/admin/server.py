@@ -9,7 +9,10 @@ and closed when the client asks for it.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
@@ -18,14 +21,17 @@ import orjson
 from meshgate import __version__
 from meshgate.config.schema import redact_url
 from meshgate.http.headers import status_line
-from meshgate.observability.metrics import render
+from meshgate.observability.exposition import render
+from meshgate.observability.peers import gather
 
 if TYPE_CHECKING:
     from meshgate.protocol.h1 import ServerState
 
+log = logging.getLogger("meshgate.admin")
+
 
 class AdminProtocol(asyncio.Protocol):
-    __slots__ = ("keep_alive", "method", "parser", "state", "transport", "url")
+    __slots__ = ("keep_alive", "method", "parser", "pending", "state", "transport", "url")
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -34,6 +40,7 @@ class AdminProtocol(asyncio.Protocol):
         self.url = b""
         self.method = b""
         self.keep_alive = True
+        self.pending: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -66,7 +73,20 @@ class AdminProtocol(asyncio.Protocol):
         if handler is None:
             self._send(404, {"error": "not found", "paths": sorted(p.decode() for p in ROUTES)})
             return
-        status, doc = handler(self.state)
+        got = handler(self.state)
+        if inspect.isawaitable(got):
+            self.pending = asyncio.get_running_loop().create_task(self._later(got))
+            return
+        status, doc = got
+        self._send(status, doc)
+
+    async def _later(self, got: Awaitable[tuple[int, Any]]) -> None:
+        try:
+            status, doc = await got
+        except Exception:
+            log.exception("admin request failed")
+            status, doc = 500, {"error": "internal error"}
+        self.pending = None
         self._send(status, doc)
 
     def _send(self, status: int, doc: Any, *, close: bool = False) -> None:
@@ -127,8 +147,9 @@ def _config(state: ServerState) -> tuple[int, Any]:
     return 200, _redact(state.runtime.config.model_dump(mode="json"))
 
 
-def _metrics(state: ServerState) -> tuple[int, Any]:
-    return 200, render(state)
+async def _metrics(state: ServerState) -> tuple[int, Any]:
+    """Every worker's samples, added up (`observability.peers`)."""
+    return 200, render(await gather())
 
 
 def _upstreams(state: ServerState) -> tuple[int, Any]:
@@ -200,7 +221,7 @@ def _routes(state: ServerState) -> tuple[int, Any]:
     return 200, {"worker": os.getpid(), "routes": out}
 
 
-ROUTES = {
+ROUTES: dict[bytes, Callable[[ServerState], Any]] = {
     b"/healthz": _healthz,
     b"/readyz": _readyz,
     b"/config": _config,

@@ -21,6 +21,7 @@ from meshgate.config.schema import Config, GatewayMeshConfig
 from meshgate.mesh.agent import MeshAgent
 from meshgate.mesh.translate import with_mesh_endpoints
 from meshgate.mesh.wire import control_addresses
+from meshgate.observability.hub import HUB
 from meshgate.tls.holder import IdentityContexts
 
 __all__ = ["MeshMember"]
@@ -41,6 +42,7 @@ class MeshMember:
         self.cfg = cfg
         self.identity = f"spiffe://{cfg.trust_domain}/ns/{cfg.namespace}/sa/{cfg.service}"
         self.tls = IdentityContexts(self.identity)
+        HUB.identity(self.identity, lambda: self.tls.not_after)
         self.sections: dict[str, Any] = {}
         self._on_snapshot = on_snapshot
         token = None

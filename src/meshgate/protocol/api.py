@@ -20,7 +20,8 @@ Protocols are all either side sees of the other.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from meshgate.engine.runtime import Runtime
@@ -55,7 +56,7 @@ class ListenerState(Protocol):
     @property
     def draining(self) -> bool: ...
     @property
-    def access_log(self) -> bool: ...
+    def observe(self) -> Callable[[Any], None] | None: ...
 
 
 class Framing(Protocol):

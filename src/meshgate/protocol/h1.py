@@ -28,13 +28,14 @@ import re
 import socket
 from collections.abc import Callable
 from random import getrandbits as _getrandbits
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
 from meshgate.http.batch import BatchedWriter
 from meshgate.http.headers import REQUEST_OWN, connection_drop
 from meshgate.http.problem import problem_response
+from meshgate.observability.hub import DIRECTIONS, HUB
 from meshgate.protocol.api import (
     PAUSE_BUFFER,
     PAUSE_DONE,
@@ -81,17 +82,20 @@ class ServerState:
     (for drain), and the pools."""
 
     __slots__ = (
-        "access_log",
         "batcher",
+        "conn_counts",
         "connections",
+        "direction",
         "draining",
         "loop",
+        "observe",
         "registry",
         "require_peer",
         "role",
         "route_host",
         "runtime",
         "scheme",
+        "series",
         "streams",
     )
 
@@ -125,7 +129,15 @@ class ServerState:
         None to route by each request's Host."""
         self.connections: set[ServerProtocol] = set()
         self.draining = False
-        self.access_log = runtime.config.access_log
+        tls = scheme == b"https"
+        self.direction = DIRECTIONS.get(role, "inbound")
+        self.series = HUB.series(role, tls)
+        """This listener's request series (kept across reloads)."""
+        self.observe: Callable[[Any], None] | None = self.series.record
+        """Called with every exchange that ends (metrics, then the access
+        log and the trace, `RequestSeries.then`)."""
+        self.conn_counts = HUB.connection_counters(role, tls)
+        """Connections opened, closed (`HUB`'s, for /metrics)."""
 
     def check_timeouts(self) -> None:
         """One tick of the timeout sweep (see `Worker`)."""
@@ -255,6 +267,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast("asyncio.Transport", transport)
         self.state.connections.add(self)
+        self.state.conn_counts[0] += 1
         peer = transport.get_extra_info("peername")
         if peer:
             self.client = str(peer[0]).encode()
@@ -279,6 +292,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)
+        self.state.conn_counts[1] += 1
         self.deadline = 0.0
         queue = self.queue
         self.queue = collections.deque()

@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 
 from meshgate.config.loader import ConfigError
@@ -57,6 +59,8 @@ class Supervisor:
         # `policy: local` limits are exact per instance, not per worker.
         # Its size changes only on restart.
         self.rate_table = SharedTable(config.limits.rate_limit_slots)
+        # Private (0700): each worker's metrics socket (`observability.peers`).
+        self.run_dir = tempfile.mkdtemp(prefix="meshgate-")
 
     def _spawn(self, worker_id: int) -> None:
         pid = os.fork()
@@ -78,6 +82,8 @@ class Supervisor:
                         listen_port=self.listen_port,
                         admin_port=self.admin_port,
                         rate_table=self.rate_table,
+                        run_dir=self.run_dir,
+                        workers=self.count,
                     ),
                 )
             except BaseException:
@@ -166,5 +172,6 @@ class Supervisor:
                 self._reap()
         for sock in self.held:
             sock.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
         log.info("supervisor stopped")
         return 0

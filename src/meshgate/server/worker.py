@@ -28,6 +28,7 @@ from typing import Any
 
 import uvloop
 
+from meshgate.admin.samples import listener_samples
 from meshgate.admin.server import AdminProtocol
 from meshgate.config.loader import ConfigError
 from meshgate.config.schema import Address, Config
@@ -36,6 +37,8 @@ from meshgate.engine.load import load_config
 from meshgate.engine.runtime import Runtime
 from meshgate.filters.build import FilterServices
 from meshgate.mesh.member import MeshMember
+from meshgate.observability import peers
+from meshgate.observability.hub import HUB
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.ratelimit.local import SharedTable
 from meshgate.stream.stream import ProxyStream
@@ -77,6 +80,10 @@ class WorkerOptions:
     """Overrides the configured port (the supervisor resolves port 0)."""
     admin_port: int | None = None
     rate_table: SharedTable | None = None
+    run_dir: str | None = None
+    """The supervisor's private directory, where each worker's metrics
+    socket is (`observability.peers`); None for a single process."""
+    workers: int = 1
     """The table `policy: local` limits share with the other workers (made by
     the supervisor before it forks); None for a single process."""
 
@@ -97,8 +104,11 @@ class Worker:
         self.services = FilterServices(opts.rate_table)
         runtime = self._build(config)
         self.state = ServerState(runtime, self.registry, loop=self.loop, streams=ProxyStream)
+        HUB.register("listeners", lambda: listener_samples([self.state]))
+        HUB.generation = 1
         self.stopping = asyncio.Event()
         self.servers: list[tuple[ListenerSpec, Serving]] = []
+        self.sample_server: asyncio.AbstractServer | None = None
         self.stamp = file_stamp(opts.config_path)
         self.tasks: set[asyncio.Task[None]] = set()
         self.reload_lock = asyncio.Lock()
@@ -146,6 +156,8 @@ class Worker:
             if self.opts.admin_port is not None:
                 admin = Address(host=admin.host, port=self.opts.admin_port)
             specs.append(ListenerSpec("admin", "admin", admin, lambda: AdminProtocol(state)))
+        if self.opts.run_dir is not None:
+            await self._serve_samples(self.opts.run_dir)
         for spec in specs:
             server, port = await start_listener(spec, self.loop)
             self.servers.append((spec, server))
@@ -161,8 +173,17 @@ class Worker:
             self.loop.call_later(WATCH_INTERVAL, self._watch)
         self.started = True
 
+    async def _serve_samples(self, run_dir: str) -> None:
+        """This worker's metrics socket, and the other workers' (one scrape
+        of the shared admin port answers for all)."""
+        me = self.opts.worker_id
+        paths = [os.path.join(run_dir, f"metrics-{i}.sock") for i in range(self.opts.workers)]
+        HUB.peers = [p for i, p in enumerate(paths) if i != me]
+        self.sample_server = await peers.serve(paths[me])
+
     def _sweep(self) -> None:
         self.registry.sweep(self.loop.time())
+        HUB.expire_local()
         if not self.stopping.is_set():
             self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
@@ -201,9 +222,11 @@ class Worker:
             config = load_config(path)
             runtime = self._build(config)
         except ConfigError as exc:
+            HUB.reloads["refused"] += 1
             log.error("reload refused, still serving the previous config:\n%s", exc)
             return
         except Exception as exc:
+            HUB.reloads["refused"] += 1
             log.error("reload refused, still serving the previous config: %s", exc)
             return
         if config.listen != self.config.listen or config.admin != self.config.admin:
@@ -229,7 +252,8 @@ class Worker:
         if not self.stopping.is_set():
             runtime.start_health(old)
         await self.services.activate(runtime.filters)
-        self.state.access_log = config.access_log
+        HUB.reloads["ok"] += 1
+        HUB.generation += 1
         self.config = config
         self.registry.retain_only(runtime.pool_ids())
         await old.close_health()
@@ -257,6 +281,8 @@ class Worker:
         for spec, server in self.servers:
             if spec.role == "admin":
                 server.close()
+        if self.sample_server is not None:
+            self.sample_server.close()
         self.registry.close_idle()
         await self.services.close()
         if self.member is not None:

@@ -38,6 +38,7 @@ from meshgate.upstream.pool import UpstreamConnection
 
 if TYPE_CHECKING:
     from meshgate.filters import ResponseHook
+    from meshgate.observability.tracing import Trace
     from meshgate.upstream.balancer import Endpoint
     from meshgate.upstream.cluster import Cluster
     from meshgate.upstream.retry import RetryPolicy
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 __all__ = ["BUFFER_LIMIT", "REPLAY_LIMIT", "ProxyExchange"]
 
 log = logging.getLogger("meshgate.proxy")
-access_log = logging.getLogger("meshgate.access")
 
 # Request body bytes held while no upstream connection is ready (or while a
 # pipelined request waits its turn) before reading from the client pauses.
@@ -111,6 +111,12 @@ class ProxyExchange(UpstreamAttempt):
     started = 0.0
     deadline = 0.0
     last_activity = 0.0
+    # What the observers (`observability`) read once the exchange ends.
+    kind = ""  # the problem type of a local answer ("" for the upstream's own)
+    consumer: str | None = None  # who the route's auth found the client was
+    last_ep: Endpoint | None = None  # the endpoint of the latest try
+    bytes_out = 0  # response bytes from the upstream (a local answer's: its length)
+    trace: Trace | None = None  # this request's spans, when it is sampled
 
     def __init__(
         self,
@@ -128,6 +134,7 @@ class ProxyExchange(UpstreamAttempt):
         self.request_id = request_id
         self.body_buf: list[bytes] = []
         self.out: list[bytes] = []
+        self.t_start = proto.loop.time()
 
     # -- set-up: the stream (`stream.ProxyStream`) fills in the rest ------------
 
@@ -144,6 +151,7 @@ class ProxyExchange(UpstreamAttempt):
         if close:
             self.keep_alive = False
         self.status = status
+        self.kind = kind
         self.local_reply = local_reply(
             status,
             kind,
@@ -542,13 +550,15 @@ class ProxyExchange(UpstreamAttempt):
             conn.keep_alive = False
         if proto.write_paused and conn.transport is not None:
             conn.transport.resume_reading()
+        self.bytes_out = conn.bytes_in
         conn.pool.release(conn)
         self._leave_cluster()
         self.finished = True
         if proto.pause_reasons & PAUSE_UPSTREAM:
             proto.resume_reading(PAUSE_UPSTREAM)
-        if proto.state.access_log:
-            self._log_access()
+        observe = proto.state.observe
+        if observe is not None:
+            observe(self)
         proto.stream_done(self)
 
     def on_upstream_error(self, conn: UpstreamConnection, reason: str) -> None:
@@ -630,6 +640,13 @@ class ProxyExchange(UpstreamAttempt):
         self.finished = True
         self.keep_alive = False
         self._drop_upstream()
+        if not self.response_started:
+            # nginx's 499: the client closed the connection before the answer.
+            self.status = 499
+            self.kind = "client-closed"
+        observe = self.proto.state.observe
+        if observe is not None:
+            observe(self)
 
     def _drop_upstream(self) -> None:
         """Stop connecting, and reset the upstream connection if one is bound:
@@ -701,6 +718,7 @@ class ProxyExchange(UpstreamAttempt):
             self._gateway_failure()
         self._drop_upstream()
         if self.response_started:
+            self.kind = "upstream-timeout"
             self._abort_client()
         else:
             self.fail(504, "upstream-timeout", detail)
@@ -721,6 +739,7 @@ class ProxyExchange(UpstreamAttempt):
         reply = self.local_reply
         assert reply is not None
         self.response_started = True
+        self.bytes_out = len(reply)
         self.proto.write(reply)
         self._finish()
 
@@ -746,25 +765,22 @@ class ProxyExchange(UpstreamAttempt):
             # The upstream this exchange was writing to is gone: whatever
             # paused reading on its behalf no longer holds.
             proto.resume_reading(PAUSE_UPSTREAM | PAUSE_BUFFER)
-        if proto.state.access_log:
-            self._log_access()
+        observe = proto.state.observe
+        if observe is not None:
+            observe(self)
         proto.stream_done(self)
 
     def _abort_client(self) -> None:
+        """The answer broke after part of it reached the client: the client's
+        connection is reset, so that a truncated response looks truncated."""
         self._leave_cluster()
+        was_finished = self.finished
         self.finished = True
         self.keep_alive = False
+        if not self.kind:
+            self.kind = "upstream-reset"
         self.proto.abort()
-
-    def _log_access(self) -> None:
-        elapsed = (self.loop.time() - self.started) * 1000 if self.started else 0.0
-        access_log.info(
-            '%s "%s %s" %d %s %.1fms id=%s',
-            self.proto.client.decode(),
-            self.method.decode("latin-1"),
-            self.target.decode("latin-1"),
-            self.status,
-            self.route_label or "-",
-            elapsed,
-            self.request_id.decode("latin-1"),
-        )
+        if not was_finished:
+            observe = self.proto.state.observe
+            if observe is not None:
+                observe(self)

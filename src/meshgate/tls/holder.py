@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ssl
 
+from cryptography import x509
+
 from meshgate.tls.context import client_context, server_context
 
 __all__ = ["IdentityContexts"]
@@ -19,7 +21,15 @@ __all__ = ["IdentityContexts"]
 class IdentityContexts:
     """The current server and client contexts of one identity."""
 
-    __slots__ = ("_client", "_server", "client_cert", "identity", "listener_context")
+    __slots__ = (
+        "_client",
+        "_server",
+        "client_cert",
+        "identity",
+        "listener_context",
+        "not_after",
+        "serial",
+    )
 
     def __init__(self, identity: str, *, client_cert: str = "required") -> None:
         self.identity = identity
@@ -30,6 +40,9 @@ class IdentityContexts:
         self._client: ssl.SSLContext | None = None
         self.listener_context: ssl.SSLContext | None = None
         """The context listeners are created with (the first one made)."""
+        self.not_after = 0.0
+        """When the current certificate expires (Unix time; 0: none yet)."""
+        self.serial = ""
 
     @property
     def ready(self) -> bool:
@@ -40,6 +53,9 @@ class IdentityContexts:
         server = server_context(chain_pem, key_pem, bundle_pem, client_cert=self.client_cert)
         client = client_context(bundle_pem, chain_pem, key_pem)
         server.sni_callback = self._pick
+        leaf = x509.load_pem_x509_certificate(chain_pem)
+        self.not_after = leaf.not_valid_after_utc.timestamp()
+        self.serial = format(leaf.serial_number, "x")
         self._server = server
         self._client = client
         if self.listener_context is None:

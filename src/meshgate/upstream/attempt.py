@@ -83,6 +83,12 @@ def _retry_after(conn: UpstreamConnection, drop: frozenset[bytes] | None) -> flo
     return None
 
 
+def _count_failure(cluster: Cluster, cause: str, retried: bool) -> None:
+    key = (cause, retried)
+    failures = cluster.try_failures
+    failures[key] = failures.get(key, 0) + 1
+
+
 class UpstreamAttempt:
     """The tries of one request at its cluster (see the module's docstring)."""
 
@@ -95,6 +101,7 @@ class UpstreamAttempt:
     policy: RetryPolicy | None  # the retry policy in force
     conn: UpstreamConnection | None  # the connection the current try is on
     endpoint: Endpoint | None  # its endpoint (loaded while bound)
+    last_ep: Endpoint | None  # the endpoint of the latest try (kept after it ends)
     attempt: int  # the current try, from 1
     tried: tuple[Endpoint, ...]  # endpoints whose try failed, in order
     retry_counted: bool  # counted in the cluster's retries in flight
@@ -213,7 +220,7 @@ class UpstreamAttempt:
         """Put this try on `conn` (it reports to this attempt now, and `ep`
         carries its load); the milliseconds left of the deadline at `now`,
         for the next hop (a budget, not a time: hops need no common clock)."""
-        self.endpoint = ep
+        self.endpoint = self.last_ep = ep
         ep.active += 1
         self.conn = conn
         # `conn.bind(self, ...)`, inlined: this is the hot path.
@@ -245,7 +252,10 @@ class UpstreamAttempt:
         when the try's failure is the answer."""
         policy = self.policy
         cluster = self.cluster
-        if policy is None or cluster is None:
+        if cluster is None:
+            return None
+        if policy is None:
+            _count_failure(cluster, cause, False)
             return None
         if failed is not None:
             self.tried = (*self.tried, failed)
@@ -260,6 +270,7 @@ class UpstreamAttempt:
             retry_after=retry_after,
             free=reachability.free_retry(cluster.balancer, self.tried, cause, sent=sent),
         )
+        _count_failure(cluster, cause, delay is not None)
         if delay is None:
             return None
         self.attempt += 1

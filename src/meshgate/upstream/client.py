@@ -149,6 +149,7 @@ class _Call(UpstreamAttempt):
         "host_line",
         "in_cluster",
         "last_activity",
+        "last_ep",
         "loop",
         "max_body",
         "method",

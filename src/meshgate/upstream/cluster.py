@@ -118,6 +118,7 @@ class Cluster:
         "retries_active",
         "retry",
         "total_timeout",
+        "try_failures",
     )
 
     def __init__(self, name: str, cfg: UpstreamConfig, registry: PoolRegistry) -> None:
@@ -140,6 +141,8 @@ class Cluster:
         self.max_retries = cfg.circuit_breaker.max_retries
         self.retries_active = 0
         self.retried = 0
+        self.try_failures: dict[tuple[str, bool], int] = {}
+        """Failed tries by cause and whether they were retried (/metrics)."""
         # The default retry policy of routes to this upstream, and the budget
         # every retry to it draws on.
         self.retry = RetryPolicy(cfg.retry) if cfg.retry is not None else None

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshgate.admin.samples import listener_samples
 from meshgate.admin.server import AdminProtocol
 from meshgate.config.schema import Address, Config
 from meshgate.engine.listener import ListenerSpec, Serving, bind_socket, start_listener
@@ -42,6 +43,7 @@ from meshgate.filters.build import FilterServices
 from meshgate.mesh.agent import MeshAgent
 from meshgate.mesh.sidecar.capture import Capture, destinations, original_destination
 from meshgate.mesh.translate import inbound_config, outbound_config
+from meshgate.observability.hub import HUB
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.stream.stream import ProxyStream
 from meshgate.tls.holder import IdentityContexts
@@ -118,6 +120,8 @@ class Sidecar:
         self.identity = f"spiffe://{opts.trust_domain}/ns/{opts.namespace}/sa/{opts.service}"
         self.loop = asyncio.get_running_loop()
         self.tls = IdentityContexts(self.identity)
+        HUB.identity(self.identity, lambda: self.tls.not_after)
+        HUB.register("listeners", lambda: listener_samples(self.states.values()))
         self.registry = PoolRegistry(self.loop, tls=self.tls)
         self.services = FilterServices()
         self.states: dict[str, ServerState] = {}

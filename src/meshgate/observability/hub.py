@@ -1,0 +1,147 @@
+"""A process's metrics: its request series and what else it reports.
+
+`HUB` is the process's one `MetricsHub`. Listeners get their
+`RequestSeries` from it by role and transport (`series`), so that a reload
+or a new mesh snapshot, which builds new listener states, keeps counting
+into the same rows. Everything else that reports (a runtime's filters and
+clusters, a mesh agent's certificate) registers a collector: a function
+that returns samples when scraped, so the hot path pays nothing for it.
+
+A scrape (`collect`) also expires idle request rows. With several
+workers, the worker answering the scrape merges the others' samples
+(`observability.peers`) and tells every worker which rows were idle in all
+of them (`drop_idle`), so that no worker drops a row another still counts
+(the sum would go down, which Prometheus reads as a counter reset).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from meshgate.observability.exposition import Samples
+from meshgate.observability.requests import RequestSeries
+
+__all__ = ["DIRECTIONS", "HUB", "MetricsHub"]
+
+log = logging.getLogger("meshgate.metrics")
+
+# A listener's role -> the direction label of its requests.
+DIRECTIONS = {
+    "gateway": "inbound",
+    "sidecar-inbound": "inbound",
+    "sidecar-outbound": "outbound",
+}
+
+Collector = Callable[[], Samples]
+
+
+class MetricsHub:
+    def __init__(self) -> None:
+        self.stores: dict[tuple[str, bool], RequestSeries] = {}
+        self.collectors: dict[str, Collector] = {}
+        self.idle_expiry = 600.0
+        """Seconds a request series may go untouched before it is dropped."""
+        self.max_identities = 1000
+        self.local_identity = ""
+        self.peers: list[str] = []
+        """The other workers' sample sockets (`observability.peers`)."""
+        self.connections: dict[tuple[str, bool], list[int]] = {}
+        """opened, closed, active, by (direction, tls)."""
+        self.handshakes: dict[tuple[str, str], int] = {}
+        self.reloads = {"ok": 0, "refused": 0}
+        self.generation = 0
+        self.in_flight: dict[tuple[str, bool], int] = {}
+
+    def series(self, role: str, tls: bool) -> RequestSeries:
+        direction = DIRECTIONS.get(role, "inbound")
+        key = (direction, tls)
+        store = self.stores.get(key)
+        if store is None:
+            store = self.stores[key] = RequestSeries(
+                direction, tls, max_identities=self.max_identities
+            )
+            store.local_identity = self.local_identity
+        return store
+
+    def set_local_identity(self, identity: str) -> None:
+        self.local_identity = identity
+        for store in self.stores.values():
+            store.local_identity = identity
+
+    def connection_counters(self, role: str, tls: bool) -> list[int]:
+        key = (DIRECTIONS.get(role, "inbound"), tls)
+        got = self.connections.get(key)
+        if got is None:
+            got = self.connections[key] = [0, 0, 0]
+        return got
+
+    def handshake(self, role: str, outcome: str) -> None:
+        key = (DIRECTIONS.get(role, "inbound"), outcome)
+        self.handshakes[key] = self.handshakes.get(key, 0) + 1
+
+    def identity(self, identity: str, not_after: Callable[[], float]) -> None:
+        """Report this proxy's certificate expiry (`not_after`, read when
+        scraped), and take `identity` as its own in request series."""
+        self.set_local_identity(identity)
+        self.register(
+            "identity",
+            lambda: {
+                "meshgate_identity_cert_expiration_timestamp_seconds": [[(identity,), not_after()]]
+            },
+        )
+
+    def register(self, name: str, collector: Collector) -> None:
+        """Report `collector`'s samples under `name` (a later one replaces it)."""
+        self.collectors[name] = collector
+
+    def unregister(self, name: str) -> None:
+        self.collectors.pop(name, None)
+
+    def expire_local(self, now: float | None = None) -> int:
+        """Drop request rows idle past the expiry (a lone worker's own
+        decision; with peers, `drop_idle` decides, and this is the backstop
+        at four times the expiry for rows no scrape ever saw)."""
+        now = time.monotonic() if now is None else now
+        expiry = self.idle_expiry if not self.peers else 4 * self.idle_expiry
+        return sum(s.expire(now - expiry) for s in self.stores.values())
+
+    def drop_idle(self, before: float) -> None:
+        for store in self.stores.values():
+            store.expire(before)
+
+    def collect(self) -> Samples:
+        """This process's samples (request rows idle past the expiry are
+        dropped first when it has no peers)."""
+        if not self.peers:
+            self.expire_local()
+        out: dict[str, list[Any]] = {}
+        for store in self.stores.values():
+            for name, rows in store.samples().items():
+                out.setdefault(name, []).extend(rows)
+        conns = out.setdefault("meshgate_tcp_connections_opened_total", [])
+        closed = out.setdefault("meshgate_tcp_connections_closed_total", [])
+        active = out.setdefault("meshgate_tcp_connections_active", [])
+        for (direction, tls), (o, c, a) in self.connections.items():
+            labels = (direction, "true" if tls else "false")
+            conns.append([labels, o])
+            closed.append([labels, c])
+            active.append([labels, a])
+        out["meshgate_tls_handshakes_total"] = [[k, n] for k, n in self.handshakes.items()]
+        out["meshgate_config_reloads_total"] = [[(k,), n] for k, n in self.reloads.items()]
+        out["meshgate_config_generation"] = [[(), self.generation]]
+        out["meshgate_workers_scraped"] = [[(), 1]]
+        for name, collector in list(self.collectors.items()):
+            try:
+                got = collector()
+            except Exception:
+                log.exception("metrics collector %s failed", name)
+                continue
+            for fam, rows in got.items():
+                out.setdefault(fam, []).extend(rows)
+        return out
+
+
+HUB = MetricsHub()

@@ -1,0 +1,130 @@
+"""One scrape for N workers: the worker that answers asks the others.
+
+Every worker of a supervisor listens on a Unix socket of its own in the
+supervisor's private run directory (mode 0700). The kernel hands a scrape
+of the shared admin port to any one worker; that worker asks each other
+worker for its samples over its socket (`gather`), adds them up
+(`exposition.merge`) and answers with the sum, so the figures are exact at
+the moment of the scrape, and no worker's counters need to be shared
+memory. A worker that does not answer within `PEER_TIMEOUT` is left out of
+that scrape (`meshgate_workers_scraped` says how many were in).
+
+Expiry across workers: a request row is dropped once it is idle in every
+worker. The answering worker sees each row's last touch in all of them,
+leaves the idle ones out of its answer, and tells every worker to drop
+them (a row touched meanwhile stays: each worker checks its own clock).
+
+The request: one line of JSON, `{"drop": [[direction, tls, key...], ...],
+"before": t}`; the answer: the worker's samples as one line of JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import Any
+
+import orjson
+
+from meshgate.observability.exposition import Samples, merge
+from meshgate.observability.hub import HUB
+
+__all__ = ["PEER_TIMEOUT", "gather", "serve"]
+
+log = logging.getLogger("meshgate.metrics")
+
+PEER_TIMEOUT = 2.0
+_REQUEST_ROWS = "meshgate_requests_total"
+_MAX_LINE = 64 * 1024 * 1024
+
+
+async def serve(path: str) -> asyncio.AbstractServer:
+    """This worker's sample socket, at `path`."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    server = await asyncio.start_unix_server(_answer, path=path, limit=_MAX_LINE)
+    os.chmod(path, 0o600)
+    return server
+
+
+async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        line = await asyncio.wait_for(reader.readline(), PEER_TIMEOUT)
+        request = orjson.loads(line) if line.strip() else {}
+        _drop(request.get("drop") or [], float(request.get("before") or 0.0))
+        if request.get("samples", True):
+            writer.write(orjson.dumps(HUB.collect()) + b"\n")
+            await writer.drain()
+    except (OSError, TimeoutError, orjson.JSONDecodeError, ValueError, TypeError) as exc:
+        log.debug("metrics peer request failed: %s", exc)
+    finally:
+        writer.close()
+
+
+def _drop(rows: list[Any], before: float) -> None:
+    """Drop the request rows another worker found idle everywhere."""
+    if not rows:
+        return
+    for row in rows:
+        direction, tls, *key = row
+        store = HUB.stores.get((direction, bool(tls)))
+        if store is not None:
+            store.drop(tuple(key), before)
+
+
+async def _ask(path: str, request: dict[str, Any]) -> Samples | None:
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(path, limit=_MAX_LINE), PEER_TIMEOUT
+        )
+    except (OSError, TimeoutError) as exc:
+        log.debug("metrics peer %s unreachable: %s", path, exc)
+        return None
+    try:
+        writer.write(orjson.dumps(request) + b"\n")
+        if not request.get("samples", True):
+            await writer.drain()
+            return None
+        line = await asyncio.wait_for(reader.readline(), PEER_TIMEOUT)
+        got: Samples = orjson.loads(line)
+        return got
+    except (OSError, TimeoutError, orjson.JSONDecodeError, ValueError) as exc:
+        log.warning("metrics peer %s did not answer: %s", path, exc)
+        return None
+    finally:
+        writer.close()
+
+
+async def gather() -> Samples:
+    """This process's samples plus every peer's, merged, without the rows
+    idle in all of them (which every worker is then told to drop)."""
+    own = HUB.collect()
+    if not HUB.peers:
+        return merge([own])
+    got = await asyncio.gather(*(_ask(p, {}) for p in HUB.peers))
+    parts = [own, *(g for g in got if g is not None)]
+    merged = merge(parts)
+    before = time.monotonic() - HUB.idle_expiry
+    idle = [s for s in merged.get(_REQUEST_ROWS, []) if s[2] < before]
+    if idle:
+        drop = [_row_key(s[0]) for s in idle]
+        for name, samples in merged.items():
+            if samples and len(samples[0]) > 2 and not isinstance(samples[0][1], list):
+                merged[name] = [s for s in samples if s[2] >= before]
+            elif samples and len(samples[0]) > 4:
+                merged[name] = [s for s in samples if s[4] >= before]
+        _drop(drop, before)
+        request = {"drop": drop, "before": before, "samples": False}
+        await asyncio.gather(*(_ask(p, request) for p in HUB.peers))
+    return merged
+
+
+def _row_key(labels: list[Any]) -> list[Any]:
+    """A `meshgate_requests_total` sample's labels -> its row's store and
+    key: direction, tls, then route, upstream, source, destination, method,
+    code, reason (`requests.LABELS`)."""
+    direction, route, upstream, src, dst, method, code, _cls, tls, reason = labels
+    return [direction, tls == "true", route, upstream, src, dst, method, code, reason]

@@ -1,0 +1,301 @@
+"""The golden signals of every request: counts, latency, upstream latency,
+bytes and tries, by labels that come from config and identities only.
+
+One `RequestSeries` per listener role and transport (a gateway's listener,
+a sidecar's inbound TLS listener, its outbound one): every exchange that
+ends is `record`ed into one row, found by one dict lookup on a tuple of
+values that are already interned (the route's label, the upstream's name,
+the peer's SPIFFE ID, a method from a fixed set, the status, a refusal
+reason from a fixed set). Nothing from the request line or the Host header
+becomes a label, so random paths and Hosts add no series.
+
+Bounds, by construction:
+- routes and upstreams are the config's names (a 404 has route "(none)");
+- methods outside the standard ones are "other";
+- refusal reasons are a fixed set (`REASONS`); an unknown kind is "other";
+- peer identities are at most `max_identities` per series store, then
+  "other";
+- a row idle for `idle_expiry` seconds is dropped (`expire`), so series of
+  a route, a peer or a status that went away do not live forever.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable
+from typing import Any
+
+__all__ = [
+    "BUCKETS",
+    "REASONS",
+    "RequestSeries",
+    "code_class",
+    "reason_of",
+]
+
+# Seconds: 1 ms to 30 s, as Linkerd's and Istio's latency buckets span.
+BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+NB = len(BUCKETS) + 1  # the last one is +Inf
+
+_METHODS = {
+    m.encode(): m
+    for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
+}
+
+# A local answer's problem type -> the refusal reason label.
+REASONS: dict[str, str] = {
+    "missing-credentials": "auth",
+    "invalid-credentials": "auth",
+    "invalid-token": "auth",
+    "expired-token": "auth",
+    "forbidden": "auth",
+    "insufficient-scope": "auth",
+    "authz-denied": "authz",
+    "rate-limited": "ratelimit",
+    "rate-limit-unavailable": "ratelimit",
+    "upstream-overloaded": "breaker",
+    "no-route": "no_route",
+    "no-endpoints": "no_endpoints",
+    "upstream-timeout": "timeout",
+    "handler-timeout": "timeout",
+    "request-timeout": "timeout",
+    "upstream-connect-failed": "upstream_unavailable",
+    "upstream-connect-timeout": "upstream_unavailable",
+    "upstream-unavailable": "upstream_unavailable",
+    "upstream-reset": "upstream_error",
+    "upstream-bad-response": "upstream_error",
+    "upstream-body-too-large": "upstream_error",
+    "upstream-bad-json": "upstream_error",
+    "upstream-encoding-unsupported": "upstream_error",
+    "bad-host": "bad_request",
+    "bad-path": "bad_request",
+    "bad-target": "bad_request",
+    "bad-framing": "bad_request",
+    "missing-host": "bad_request",
+    "body-too-large": "bad_request",
+    "expectation-failed": "bad_request",
+    "cors-refused": "cors",
+    "fault-injected": "fault",
+    "filter-error": "internal",
+    "filter-unavailable": "internal",
+    "handler-error": "internal",
+    "client-closed": "client_closed",
+    "": "",
+}
+
+
+def reason_of(kind: str, status: int) -> str:
+    """The refusal reason of a local answer's problem type (`kind`)."""
+    reason = REASONS.get(kind)
+    if reason is not None:
+        return reason
+    if status == 401:
+        return "auth"
+    if status == 403:
+        return "auth"
+    if status == 429:
+        return "ratelimit"
+    return "other"
+
+
+_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def code_class(code: int) -> str:
+    c = code // 100
+    return _CLASSES[c] if 0 <= c < len(_CLASSES) else "other"
+
+
+# Row layout (a list, for speed): the counters, the time it was last
+# touched, then the request's and the upstream part's bucket counts.
+_COUNT, _SUM, _UP_COUNT, _UP_SUM, _IN, _OUT, _TRIES, _LAST = range(8)
+_B = 8
+_U = _B + NB
+_ROW_LEN = _U + NB
+
+# The key: route, upstream, source identity, destination identity, method,
+# code, reason.
+LABELS = (
+    "route",
+    "upstream",
+    "source_identity",
+    "destination_identity",
+    "method",
+    "code",
+    "reason",
+)
+
+
+class RequestSeries:
+    """The request rows of one listener role and transport (see the module)."""
+
+    __slots__ = (
+        "direction",
+        "identities",
+        "local_identity",
+        "max_identities",
+        "rows",
+        "then",
+        "tls",
+    )
+
+    def __init__(
+        self,
+        direction: str,
+        tls: bool,
+        *,
+        max_identities: int = 1000,
+    ) -> None:
+        self.direction = direction
+        self.tls = tls
+        self.local_identity = ""
+        """This proxy's own SPIFFE ID: the source of an outbound request,
+        the destination of an inbound one."""
+        self.max_identities = max_identities
+        self.identities: set[str] = set()
+        self.rows: dict[tuple[str, ...], list[Any]] = {}
+        self.then: Callable[[Any, float, str], None] | None = None
+        """Called after the row is updated (the access log, the trace):
+        `then(ex, now, reason)`, or None."""
+
+    def _identity(self, ident: str | None) -> str:
+        if not ident:
+            return ""
+        if ident in self.identities:
+            return ident
+        if len(self.identities) >= self.max_identities:
+            return "other"
+        self.identities.add(ident)
+        return ident
+
+    def record(self, ex: Any) -> None:
+        """One exchange ended (a `stream.exchange.ProxyExchange`): count it.
+        This is the hot path."""
+        now = ex.loop.time()
+        status = ex.status
+        kind = ex.kind
+        reason = "" if not kind else reason_of(kind, status)
+        cluster = ex.cluster
+        ep = ex.last_ep
+        if self.direction == "inbound":
+            src = self._identity(ex.proto.peer)
+            dst = self.local_identity
+        else:
+            src = self.local_identity
+            dst = self._identity(ep.pool.identity) if ep is not None else ""
+        key = (
+            ex.route_label or "(none)",
+            cluster.name if cluster is not None else "",
+            src,
+            dst,
+            _METHODS.get(ex.method, "other"),
+            str(status),
+            reason,
+        )
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = [0, 0.0, 0, 0.0, 0, 0, 0, 0.0] + [0] * (2 * NB)
+        elapsed = now - ex.t_start
+        row[_COUNT] += 1
+        row[_SUM] += elapsed
+        row[_B + bisect_left(BUCKETS, elapsed)] += 1
+        if ex.started:
+            up = now - ex.try_started
+            row[_UP_COUNT] += 1
+            row[_UP_SUM] += up
+            row[_U + bisect_left(BUCKETS, up)] += 1
+            row[_TRIES] += ex.attempt
+        row[_IN] += ex.sent_body
+        row[_OUT] += ex.bytes_out
+        row[_LAST] = now
+        then = self.then
+        if then is not None:
+            then(ex, now, reason)
+
+    def expire(self, before: float) -> int:
+        """Drop the rows last touched before `before`; how many went."""
+        stale = [k for k, row in self.rows.items() if row[_LAST] < before]
+        for k in stale:
+            del self.rows[k]
+        if stale:
+            live = {k[2] for k in self.rows} | {k[3] for k in self.rows}
+            self.identities &= live
+        return len(stale)
+
+    def drop(self, key: tuple[str, ...], before: float) -> None:
+        """Drop one row, unless it was touched since `before`."""
+        row = self.rows.get(key)
+        if row is not None and row[_LAST] < before:
+            del self.rows[key]
+
+    def samples(self) -> dict[str, list[Any]]:
+        """The rows as plain data (for a scrape, and for the other workers'
+        merge): each row's labels (direction and tls first) and values."""
+        direction = self.direction
+        tls = "true" if self.tls else "false"
+        out: dict[str, list[Any]] = {
+            "meshgate_requests_total": [],
+            "meshgate_request_duration_seconds": [],
+            "meshgate_upstream_duration_seconds": [],
+            "meshgate_request_bytes_total": [],
+            "meshgate_response_bytes_total": [],
+            "meshgate_upstream_tries_total": [],
+        }
+        hist: dict[tuple[str, ...], list[Any]] = {}
+        up_hist: dict[tuple[str, ...], list[Any]] = {}
+        for key, row in self.rows.items():
+            route, upstream, src, dst, method, code, reason = key
+            cls = code_class(int(code))
+            base = (direction, route, upstream, src, dst, method)
+            out["meshgate_requests_total"].append(
+                [(*base, code, cls, tls, reason), row[_COUNT], row[_LAST]]
+            )
+            out["meshgate_request_bytes_total"].append([(*base, tls), row[_IN], row[_LAST]])
+            out["meshgate_response_bytes_total"].append([(*base, tls), row[_OUT], row[_LAST]])
+            hkey = (*base, cls, tls)
+            _add_hist(hist, hkey, row, _B, row[_COUNT], row[_SUM])
+            if row[_UP_COUNT]:
+                _add_hist(up_hist, hkey, row, _U, row[_UP_COUNT], row[_UP_SUM])
+                out["meshgate_upstream_tries_total"].append([hkey, row[_TRIES], row[_LAST]])
+        out["meshgate_request_duration_seconds"] = [[k, *v] for k, v in hist.items()]
+        out["meshgate_upstream_duration_seconds"] = [[k, *v] for k, v in up_hist.items()]
+        return out
+
+
+def _add_hist(
+    into: dict[tuple[str, ...], list[Any]],
+    key: tuple[str, ...],
+    row: list[Any],
+    at: int,
+    count: int,
+    total: float,
+) -> None:
+    """Add a row's buckets (at `at`) to a histogram entry: [buckets, sum,
+    count, last]."""
+    entry = into.get(key)
+    if entry is None:
+        into[key] = [row[at : at + NB], total, count, row[_LAST]]
+        return
+    buckets = entry[0]
+    for i in range(NB):
+        buckets[i] += row[at + i]
+    entry[1] += total
+    entry[2] += count
+    if row[_LAST] > entry[3]:
+        entry[3] = row[_LAST]
