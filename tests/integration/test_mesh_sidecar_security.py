@@ -732,6 +732,50 @@ def test_a_per_source_limit_refuses_one_caller_only_and_is_counted(mesh: Mesh) -
     ), text
 
 
+def test_handshake_failures_are_counted_by_reason_and_requests_by_identity(mesh: Mesh) -> None:
+    """What a refused handshake leaves: a count by OpenSSL's reason, on the
+    callee's /metrics; and a request that got in is counted with the
+    identity its certificate proved."""
+    limited = mesh.sidecars["limited"]
+    assert limited.admin_port is not None
+    admin = f"http://127.0.0.1:{limited.admin_port}/metrics"
+    before = fetch(admin).body.decode()
+    handshakes = "meshgate_tls_handshakes_total"
+    out = s_client(limited.inbound_port, "-tls1_3", path="/no-cert")
+    assert out.response() is None, out.stdout
+    r = fetch(f"http://127.0.0.1:{limited.inbound_port}/plain", "--max-time", "10")
+    assert r.status == 0, r.describe()
+    out = s_client(limited.inbound_port, *cert_args(mesh.sidecars["orders"]), path="/rl/x/ok")
+    assert out.response() is not None, out.stderr
+    text = fetch(admin).body.decode()
+
+    def grew(**labels: str) -> float:
+        return metric(text, handshakes, **labels) - metric(before, handshakes, **labels)
+
+    assert grew(direction="inbound", outcome="not_tls") == 1, text
+    assert grew(direction="inbound", outcome="ok") >= 1, text
+    failures = {
+        line.split('outcome="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith(handshakes + "{") and 'outcome="ok"' not in line
+    }
+    # No client certificate: TLS 1.3 ends the handshake with an alert the
+    # server names (its reason is OpenSSL's, lowercased).
+    assert failures - {"not_tls"}, text
+    requests = "meshgate_requests_total"
+    assert (
+        metric(
+            text,
+            requests,
+            direction="inbound",
+            source_identity=ORDERS,
+            destination_identity=LIMITED,
+            tls="true",
+        )
+        >= 1
+    ), text
+
+
 # -- 7. a canary split added by a reload, under load ---------------------------------------------
 
 

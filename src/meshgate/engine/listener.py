@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from meshgate.config.schema import Address
+from meshgate.observability.hub import HUB
 
 __all__ = ["ROLES", "ListenerSpec", "Role", "Serving", "bind_socket", "start_listener"]
 
@@ -102,41 +103,50 @@ async def start_listener(
     sock = spec.sock or bind_socket(spec.address, reuse_port=spec.reuse_port)
     spec.sock = sock
     port = int(sock.getsockname()[1])
-    if spec.tls is not None and spec.plaintext_too:
-        sniffing = _SniffingServer(spec, sock, loop, plain_factory or spec.factory)
+    if spec.tls is not None:
+        # TLS listeners accept their connections themselves: each handshake's
+        # outcome, and a failure's reason, is then known (/metrics), where
+        # the event loop's own TLS server only logs it at debug level.
+        plain = (plain_factory or spec.factory) if spec.plaintext_too else None
+        sniffing = _SniffingServer(spec, sock, loop, plain)
         sniffing.start()
         log.info(
-            "%s (%s) on %s:%d, TLS and plaintext", spec.name, spec.role, spec.address.host, port
+            "%s (%s) on %s:%d, TLS%s",
+            spec.name,
+            spec.role,
+            spec.address.host,
+            port,
+            " and plaintext" if spec.plaintext_too else "",
         )
         return sniffing, port
-    server = await loop.create_server(
-        spec.factory,
-        sock=sock,
-        ssl=spec.tls() if spec.tls is not None else None,
-        ssl_handshake_timeout=SNIFF_TIMEOUT if spec.tls is not None else None,
-    )
-    log.info(
-        "%s (%s) on %s:%d%s",
-        spec.name,
-        spec.role,
-        spec.address.host,
-        port,
-        ", TLS" if spec.tls is not None else "",
-    )
+    server = await loop.create_server(spec.factory, sock=sock)
+    log.info("%s (%s) on %s:%d", spec.name, spec.role, spec.address.host, port)
     return server, port
+
+
+def handshake_failure(exc: BaseException) -> str:
+    """The reason label of a failed handshake: OpenSSL's reason (a fixed
+    set of names, lowercased), `timeout`, or the error's class."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason).lower()
+    if isinstance(exc, ConnectionError):
+        return "connection_reset"
+    return type(exc).__name__.lower()
 
 
 class _SniffingServer:
     """Accepts connections itself, peeks at the first byte without reading
     it, and hands each socket to the event loop with TLS (a handshake) or
-    without (anything else)."""
+    without (anything else: refused unless `plain_factory` serves it)."""
 
     def __init__(
         self,
         spec: ListenerSpec,
         sock: socket.socket,
         loop: asyncio.AbstractEventLoop,
-        plain_factory: Callable[[], asyncio.Protocol],
+        plain_factory: Callable[[], asyncio.Protocol] | None,
     ) -> None:
         self.spec = spec
         self.sock = sock
@@ -192,6 +202,10 @@ class _SniffingServer:
             conn.close()
             return
         tls = first[0] == TLS_HANDSHAKE
+        if not tls and self.plain_factory is None:
+            HUB.handshake(self.spec.role, "not_tls")
+            conn.close()
+            return
         task = self.loop.create_task(self._hand_over(conn, tls))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -204,9 +218,13 @@ class _SniffingServer:
                 await self.loop.connect_accepted_socket(
                     spec.factory, conn, ssl=spec.tls(), ssl_handshake_timeout=SNIFF_TIMEOUT
                 )
+                HUB.handshake(spec.role, "ok")
             else:
+                assert self.plain_factory is not None
                 await self.loop.connect_accepted_socket(self.plain_factory, conn)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
+            if tls:
+                HUB.handshake(spec.role, handshake_failure(exc))
             log.debug("%s: handshake failed: %s", spec.name, exc)
             with contextlib.suppress(OSError):
                 conn.close()

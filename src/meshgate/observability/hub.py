@@ -79,7 +79,11 @@ class MetricsHub:
         return got
 
     def handshake(self, role: str, outcome: str) -> None:
+        """Count a TLS handshake of a client, `ok` or a failure's reason
+        (at most 32 reasons, then `other`)."""
         key = (DIRECTIONS.get(role, "inbound"), outcome)
+        if key not in self.handshakes and len(self.handshakes) >= 32:
+            key = (key[0], "other")
         self.handshakes[key] = self.handshakes.get(key, 0) + 1
 
     def identity(self, identity: str, not_after: Callable[[], float]) -> None:
