@@ -14,8 +14,9 @@ worker. The answering worker sees each row's last touch in all of them,
 leaves the idle ones out of its answer, and tells every worker to drop
 them (a row touched meanwhile stays: each worker checks its own clock).
 
-The request: one line of JSON, `{"drop": [[direction, tls, key...], ...],
-"before": t}`; the answer: the worker's samples as one line of JSON.
+The request: one line of JSON, `{"drop": [labels, ...], "before": t}`
+(the labels of idle `meshgate_requests_total` samples); the answer: the
+worker's samples as one line of JSON.
 """
 
 from __future__ import annotations
@@ -65,14 +66,16 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 
 
 def _drop(rows: list[Any], before: float) -> None:
-    """Drop the request rows another worker found idle everywhere."""
-    if not rows:
-        return
-    for row in rows:
-        direction, tls, *key = row
-        store = HUB.stores.get((direction, bool(tls)))
+    """Drop the request rows another worker found idle everywhere (given
+    by their `meshgate_requests_total` labels)."""
+    by_store: dict[tuple[str, bool], set[tuple[str, ...]]] = {}
+    for labels in rows:
+        labels = tuple(labels)
+        by_store.setdefault((labels[0], labels[8] == "true"), set()).add(labels)
+    for key, idle in by_store.items():
+        store = HUB.stores.get(key)
         if store is not None:
-            store.drop(tuple(key), before)
+            store.drop_labels(idle, before)
 
 
 async def _ask(path: str, request: dict[str, Any]) -> Samples | None:
@@ -110,7 +113,7 @@ async def gather() -> Samples:
     before = time.monotonic() - HUB.idle_expiry
     idle = [s for s in merged.get(_REQUEST_ROWS, []) if s[2] < before]
     if idle:
-        drop = [_row_key(s[0]) for s in idle]
+        drop = [s[0] for s in idle]
         for name, samples in merged.items():
             if samples and len(samples[0]) > 2 and not isinstance(samples[0][1], list):
                 merged[name] = [s for s in samples if s[2] >= before]
@@ -120,11 +123,3 @@ async def gather() -> Samples:
         request = {"drop": drop, "before": before, "samples": False}
         await asyncio.gather(*(_ask(p, request) for p in HUB.peers))
     return merged
-
-
-def _row_key(labels: list[Any]) -> list[Any]:
-    """A `meshgate_requests_total` sample's labels -> its row's store and
-    key: direction, tls, then route, upstream, source, destination, method,
-    code, reason (`requests.LABELS`)."""
-    direction, route, upstream, src, dst, method, code, _cls, tls, reason = labels
-    return [direction, tls == "true", route, upstream, src, dst, method, code, reason]

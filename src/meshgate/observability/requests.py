@@ -129,17 +129,10 @@ _B = 8
 _U = _B + NB
 _ROW_LEN = _U + NB
 
-# The key: route, upstream, source identity, destination identity, method,
-# code, reason.
-LABELS = (
-    "route",
-    "upstream",
-    "source_identity",
-    "destination_identity",
-    "method",
-    "code",
-    "reason",
-)
+# A row's key: the route's label, the upstream's name, the peer's identity
+# (the source of an inbound request, the destination of an outbound one),
+# the method, the status and the local answer's problem type, as the
+# exchange holds them (`record`).
 
 
 class RequestSeries:
@@ -148,6 +141,7 @@ class RequestSeries:
     __slots__ = (
         "direction",
         "identities",
+        "inbound",
         "local_identity",
         "max_identities",
         "rows",
@@ -163,6 +157,7 @@ class RequestSeries:
         max_identities: int = 1000,
     ) -> None:
         self.direction = direction
+        self.inbound = direction == "inbound"
         self.tls = tls
         self.local_identity = ""
         """This proxy's own SPIFFE ID: the source of an outbound request,
@@ -171,46 +166,33 @@ class RequestSeries:
         self.identities: set[str] = set()
         self.rows: dict[tuple[str, ...], list[Any]] = {}
         self.then: Callable[[Any, float, str], None] | None = None
-        """Called after the row is updated (the access log, the trace):
-        `then(ex, now, reason)`, or None."""
-
-    def _identity(self, ident: str | None) -> str:
-        if not ident:
-            return ""
-        if ident in self.identities:
-            return ident
-        if len(self.identities) >= self.max_identities:
-            return "other"
-        self.identities.add(ident)
-        return ident
+        """Called after the row is updated (the access log):
+        `then(ex, now, reason)`, or None. A sampled request's trace ends
+        there too (`ex.trace.end(ex, now, reason)`)."""
 
     def record(self, ex: Any) -> None:
         """One exchange ended (a `stream.exchange.ProxyExchange`): count it.
-        This is the hot path."""
+        This is the hot path: one tuple of values the exchange holds, one
+        dict lookup; what they become as labels is worked out once per row
+        (`_new_row`) and per scrape (`samples`)."""
         now = ex.loop.time()
-        status = ex.status
-        kind = ex.kind
-        reason = "" if not kind else reason_of(kind, status)
         cluster = ex.cluster
-        ep = ex.last_ep
-        if self.direction == "inbound":
-            src = self._identity(ex.proto.peer)
-            dst = self.local_identity
+        if self.inbound:
+            peer = ex.proto.peer
         else:
-            src = self.local_identity
-            dst = self._identity(ep.pool.identity) if ep is not None else ""
+            ep = ex.last_ep
+            peer = ep.pool.identity if ep is not None else None
         key = (
-            ex.route_label or "(none)",
+            ex.route_label,
             cluster.name if cluster is not None else "",
-            src,
-            dst,
-            _METHODS.get(ex.method, "other"),
-            str(status),
-            reason,
+            peer,
+            ex.method,
+            ex.status,
+            ex.kind,
         )
         row = self.rows.get(key)
         if row is None:
-            row = self.rows[key] = [0, 0.0, 0, 0.0, 0, 0, 0, 0.0] + [0] * (2 * NB)
+            row = self._new_row(key)
         elapsed = now - ex.t_start
         row[_COUNT] += 1
         row[_SUM] += elapsed
@@ -225,8 +207,37 @@ class RequestSeries:
         row[_OUT] += ex.bytes_out
         row[_LAST] = now
         then = self.then
-        if then is not None:
-            then(ex, now, reason)
+        trace = ex.trace
+        if then is not None or trace is not None:
+            kind = ex.kind
+            reason = reason_of(kind, ex.status) if kind else ""
+            if then is not None:
+                then(ex, now, reason)
+            if trace is not None:
+                trace.end(ex, now, reason)
+
+    def _new_row(self, key: tuple[Any, ...]) -> list[Any]:
+        """The row of a key seen for the first time. A method outside the
+        standard ones and a peer past `max_identities` share the row of
+        "other": their raw key is never stored (each such request comes
+        here again, which costs that request, not memory)."""
+        route, upstream, peer, method, status, kind = key
+        canonical = key
+        if method not in _METHODS:
+            canonical = (route, upstream, peer, b"other", status, kind)
+        if peer and peer not in self.identities:
+            if len(self.identities) >= self.max_identities:
+                canonical = (route, upstream, "other", canonical[3], status, kind)
+            else:
+                self.identities.add(peer)
+        if status >= 1000 or status < 0:
+            canonical = (*canonical[:4], 0, kind)
+        if kind not in REASONS:
+            canonical = (*canonical[:5], "")
+        row = self.rows.get(canonical)
+        if row is None:
+            row = self.rows[canonical] = [0, 0.0, 0, 0.0, 0, 0, 0, 0.0] + [0] * (2 * NB)
+        return row
 
     def expire(self, before: float) -> int:
         """Drop the rows last touched before `before`; how many went."""
@@ -234,20 +245,40 @@ class RequestSeries:
         for k in stale:
             del self.rows[k]
         if stale:
-            live = {k[2] for k in self.rows} | {k[3] for k in self.rows}
-            self.identities &= live
+            self.identities &= {k[2] for k in self.rows}
         return len(stale)
 
-    def drop(self, key: tuple[str, ...], before: float) -> None:
-        """Drop one row, unless it was touched since `before`."""
-        row = self.rows.get(key)
-        if row is not None and row[_LAST] < before:
-            del self.rows[key]
+    def labels(self, key: tuple[Any, ...]) -> tuple[str, ...]:
+        """A row's `meshgate_requests_total` labels (`exposition.SPECS`)."""
+        route, upstream, peer, method, status, kind = key
+        peer = peer or ""
+        local = self.local_identity
+        src, dst = (peer, local) if self.inbound else (local, peer)
+        return (
+            self.direction,
+            route or "(none)",
+            upstream,
+            src,
+            dst,
+            _METHODS.get(method, "other"),
+            str(status),
+            code_class(status),
+            "true" if self.tls else "false",
+            reason_of(kind, status) if kind else "",
+        )
+
+    def drop_labels(self, idle: set[tuple[str, ...]], before: float) -> None:
+        """Drop the rows whose labels are in `idle` (idle in every worker),
+        unless touched since `before`."""
+        stale = [
+            k for k, row in self.rows.items() if row[_LAST] < before and self.labels(k) in idle
+        ]
+        for k in stale:
+            del self.rows[k]
 
     def samples(self) -> dict[str, list[Any]]:
         """The rows as plain data (for a scrape, and for the other workers'
         merge): each row's labels (direction and tls first) and values."""
-        direction = self.direction
         tls = "true" if self.tls else "false"
         out: dict[str, list[Any]] = {
             "meshgate_requests_total": [],
@@ -260,12 +291,10 @@ class RequestSeries:
         hist: dict[tuple[str, ...], list[Any]] = {}
         up_hist: dict[tuple[str, ...], list[Any]] = {}
         for key, row in self.rows.items():
-            route, upstream, src, dst, method, code, reason = key
-            cls = code_class(int(code))
-            base = (direction, route, upstream, src, dst, method)
-            out["meshgate_requests_total"].append(
-                [(*base, code, cls, tls, reason), row[_COUNT], row[_LAST]]
-            )
+            labels = self.labels(key)
+            base = labels[:6]
+            cls = labels[7]
+            out["meshgate_requests_total"].append([labels, row[_COUNT], row[_LAST]])
             out["meshgate_request_bytes_total"].append([(*base, tls), row[_IN], row[_LAST]])
             out["meshgate_response_bytes_total"].append([(*base, tls), row[_OUT], row[_LAST]])
             hkey = (*base, cls, tls)
