@@ -128,7 +128,10 @@ class AccessLog:
         self.sample = 1.0
         self.bound = 65536
         self.dropped = 0
-        """Lines dropped: the queue was full, or a write failed."""
+        """Lines dropped because the queue was full (counted on the loop)."""
+        self.unwritten = 0
+        """Lines a write failed to send, or given up at stop (counted by the
+        writer: each counter has one thread)."""
         self.written = 0
         self.offset = 0.0
         """The wall clock minus the loop's."""
@@ -210,7 +213,7 @@ class AccessLog:
         if thread.is_alive():
             left = len(self.queue)
             self.queue.clear()
-            self.dropped += left
+            self.dropped += left  # (the writer is stuck in a write: not counting)
             log.warning("access log: the writer is stuck; %d lines not written", left)
             return  # it holds its fd: a daemon, it ends with the process
         self._thread = None
@@ -222,7 +225,7 @@ class AccessLog:
                 self._next_fd = None
 
     def samples(self) -> dict[str, list[Any]]:
-        return {"meshgate_access_log_dropped_total": [[(), self.dropped]]}
+        return {"meshgate_access_log_dropped_total": [[(), self.dropped + self.unwritten]]}
 
     def log(self, ex: Any, now: float, reason: str) -> None:
         """One exchange ended (`RequestSeries.then`). The hot path: read
@@ -326,7 +329,7 @@ class AccessLog:
                 n = os.write(fd, view)
                 view = view[n:]
         except OSError as exc:
-            self.dropped += lines
+            self.unwritten += lines
             if not self._write_error:
                 self._write_error = True
                 log.error("access log: cannot write: %s", exc)
@@ -363,12 +366,10 @@ class AccessLog:
             attempt,
             reason,
         ) = row
-        wall = t_start + self.offset
-        seconds = int(wall)
+        seconds, millis = divmod(int((t_start + self.offset) * 1000), 1000)
         if seconds != self._seconds:
             self._seconds = seconds
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        millis = min(int((wall - seconds) * 1000), 999)
         return orjson.dumps(
             {
                 "time": f"{self._prefix}.{millis:03d}Z",
