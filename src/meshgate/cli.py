@@ -191,6 +191,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if problem:
         print(f"{args.config}: invalid config\n{problem}", file=sys.stderr)
         return 1
+    settings = config.access_log_config
+    if settings is not None:
+        from meshgate.observability.accesslog import open_target
+
+        try:
+            fd = open_target(settings.path, os.path.dirname(path))
+        except OSError as exc:
+            print(
+                f"{args.config}: access_log.path: cannot open {settings.path}: "
+                f"{exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 1
+        if fd > 2:
+            os.close(fd)
     workers = args.workers or config.workers
     if workers == 1:
         return run_worker(config, WorkerOptions(config_path=path))

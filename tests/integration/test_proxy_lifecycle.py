@@ -5,6 +5,7 @@ an invalid reload, and `--workers 2`."""
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import signal
 import socket
@@ -314,10 +315,17 @@ def test_two_workers_reload_reaches_every_worker(stack: Stack) -> None:
 
 
 def test_access_log_line_per_request(stack: Stack, upstream: UpstreamServer) -> None:
+    """`access_log: true`: a JSON line per request on stdout (the fields:
+    test_access_log.py)."""
     proxy = stack.proxy({**routed_to("a", upstream), "access_log": True})
-    fetch(proxy.url("/svc/fixed?marker=access-log-check"))
-    line = proxy.wait_for_log(r"/svc/fixed", timeout=5)
-    assert "200" in line, line
+    r = fetch(proxy.url("/svc/fixed?marker=access-log-check"))
+    wait_until(
+        lambda: proxy.stdout_path.read_text().endswith("\n"), timeout=5, what="an access log line"
+    )
+    (line,) = [json.loads(t) for t in proxy.stdout_path.read_text().splitlines()]
+    assert line["request_id"] == r.header("x-request-id"), line
+    assert (line["status"], line["path"], line["upstream"]) == (200, "/svc/**", "a"), line
+    assert "marker" not in proxy.stdout_path.read_text()
 
 
 def test_refuses_to_start_on_invalid_config(tmp_path: Path) -> None:

@@ -17,11 +17,12 @@ engine.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import (
     BeforeValidator,
     Field,
+    field_validator,
     model_validator,
 )
 
@@ -92,6 +93,7 @@ from meshgate.config.upstream import (
 # The config's models live in base, upstream, edge and route; this module is
 # the whole file's model, and the one place the rest of meshgate imports them from.
 __all__ = [
+    "AccessLogConfig",
     "Address",
     "AggregateBackend",
     "AggregateConfig",
@@ -171,6 +173,37 @@ class ServerLimits(_Model):
     a full table forgets the key closest to being refilled."""
 
 
+class AccessLogConfig(_Model):
+    """`access_log:` as a mapping: one JSON line per request, written by a
+    thread of its own (`observability.accesslog`)."""
+
+    path: str = "-"
+    """`-` (stdout), `stderr`, or a file (relative to this file), opened
+    for appending and reopened on reload (SIGHUP), for log rotation."""
+    sample_2xx: float = Field(default=1.0, ge=0.0, le=1.0)
+    """The share of 2xx answers logged (0 logs none); every other status is
+    always logged."""
+    buffer_lines: int = Field(default=65536, ge=16, le=1 << 24)
+    """Lines waiting for the writer; past it new lines are dropped (and
+    counted), so that a stalled stdout never holds up a response."""
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("expected '-' (stdout), 'stderr' or a file path")
+        return v
+
+
+def _access_log(value: Any) -> Any:
+    if isinstance(value, bool | dict):
+        return value
+    raise ValueError(
+        "expected true (JSON lines on stdout), false, or a mapping such as "
+        "{path: /var/log/meshgate/access.log, sample_2xx: 0.1}"
+    )
+
+
 class GatewayMeshConfig(_Model):
     """`mesh:`: this gateway joins the mesh with an identity of its own
     (`spiffe://<trust_domain>/ns/<namespace>/sa/<service>`), and reaches
@@ -207,8 +240,8 @@ class Config(_Model):
     limits: ServerLimits = ServerLimits()
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
-    access_log: bool = False
-    """One line per request on stderr."""
+    access_log: Annotated[bool | AccessLogConfig, BeforeValidator(_access_log)] = False
+    """One JSON line per request: true (on stdout), or an `AccessLogConfig`."""
     redis: Annotated[RedisConfig | None, BeforeValidator(RedisConfig.parse)] = None
     auth: dict[str, AuthEntry] = Field(default_factory=dict)
     """Named authentication entries that routes refer to."""
@@ -216,6 +249,14 @@ class Config(_Model):
     cors: CorsConfig | None = None
     """CORS for every route without a `cors:` of its own."""
     mesh: GatewayMeshConfig | None = None
+
+    @property
+    def access_log_config(self) -> AccessLogConfig | None:
+        """The access log's settings, or None when it is off."""
+        got = self.access_log
+        if got is True:
+            return AccessLogConfig()
+        return got or None
 
     def route_cors(self, route: RouteConfig) -> CorsConfig | None:
         """The CORS a route applies: its own, else the top-level one; None if off."""

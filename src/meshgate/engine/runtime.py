@@ -38,6 +38,7 @@ class RouteTarget:
         "handler",
         "label",
         "passthrough",
+        "path",
         "read_timeout",
         "response_drop",
         "retry",
@@ -59,8 +60,12 @@ class RouteTarget:
         total_timeout: float = 0.0,
         handler: Handler | None = None,
         response_drop: frozenset[bytes] | None = None,
+        path: str = "",
     ) -> None:
         self.cluster = cluster
+        self.path = path
+        """The route's configured path pattern (`/api/orders/**`), as the
+        access log names it: never the request's own path or query."""
         self.response_drop = response_drop
         """Upstream response headers never passed on (on a route with CORS,
         the upstream's own Access-Control-* fields), or None."""
@@ -166,6 +171,7 @@ class Runtime:
                 total_timeout=total,
                 handler=handler,
                 response_drop=UPSTREAM_DROPPED if config.route_cors(route) is not None else None,
+                path=route.path,
             )
             pairs.append((route, target))
         shortest = min(

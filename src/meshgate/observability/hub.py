@@ -54,6 +54,8 @@ class MetricsHub:
         self.reloads = {"ok": 0, "refused": 0}
         self.generation = 0
         self.in_flight: dict[tuple[str, bool], int] = {}
+        self.request_hook: Callable[[Any, float, str], None] | None = None
+        """Every series' `then` (the access log), or None."""
 
     def series(self, role: str, tls: bool) -> RequestSeries:
         direction = DIRECTIONS.get(role, "inbound")
@@ -64,7 +66,15 @@ class MetricsHub:
                 direction, tls, max_identities=self.max_identities
             )
             store.local_identity = self.local_identity
+            store.then = self.request_hook
         return store
+
+    def set_request_hook(self, hook: Callable[[Any, float, str], None] | None) -> None:
+        """Call `hook(ex, now, reason)` after every request is counted, in
+        every series, those made later too (`RequestSeries.then`)."""
+        self.request_hook = hook
+        for store in self.stores.values():
+            store.then = hook
 
     def set_local_identity(self, identity: str) -> None:
         self.local_identity = identity

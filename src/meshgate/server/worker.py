@@ -38,6 +38,7 @@ from meshgate.engine.runtime import Runtime
 from meshgate.filters.build import FilterServices
 from meshgate.mesh.member import MeshMember
 from meshgate.observability import peers
+from meshgate.observability.accesslog import AccessLog
 from meshgate.observability.hub import HUB
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.ratelimit.local import SharedTable
@@ -112,6 +113,8 @@ class Worker:
         self.stamp = file_stamp(opts.config_path)
         self.tasks: set[asyncio.Task[None]] = set()
         self.reload_lock = asyncio.Lock()
+        self.access = AccessLog(self.loop.time)
+        self.base_dir = os.path.dirname(os.path.abspath(opts.config_path))
 
     def _build(self, config: Config) -> Runtime:
         """The one compile step: the file's config, with the mesh's endpoints
@@ -144,6 +147,7 @@ class Worker:
         await self.services.activate(self.state.runtime.filters)
         self.state.runtime.start_health()
         cfg = self.config
+        self.access.apply(cfg.access_log_config, self.base_dir)
         listen = cfg.listen
         if self.opts.listen_port is not None:
             listen = Address(host=listen.host, port=self.opts.listen_port)
@@ -224,10 +228,12 @@ class Worker:
         except ConfigError as exc:
             HUB.reloads["refused"] += 1
             log.error("reload refused, still serving the previous config:\n%s", exc)
+            self.access.reopen()  # (rotated logs are let go of all the same)
             return
         except Exception as exc:
             HUB.reloads["refused"] += 1
             log.error("reload refused, still serving the previous config: %s", exc)
+            self.access.reopen()
             return
         if config.listen != self.config.listen or config.admin != self.config.admin:
             log.warning("listen and admin addresses change only on restart; kept the old ones")
@@ -238,6 +244,15 @@ class Worker:
         if config.mesh != self.config.mesh:
             log.warning("mesh: changes only on restart")
         await self._swap(config, runtime, path)
+        settings = config.access_log_config
+        try:
+            # Opened again, also when unchanged: a reload is how a rotated
+            # file is let go of.
+            self.access.apply(settings, self.base_dir)
+        except OSError as exc:
+            where = settings.path if settings is not None else ""
+            log.error("access log: cannot open %s, kept the previous one: %s", where, exc)
+            self.access.reopen()
 
     async def _swap(self, config: Config, runtime: Runtime, what: str) -> None:
         # New JWKS are fetched before the new runtime takes requests; what
@@ -287,6 +302,7 @@ class Worker:
         await self.services.close()
         if self.member is not None:
             await self.member.close()
+        self.access.stop()
         log.info("worker %d stopped", self.opts.worker_id)
 
 

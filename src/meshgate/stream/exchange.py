@@ -114,6 +114,8 @@ class ProxyExchange(UpstreamAttempt):
     # What the observers (`observability`) read once the exchange ends.
     kind = ""  # the problem type of a local answer ("" for the upstream's own)
     consumer: str | None = None  # who the route's auth found the client was
+    authority: bytes | None = None  # the request's Host (or absolute-form authority)
+    route_path = ""  # the matched route's configured path pattern
     last_ep: Endpoint | None = None  # the endpoint of the latest try
     bytes_out = 0  # response bytes from the upstream (a local answer's: its length)
     trace: Trace | None = None  # this request's spans, when it is sampled

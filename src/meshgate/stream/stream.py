@@ -122,6 +122,7 @@ class _Head:
 
     def apply(self, ex: ProxyStream, req: FilterRequest) -> None:
         """Build the upstream request head with what the filters decided."""
+        ex.consumer = req.consumer
         headers = self.headers
         drop: frozenset[bytes] | set[bytes] | None = self.drop
         if req.drop:
@@ -189,7 +190,7 @@ class ProxyStream(ProxyExchange):
             self.reply_local(400, "bad-host", "more than one Host header", close=True)
             return
         url = parsed.url
-        host = parsed.host
+        host = self.authority = parsed.host
         # A captured connection routes by where it was going, not by Host.
         by = host if parsed.route_host is None else parsed.route_host
         runtime = self.proto.state.runtime
@@ -219,7 +220,9 @@ class ProxyStream(ProxyExchange):
                     400, "bad-target", "the request target is not a valid URL", close=True
                 )
                 return
-            host = absolute.host + (b":%d" % absolute.port if absolute.port else b"")
+            host = self.authority = absolute.host + (
+                b":%d" % absolute.port if absolute.port else b""
+            )
             path_b = absolute.path or b"/"
             query_b = absolute.query or b""
         elif url == b"*" and self.method == b"OPTIONS":
@@ -295,6 +298,7 @@ class ProxyStream(ProxyExchange):
                 if b"_" in name and name.replace(b"_", b"-") in identity:
                     drop = drop | {name}
         self.route_retry = rt.retry
+        self.route_path = rt.path
         self.budget = parsed.budget
         self.grpc = parsed.grpc
         self.route_total = rt.total_timeout
@@ -362,6 +366,7 @@ class ProxyStream(ProxyExchange):
         if result is None:
             head.apply(self, req)
         elif isinstance(result, LocalReply):
+            self.consumer = req.consumer  # (a rate limit's refusal knows who)
             self.reply_local(
                 result.status,
                 result.kind,
@@ -473,6 +478,7 @@ class ProxyStream(ProxyExchange):
         elif reply is None:
             head.apply(self, req)
         else:
+            self.consumer = req.consumer
             # Body bytes that arrived meanwhile are not going anywhere.
             self.body_buf = []
             self.body_buffered = 0

@@ -36,6 +36,16 @@ def _upstream(text: str) -> tuple[str, Address]:
     return name, _address(where if ":" in where else f"127.0.0.1:{where}")
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, found {text!r}")
+    return value
+
+
 def cmd_sidecar(args: argparse.Namespace) -> int:
     from meshgate.mesh.sidecar.proxy import SidecarOptions, bind_all
     from meshgate.mesh.wire import control_addresses
@@ -71,7 +81,19 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         version=args.version,
         zone=args.zone,
         workers=max(1, args.workers),
+        access_log=args.access_log,
+        access_log_sample_2xx=args.access_log_sample_2xx,
     )
+    if args.access_log is not None:
+        from meshgate.observability.accesslog import open_target
+
+        try:
+            fd = open_target(args.access_log)
+        except OSError as exc:
+            print(f"meshgate sidecar: --access-log: {exc}", file=sys.stderr)
+            return 2
+        if fd > 2:
+            os.close(fd)
     try:
         socks = bind_all(opts)
     except OSError as exc:
@@ -172,6 +194,18 @@ def register(sub: Any) -> None:
         default=1,
         help="processes serving the same ports (each with its own key; the join token "
         "must be reusable)",
+    )
+    p.add_argument(
+        "--access-log",
+        metavar="PATH|-",
+        help="one JSON line per request: - (stdout), stderr, or a file (reopened on SIGHUP)",
+    )
+    p.add_argument(
+        "--access-log-sample-2xx",
+        type=_share,
+        default=1.0,
+        metavar="SHARE",
+        help="the share of 2xx answers logged, 0 to 1 (every other status is logged)",
     )
     p.add_argument("--version", default="")
     p.add_argument("--zone", default="")

@@ -36,13 +36,14 @@ from typing import Any
 
 from meshgate.admin.samples import listener_samples
 from meshgate.admin.server import AdminProtocol
-from meshgate.config.schema import Address, Config
+from meshgate.config.schema import AccessLogConfig, Address, Config
 from meshgate.engine.listener import ListenerSpec, Serving, bind_socket, start_listener
 from meshgate.engine.runtime import Runtime
 from meshgate.filters.build import FilterServices
 from meshgate.mesh.agent import MeshAgent
 from meshgate.mesh.sidecar.capture import Capture, destinations, original_destination
 from meshgate.mesh.translate import inbound_config, outbound_config
+from meshgate.observability.accesslog import AccessLog
 from meshgate.observability.hub import HUB
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.stream.stream import ProxyStream
@@ -84,6 +85,9 @@ class SidecarOptions:
     `state_dir/worker-N`; worker 0 registers the instance and writes the
     capture rules."""
     worker_id: int = 0
+    access_log: str | None = None
+    """`-` (stdout), `stderr` or a file: one JSON line per request; None: off."""
+    access_log_sample_2xx: float = 1.0
 
 
 def bind_all(opts: SidecarOptions) -> dict[str, socket.socket]:
@@ -134,6 +138,7 @@ class Sidecar:
         """The runtimes of the first snapshot, until the listeners start."""
         self.capture: Capture | None = None
         self.stopping = asyncio.Event()
+        self.access = AccessLog(self.loop.time)
         self.socks = socks if socks is not None else bind_all(opts)
         self.ports = {k: int(s.getsockname()[1]) for k, s in self.socks.items()}
         self.agent = MeshAgent(
@@ -241,6 +246,14 @@ class Sidecar:
             ) from None
         runtimes: dict[str, Runtime] = self._pending
         loop = self.loop
+        if self.opts.access_log is not None:
+            self.access.apply(
+                AccessLogConfig(
+                    path=self.opts.access_log, sample_2xx=self.opts.access_log_sample_2xx
+                )
+            )
+            # SIGHUP: the file was rotated.
+            loop.add_signal_handler(signal.SIGHUP, self.access.reopen)
         registry = self.registry
         for name, runtime in runtimes.items():
             if name == "inbound":
@@ -381,6 +394,7 @@ class Sidecar:
         self.registry.close_idle()
         await self.agent.close()
         await self.services.close()
+        self.access.stop()
 
 
 def _protocol(state: ServerState) -> Callable[[], asyncio.Protocol]:

@@ -1,0 +1,397 @@
+"""The access log: one JSON line per request, written off the hot path.
+
+`AccessLog.log` is the listeners' `RequestSeries.then` (set through
+`HUB.set_request_hook`): it runs once per request that ends, on the event
+loop, and only reads the exchange's fields into a tuple appended to a
+deque (a 2xx answer may be sampled out first, with one random draw). A
+writer thread (a daemon) wakes every 100 ms, or sooner when many lines
+wait, turns the tuples into JSON (orjson) and writes them with `os.write`:
+formatting, the clock and every system call stay out of the loop.
+
+The queue is bounded (`buffer_lines`): when the writer falls behind (a
+stdout pipe nobody reads, a full disk) new lines are dropped and counted
+(`meshgate_access_log_dropped_total`), so a response never waits for the
+log and memory never grows without bound.
+
+Where: stdout (`-`), stderr, or a file opened with O_APPEND, reopened on
+reload (SIGHUP), so that a rotated file is let go of. With several workers
+each writes its own lines to the same file or pipe. Lines never share a
+write with a part of another line: writes to a pipe are at most PIPE_BUF
+bytes of whole lines, which the kernel keeps whole between writers
+(a single line longer than PIPE_BUF, rare, may interleave on a pipe); to
+a regular file, an O_APPEND write lands whole at the end, so batches of
+workers do not mix inside a line either.
+
+The line's time is the request's start, in RFC 3339 UTC with milliseconds:
+the loop's clock plus the offset to the wall clock, measured on the loop
+when the log is configured (and again on each reload).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from random import random
+from select import PIPE_BUF
+from typing import Any
+
+import orjson
+
+from meshgate.config.schema import AccessLogConfig
+from meshgate.observability.hub import HUB
+
+__all__ = ["FIELDS", "AccessLog", "open_target"]
+
+log = logging.getLogger("meshgate.accesslog")
+
+INTERVAL = 0.1
+"""Seconds between the writer's rounds."""
+WAKE_AT = 1024
+"""Lines waiting that wake the writer before its round."""
+FILE_CHUNK = 64 * 1024
+STOP_TIMEOUT = 2.0
+
+FIELDS = (
+    "time",
+    "request_id",
+    "trace_id",
+    "direction",
+    "client",
+    "consumer",
+    "peer",
+    "method",
+    "authority",
+    "path",
+    "route",
+    "upstream",
+    "endpoint",
+    "status",
+    "duration_ms",
+    "upstream_ms",
+    "bytes_in",
+    "bytes_out",
+    "retries",
+    "reason",
+)
+"""The keys of a line, in order."""
+
+
+def open_target(path: str, base_dir: str | None = None) -> int:
+    """The file descriptor lines go to: stdout for `-`, stderr for
+    `stderr`, else the file (relative to `base_dir`), created if need be
+    and opened for appending. OSError when it cannot be opened."""
+    if path == "-":
+        return 1
+    if path == "stderr":
+        return 2
+    if base_dir is not None and not os.path.isabs(path):
+        path = os.path.join(base_dir, path)
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+def _close(fd: int) -> None:
+    if fd > 2:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return value
+
+
+def _trace_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return format(value, "032x")
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+class AccessLog:
+    """One process's access log (see the module)."""
+
+    def __init__(self, loop_time: Callable[[], float]) -> None:
+        self.loop_time = loop_time
+        self.queue: collections.deque[tuple[Any, ...]] = collections.deque()
+        self.sample = 1.0
+        self.bound = 65536
+        self.dropped = 0
+        """Lines dropped because the queue was full (counted on the loop)."""
+        self.unwritten = 0
+        """Lines a write failed to send, or given up at stop (counted by the
+        writer: each counter has one thread)."""
+        self.written = 0
+        self.offset = 0.0
+        """The wall clock minus the loop's."""
+        self.fd = -1
+        self._next_fd: int | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._write_error = False
+        self.settings: AccessLogConfig | None = None
+        self.base_dir: str | None = None
+
+    # -- the loop's side ---------------------------------------------------------
+
+    def apply(self, settings: AccessLogConfig | None, base_dir: str | None = None) -> None:
+        """Log with `settings` from now on (None: stop logging), every
+        listener of this process (`HUB.set_request_hook`); the file is
+        opened again. OSError when it cannot be opened (what was in force
+        stays so)."""
+        if settings is None:
+            if self.settings is not None:
+                HUB.set_request_hook(None)
+                self.settings = None
+                self.stop()
+            return
+        self.configure(settings, base_dir)
+        if self.settings is None:
+            HUB.register("access_log", self.samples)
+        self.settings = settings
+        self.base_dir = base_dir
+        self.start()
+        HUB.set_request_hook(self.log)
+
+    def reopen(self) -> None:
+        """Open the file again (it was rotated); an error is logged, and the
+        old one kept."""
+        if self.settings is None:
+            return
+        try:
+            self.configure(self.settings, self.base_dir)
+        except OSError as exc:
+            log.error("access log: cannot reopen %s: %s", self.settings.path, exc)
+
+    def configure(self, settings: AccessLogConfig, base_dir: str | None = None) -> None:
+        """Take `settings` (at start and on every reload): the file is
+        opened again, even when its path did not change (log rotation).
+        OSError when it cannot be opened; the previous one stays then."""
+        fd = open_target(settings.path, base_dir)
+        self.sample = settings.sample_2xx
+        self.bound = settings.buffer_lines
+        self.offset = time.time() - self.loop_time()
+        with self._lock:
+            if self.fd < 0:
+                self.fd = fd
+            else:
+                if self._next_fd is not None:
+                    _close(self._next_fd)
+                self._next_fd = fd  # the writer swaps it in between batches
+        self._wake.set()
+
+    def start(self) -> None:
+        """Start the writer (after `configure`)."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="meshgate-access-log", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Write what is queued, and stop the writer; after `timeout`
+        seconds (a stdout nobody reads) what is left is given up."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        thread.join(timeout)
+        if thread.is_alive():
+            left = len(self.queue)
+            self.queue.clear()
+            self.dropped += left  # (the writer is stuck in a write: not counting)
+            log.warning("access log: the writer is stuck; %d lines not written", left)
+            return  # it holds its fd: a daemon, it ends with the process
+        self._thread = None
+        with self._lock:
+            _close(self.fd)
+            self.fd = -1
+            if self._next_fd is not None:
+                _close(self._next_fd)
+                self._next_fd = None
+
+    def samples(self) -> dict[str, list[Any]]:
+        return {"meshgate_access_log_dropped_total": [[(), self.dropped + self.unwritten]]}
+
+    def log(self, ex: Any, now: float, reason: str) -> None:
+        """One exchange ended (`RequestSeries.then`). The hot path: read
+        its fields into a tuple, nothing else."""
+        status = ex.status
+        sample = self.sample
+        if sample < 1.0 and 200 <= status < 300 and (sample == 0.0 or random() >= sample):
+            return
+        queue = self.queue
+        n = len(queue)
+        if n >= self.bound:
+            self.dropped += 1
+            return
+        trace = ex.trace
+        cluster = ex.cluster
+        ep = ex.last_ep
+        proto = ex.proto
+        queue.append(
+            (
+                ex.t_start,
+                now,
+                ex.started,
+                ex.try_started,
+                ex.request_id,
+                None if trace is None else getattr(trace, "trace_id", None),
+                proto.state.direction,
+                proto.client,
+                ex.consumer,
+                proto.peer,
+                ex.method,
+                ex.authority,
+                ex.route_path,
+                ex.route_label,
+                None if cluster is None else cluster.name,
+                None if ep is None else ep.pool.address,
+                status,
+                ex.sent_body,
+                ex.bytes_out,
+                ex.attempt,
+                reason,
+            )
+        )
+        if n == WAKE_AT:
+            self._wake.set()
+
+    # -- the writer thread -------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(INTERVAL)
+            self._wake.clear()
+            stopping = self._stopping
+            try:
+                self._round()
+            except Exception:
+                log.exception("access log: the writer failed")
+            if stopping:
+                return
+
+    def _round(self) -> None:
+        with self._lock:
+            fresh = self._next_fd
+            self._next_fd = None
+            if fresh is not None:
+                old, self.fd = self.fd, fresh
+            else:
+                old = -1
+            fd = self.fd
+        _close(old)
+        queue = self.queue
+        while queue:
+            lines: list[bytes] = []
+            while queue and len(lines) < 4096:
+                lines.append(self.format(queue.popleft()))
+            self._write(fd, lines)
+
+    def _write(self, fd: int, lines: list[bytes]) -> None:
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            regular = False
+        limit = FILE_CHUNK if regular else PIPE_BUF
+        chunk: list[bytes] = []
+        size = 0
+        for i, line in enumerate(lines):
+            if size and size + len(line) > limit:
+                if not self._send(fd, b"".join(chunk), len(lines) - i + len(chunk)):
+                    return
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            self._send(fd, b"".join(chunk), len(chunk))
+
+    def _send(self, fd: int, data: bytes, lines: int) -> bool:
+        """Write all of `data`; on an error, the `lines` not yet written are
+        dropped (and the error logged once until a write succeeds)."""
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        except OSError as exc:
+            self.unwritten += lines
+            if not self._write_error:
+                self._write_error = True
+                log.error("access log: cannot write: %s", exc)
+            return False
+        self._write_error = False
+        self.written += data.count(b"\n")
+        return True
+
+    _seconds = -1
+    _prefix = ""
+
+    def format(self, row: tuple[Any, ...]) -> bytes:
+        """One line, newline included."""
+        (
+            t_start,
+            now,
+            started,
+            try_started,
+            request_id,
+            trace_id,
+            direction,
+            client,
+            consumer,
+            peer,
+            method,
+            authority,
+            path,
+            route,
+            upstream,
+            endpoint,
+            status,
+            bytes_in,
+            bytes_out,
+            attempt,
+            reason,
+        ) = row
+        seconds, millis = divmod(int((t_start + self.offset) * 1000), 1000)
+        if seconds != self._seconds:
+            self._seconds = seconds
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        return orjson.dumps(
+            {
+                "time": f"{self._prefix}.{millis:03d}Z",
+                "request_id": _text(request_id),
+                "trace_id": _trace_id(trace_id),
+                "direction": direction,
+                "client": _text(client) or None,
+                "consumer": consumer,
+                "peer": peer,
+                "method": _text(method),
+                "authority": _text(authority),
+                "path": path or None,
+                "route": route or None,
+                "upstream": upstream,
+                "endpoint": endpoint,
+                "status": status,
+                "duration_ms": round((now - t_start) * 1000, 3),
+                "upstream_ms": round((now - try_started) * 1000, 3) if started else None,
+                "bytes_in": bytes_in,
+                "bytes_out": bytes_out,
+                "retries": attempt - 1 if started else 0,
+                "reason": reason or None,
+            },
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
