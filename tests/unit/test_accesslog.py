@@ -27,7 +27,7 @@ def _exchange(status: int = 200, **fields: Any) -> SimpleNamespace:
         ),
         "t_start": 100.0,
         "started": 100.001,
-        "try_started": 100.0015,
+        "try_t0": 100.0015,
         "request_id": b"abc",
         "consumer": "acme",
         "method": b"GET",
@@ -49,7 +49,7 @@ def _formatted(log: AccessLog) -> list[dict[str, Any]]:
 def test_a_line_has_every_field_from_the_exchange() -> None:
     log = AccessLog(lambda: 100.0)
     log.offset = 1_700_000_000.0
-    log.log(_exchange(t_start=100.25, started=100.251, try_started=100.2515), 100.2545, "")
+    log.log(_exchange(t_start=100.25, started=100.251, try_t0=100.2515), 100.2545, "")
     (line,) = _formatted(log)
     assert tuple(line) == FIELDS
     assert line == {

@@ -10,18 +10,30 @@ from types import SimpleNamespace
 from typing import Any
 
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshgate.observability import requests
 from meshgate.observability.exposition import SPECS, merge, render
 from meshgate.observability.requests import BUCKETS, RequestSeries, code_class, reason_of
 
 
 class _Loop:
+    """The clock the series reads (`requests.monotonic`), moved by hand."""
+
     def __init__(self) -> None:
         self.now = 100.0
 
     def time(self) -> float:
         return self.now
+
+
+@pytest.fixture(autouse=True)
+def _clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(requests, "monotonic", lambda: _CLOCK.now)
+
+
+_CLOCK = _Loop()
 
 
 def _exchange(loop: _Loop, **kw: Any) -> SimpleNamespace:
@@ -37,7 +49,7 @@ def _exchange(loop: _Loop, **kw: Any) -> SimpleNamespace:
         "method": b"GET",
         "t_start": loop.now - 0.003,
         "started": loop.now - 0.002,
-        "try_started": loop.now - 0.002,
+        "try_t0": loop.now - 0.002,
         "attempt": 1,
         "sent_body": 10,
         "bytes_out": 120,
@@ -52,7 +64,7 @@ def _families(text: str) -> dict[str, Any]:
 
 
 def test_rows_are_keyed_by_config_names_never_by_the_request() -> None:
-    loop = _Loop()
+    loop = _CLOCK
     series = RequestSeries("inbound", False)
     for i in range(50):
         series.record(_exchange(loop, method=f"M{i}".encode()))
@@ -64,7 +76,7 @@ def test_rows_are_keyed_by_config_names_never_by_the_request() -> None:
 
 
 def test_identities_are_capped_then_other() -> None:
-    loop = _Loop()
+    loop = _CLOCK
     series = RequestSeries("inbound", True, max_identities=3)
     for i in range(10):
         series.record(_exchange(loop, peer=f"spiffe://td/ns/x/sa/s{i}"))
@@ -74,7 +86,7 @@ def test_identities_are_capped_then_other() -> None:
 
 
 def test_render_is_what_prometheus_parses_with_exact_counts_and_buckets() -> None:
-    loop = _Loop()
+    loop = _CLOCK
     series = RequestSeries("outbound", True)
     series.local_identity = "spiffe://td/ns/a/sa/a"
     for _ in range(7):
@@ -105,7 +117,7 @@ def test_render_is_what_prometheus_parses_with_exact_counts_and_buckets() -> Non
 
 
 def test_merge_adds_workers_up_and_keeps_the_largest_of_max_gauges() -> None:
-    loop = _Loop()
+    loop = _CLOCK
     a, b = RequestSeries("inbound", False), RequestSeries("inbound", False)
     for _ in range(3):
         a.record(_exchange(loop))
@@ -123,7 +135,7 @@ def test_merge_adds_workers_up_and_keeps_the_largest_of_max_gauges() -> None:
 
 
 def test_idle_rows_expire_and_busy_ones_stay() -> None:
-    loop = _Loop()
+    loop = _CLOCK
     series = RequestSeries("inbound", False)
     series.record(_exchange(loop, route_label="quiet"))
     loop.now += 50

@@ -23,8 +23,9 @@ a regular file, an O_APPEND write lands whole at the end, so batches of
 workers do not mix inside a line either.
 
 The line's time is the request's start, in RFC 3339 UTC with milliseconds:
-the loop's clock plus the offset to the wall clock, measured on the loop
-when the log is configured (and again on each reload).
+the request's monotonic clock (`ProxyExchange.t_start`) plus the offset
+to the wall clock, measured when the log is configured (and again on each
+reload).
 """
 
 from __future__ import annotations
@@ -248,7 +249,7 @@ class AccessLog:
                 ex.t_start,
                 now,
                 ex.started,
-                ex.try_started,
+                ex.try_t0,
                 ex.request_id,
                 None if trace is None else getattr(trace, "trace_id", None),
                 proto.state.direction,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 __all__ = [
@@ -175,7 +176,7 @@ class RequestSeries:
         This is the hot path: one tuple of values the exchange holds, one
         dict lookup; what they become as labels is worked out once per row
         (`_new_row`) and per scrape (`samples`)."""
-        now = ex.loop.time()
+        now = monotonic()
         cluster = ex.cluster
         if self.inbound:
             peer = ex.proto.peer
@@ -198,7 +199,7 @@ class RequestSeries:
         row[_SUM] += elapsed
         row[_B + bisect_left(BUCKETS, elapsed)] += 1
         if ex.started:
-            up = now - ex.try_started
+            up = now - ex.try_t0
             row[_UP_COUNT] += 1
             row[_UP_SUM] += up
             row[_U + bisect_left(BUCKETS, up)] += 1

@@ -23,6 +23,7 @@ import logging
 import os
 import pathlib
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,7 +114,7 @@ class Worker:
         self.stamp = file_stamp(opts.config_path)
         self.tasks: set[asyncio.Task[None]] = set()
         self.reload_lock = asyncio.Lock()
-        self.access = AccessLog(self.loop.time)
+        self.access = AccessLog(time.monotonic)
         self.base_dir = os.path.dirname(os.path.abspath(opts.config_path))
 
     def _build(self, config: Config) -> Runtime:

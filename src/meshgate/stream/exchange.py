@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from meshgate.handlers import BufferedRequest, Handler
@@ -119,6 +120,7 @@ class ProxyExchange(UpstreamAttempt):
     last_ep: Endpoint | None = None  # the endpoint of the latest try
     bytes_out = 0  # response bytes from the upstream (a local answer's: its length)
     trace: Trace | None = None  # this request's spans, when it is sampled
+    try_t0 = 0.0  # when the current try began (`t_start`'s clock)
 
     def __init__(
         self,
@@ -136,7 +138,10 @@ class ProxyExchange(UpstreamAttempt):
         self.request_id = request_id
         self.body_buf: list[bytes] = []
         self.out: list[bytes] = []
-        self.t_start = proto.loop.time()
+        # The request's clock for what it reports (metrics, logs, spans):
+        # the monotonic clock itself, as the loop's time is that of the
+        # start of the current loop turn, in whole milliseconds.
+        self.t_start = monotonic()
 
     # -- set-up: the stream (`stream.ProxyStream`) fills in the rest ------------
 
@@ -202,6 +207,7 @@ class ProxyExchange(UpstreamAttempt):
         self.read_limit = self.route_read or cluster.read_timeout
         # `self._go(ep)`, inlined: this is the hot path.
         self.try_started = now
+        self.try_t0 = monotonic()
         conn = ep.pool.take_idle()
         if conn is not None:
             self._attach(ep, conn, now)
@@ -211,6 +217,7 @@ class ProxyExchange(UpstreamAttempt):
     def _go(self, ep: Endpoint) -> None:
         """Send this try to `ep`: on an idle pooled connection, or a new one."""
         self.try_started = self.loop.time()
+        self.try_t0 = monotonic()
         conn = ep.pool.take_idle()
         if conn is not None:
             self._attach(ep, conn, self.try_started)

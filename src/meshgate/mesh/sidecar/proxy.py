@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,7 @@ class Sidecar:
         """The runtimes of the first snapshot, until the listeners start."""
         self.capture: Capture | None = None
         self.stopping = asyncio.Event()
-        self.access = AccessLog(self.loop.time)
+        self.access = AccessLog(time.monotonic)
         self.socks = socks if socks is not None else bind_all(opts)
         self.ports = {k: int(s.getsockname()[1]) for k, s in self.socks.items()}
         self.agent = MeshAgent(
