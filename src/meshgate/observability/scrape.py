@@ -203,8 +203,9 @@ def _sample(line: str) -> Sample:
     name = m.group()
     pos = m.end()
     labels: Labels = ()
-    if pos < len(line) and line[pos] == "{":
-        labels, pos = _labels(line, pos + 1)
+    brace = _skip(line, pos)
+    if brace < len(line) and line[brace] == "{":
+        labels, pos = _labels(line, brace + 1)
     rest = line[pos:].split()
     if not rest or len(rest) > 2 or (pos < len(line) and line[pos] not in " \t"):
         raise ScrapeError("expected a value (and maybe a timestamp) after the name")
