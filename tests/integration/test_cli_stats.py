@@ -88,6 +88,23 @@ def test_stats_counts_requests_success_and_reasons(busy: ProxyProcess) -> None:
     assert [e["state"] for e in up["endpoints"]] == ["serving"]
 
 
+def test_stats_counts_open_connections(busy: ProxyProcess) -> None:
+    assert _stats_json(busy)["process"]["connections"] == {"inbound": 0}
+    conns = [http.client.HTTPConnection("127.0.0.1", busy.port, timeout=5) for _ in range(2)]
+    try:
+        for conn in conns:
+            conn.request("GET", "/api/kept")
+            conn.getresponse().read()
+        assert _stats_json(busy)["process"]["connections"] == {"inbound": 2}
+    finally:
+        for conn in conns:
+            conn.close()
+    wait_until(
+        lambda: _stats_json(busy)["process"]["connections"] == {"inbound": 0},
+        what="the closed connections to be counted",
+    )
+
+
 def test_stats_text_shows_the_routes_and_upstreams(busy: ProxyProcess) -> None:
     cp = run_meshgate("stats", "--admin", f"127.0.0.1:{busy.admin_port}")
     assert cp.returncode == 0, cp.stderr
