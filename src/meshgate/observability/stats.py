@@ -403,7 +403,7 @@ def render_stats(doc: dict[str, Any]) -> str:
     for u in doc["upstreams"]:
         eps = u["endpoints"]
         serving = sum(1 for e in eps if e["state"] == "serving")
-        notes = [f"{serving}/{len(eps)} serving"]
+        notes = [f"{serving}/{len(eps)} serving" if eps else "no endpoints reported"]
         notes.append("breaker OPEN" if u["breaker_open"] else "breaker closed")
         if u["retry_budget_exhausted"]:
             notes.append(f"retry budget exhausted {_count(u['retry_budget_exhausted'])}")
