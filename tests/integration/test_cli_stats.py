@@ -220,7 +220,7 @@ def test_top_stops_cleanly_on_ctrl_c(stack: Stack, upstream: UpstreamServer) -> 
         first = top.stdout.readline()
         assert first.startswith("meshgate top "), first
         top.send_signal(signal.SIGINT)
-        out, err = top.communicate(timeout=10)
+        _, err = top.communicate(timeout=10)
     finally:
         if top.poll() is None:
             top.kill()

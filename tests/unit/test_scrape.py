@@ -75,7 +75,7 @@ def test_comments_help_and_samples_without_labels() -> None:
         "empty{} 2\n"
         "stamped 3 1700000000000\n"
         'trailing{a="1",} 4\n'
-        "  spaced  {  a = \"1\" , b=\"2\"  }   5  \n"
+        '  spaced  {  a = "1" , b="2"  }   5  \n'
     )
     scrape = parse(text)
     up = scrape.families["up"]
