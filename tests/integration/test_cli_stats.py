@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshgate.observability.scrape import parse
 from support.client import fetch, free_port, http_get, wait_until
+from support.mesh import ControlProcess
 from support.proxy import ProxyProcess, Stack, meshgate_cmd, run_meshgate, upstream_block
+from support.sidecar import SidecarProcess
 from support.upstream import UpstreamServer
 
 pytestmark = pytest.mark.engine
@@ -56,7 +59,11 @@ def busy(stack: Stack, upstream: UpstreamServer) -> ProxyProcess:
 
 
 def _stats_json(proxy: ProxyProcess) -> dict[str, Any]:
-    cp = run_meshgate("stats", "--admin", proxy.admin_url(), "--json")
+    return _stats_json_at(proxy.admin_url())
+
+
+def _stats_json_at(admin: str) -> dict[str, Any]:
+    cp = run_meshgate("stats", "--admin", admin, "--json")
     assert cp.returncode == 0, cp.stderr
     doc: dict[str, Any] = json.loads(cp.stdout)
     return doc
@@ -138,9 +145,10 @@ class _Load(threading.Thread):
     """Requests on route api over one keep-alive connection, about 50 a
     second, until stopped (or 3000 of them)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, path: str = "/api/load") -> None:
         super().__init__(daemon=True)
         self.port = port
+        self.path = path
         self.stop = threading.Event()
         self.sent = 0
         self.problems: list[str] = []
@@ -149,7 +157,7 @@ class _Load(threading.Thread):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
         try:
             while not self.stop.is_set() and self.sent < 3000:
-                conn.request("GET", "/api/load")
+                conn.request("GET", self.path)
                 resp = conn.getresponse()
                 resp.read()
                 if resp.status != 200:
@@ -239,3 +247,75 @@ def test_an_unreachable_admin_is_one_line_and_exit_2() -> None:
             f"meshgate {command[0]}: cannot reach the admin at "
             f"http://127.0.0.1:{port}/metrics: Connection refused\n"
         )
+
+
+# -- a sidecar's admin -----------------------------------------------------------
+
+
+@pytest.mark.mesh
+def test_stats_and_top_of_a_sidecar_pair(tmp_path: Path) -> None:
+    """orders' sidecar calls customers' over mTLS: each one's stats name its
+    identity and certificate, and the traffic on its side (outbound for
+    the caller, inbound for the callee); top by destination names the
+    callee's identity."""
+    cp = ControlProcess(
+        tmp_path / "cp", services={"orders": {"calls": ["customers"]}, "customers": {}}
+    )
+    apps = [UpstreamServer(name) for name in ("orders", "customers")]
+    sidecars: list[SidecarProcess] = []
+    try:
+        cp.start()
+        for app in apps:
+            app.start()
+        orders = SidecarProcess(
+            cp, "orders", apps[0].port, tmp_path / "orders", upstreams=("customers",), admin=True
+        ).start()
+        sidecars.append(orders)
+        customers = SidecarProcess(
+            cp, "customers", apps[1].port, tmp_path / "customers", admin=True
+        ).start()
+        sidecars.append(customers)
+        wait_until(
+            lambda: fetch(orders.url("/ping", "customers")).status == 200,
+            timeout=15,
+            what="orders' sidecar reaches customers",
+        )
+        before = _stats_json_at(f"127.0.0.1:{orders.admin_port}")
+        sent = [fetch(orders.url(f"/c/{i}", "customers")).status for i in range(7)]
+        assert sent == [200] * 7
+
+        def calls(doc: dict[str, Any], direction: str) -> int:
+            return sum(r["requests"] for r in doc["routes"] if r["direction"] == direction)
+
+        out = _stats_json_at(f"127.0.0.1:{orders.admin_port}")
+        assert calls(out, "outbound") - calls(before, "outbound") == 7
+        (ident,) = out["process"]["identities"]
+        assert ident["identity"] == orders.identity
+        assert 0 < ident["days_left"] < 400
+        inbound = _stats_json_at(f"127.0.0.1:{customers.admin_port}")
+        assert calls(inbound, "inbound") >= 8  # the pings, and the 7
+        assert all(r["success_rate"] == 1.0 for r in inbound["routes"])
+        text = run_meshgate("stats", "--admin", f"127.0.0.1:{orders.admin_port}").stdout
+        assert f"  identity     {orders.identity}" in text, text
+        assert "  certificate  expires in " in text, text
+
+        load = _Load(orders.ports["customers"], "/c/load")
+        load.start()
+        try:
+            wait_until(lambda: load.sent >= 5, what="the load to start")
+            top = run_meshgate(
+                "top", "--admin", f"127.0.0.1:{orders.admin_port}", "--by", "destination",
+                "--count", "1", "--interval", "1", "--json",
+            )  # fmt: skip
+        finally:
+            load.stop.set()
+            load.join(10)
+        assert top.returncode == 0, top.stderr
+        rows = {(r["direction"], r["name"]): r for r in json.loads(top.stdout)["rows"]}
+        assert rows[("outbound", customers.identity)]["rps"] > 0, rows
+    finally:
+        for sc in sidecars:
+            sc.stop()
+        for app in apps:
+            app.stop()
+        cp.stop()

@@ -266,3 +266,26 @@ def test_metrics_url() -> None:
     assert metrics_url("https://h:1/other/metrics") == "https://h:1/other/metrics"
     with pytest.raises(ScrapeError):
         metrics_url("ftp://h/")
+
+
+def test_identities_in_tables_drop_this_proxys_trust_domain() -> None:
+    me, them = "spiffe://td.example/ns/shop/sa/orders", "spiffe://td.example/ns/shop/sa/customers"
+    other = "spiffe://elsewhere.example/ns/a-long-namespace-name/sa/payments"
+
+    def page(n: int) -> str:
+        lab = f'direction="outbound",route="r",upstream="u",source_identity="{me}"'
+        return (
+            f'meshgate_identity_cert_expiration_timestamp_seconds{{identity="{me}"}} 2e9\n'
+            f'meshgate_requests_total{{{lab},destination_identity="{them}",code="200",'
+            f'code_class="2xx"}} {n}\n'
+            f'meshgate_requests_total{{{lab},destination_identity="{other}",code="200",'
+            f'code_class="2xx"}} {2 * n}\n'
+        )
+
+    doc = top_doc(parse(page(1), at=0.0), parse(page(5), at=2.0), "http://x/metrics", "destination")
+    assert [(r["name"], r["rps"]) for r in doc["rows"]] == [(other, 4.0), (them, 2.0)]
+    lines = render_top(doc).splitlines()
+    assert lines[1].endswith("(identities: spiffe://td.example/...)")
+    # Another trust domain's identity, too long: its end, 30 characters.
+    assert lines[4].startswith("~ng-namespace-name/sa/payments  out  4.0  100.00%")
+    assert lines[5].startswith("ns/shop/sa/customers  out  2.0  100.00%")

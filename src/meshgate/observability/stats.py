@@ -288,6 +288,7 @@ def top_doc(before: Scrape, now: Scrape, url: str, by: str) -> dict[str, Any]:
         "admin": url,
         "by": by,
         "seconds": round(seconds, 3),
+        "identities": _process(now, time.time())["identities"],
         "in_flight": {
             k: _num(v)
             for k, v in _by_labels(now, "meshgate_requests_in_flight", "direction").items()
@@ -302,8 +303,22 @@ def top_doc(before: Scrape, now: Scrape, url: str, by: str) -> dict[str, Any]:
 _DIR = {"inbound": "in", "outbound": "out"}
 
 
-def _cut(name: str, width: int = NAME_WIDTH) -> str:
-    return name if len(name) <= width else name[: width - 1] + "~"
+def _cut(name: str, width: int = NAME_WIDTH, trust_domain: str | None = None) -> str:
+    """A name for a table: an identity without its `spiffe://` (and without
+    its trust domain when it is this proxy's), and one too long cut at its
+    start (the end of a SPIFFE ID or a route name tells them apart)."""
+    if trust_domain and name.startswith(f"spiffe://{trust_domain}/"):
+        name = name[len(trust_domain) + 10 :]
+    name = name.removeprefix("spiffe://")
+    return name if len(name) <= width else "~" + name[len(name) - width + 1 :]
+
+
+def _trust_domain(identities: list[dict[str, Any]]) -> str | None:
+    for ident in identities:
+        td = str(ident["identity"]).removeprefix("spiffe://").partition("/")[0]
+        if td:
+            return td
+    return None
 
 
 def _pct(rate: float | None) -> str:
@@ -375,6 +390,7 @@ def render_stats(doc: dict[str, Any]) -> str:
 
     lines.append("")
     routes = doc["routes"]
+    td = _trust_domain(p["identities"])
     if not routes:
         lines.append("no requests yet")
     else:
@@ -383,7 +399,7 @@ def render_stats(doc: dict[str, Any]) -> str:
             lat = r["latency_seconds"]
             rows.append(
                 [
-                    _cut(r["name"]),
+                    _cut(r["name"], trust_domain=td),
                     _DIR.get(r["direction"], r["direction"]),
                     _count(r["requests"]),
                     _pct(r["success_rate"]),
@@ -434,9 +450,11 @@ def render_stats(doc: dict[str, Any]) -> str:
 def render_top(doc: dict[str, Any], max_rows: int | None = None) -> str:
     """The text form of a `top_doc`: a header line and the table."""
     when = time.strftime("%H:%M:%S")
+    td = _trust_domain(doc["identities"])
     lines = [
         f"meshgate top  {doc['admin']}  by {doc['by']}, last {doc['seconds']:.1f}s  {when}",
-        f"in flight: {_dirs(doc['in_flight'])}",
+        f"in flight: {_dirs(doc['in_flight'])}"
+        + (f"  (identities: spiffe://{td}/...)" if td else ""),
         "",
     ]
     rows = doc["rows"]
@@ -446,7 +464,7 @@ def render_top(doc: dict[str, Any], max_rows: int | None = None) -> str:
     shown = rows if max_rows is None else rows[:max_rows]
     table = [
         [
-            _cut(r["name"]),
+            _cut(r["name"], trust_domain=td),
             _DIR.get(r["direction"], r["direction"]),
             f"{r['rps']:.1f}",
             _pct(r["success_rate"]),
