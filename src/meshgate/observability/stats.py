@@ -452,7 +452,8 @@ def render_top(doc: dict[str, Any], max_rows: int | None = None) -> str:
     when = time.strftime("%H:%M:%S")
     td = _trust_domain(doc["identities"])
     lines = [
-        f"meshgate top  {doc['admin']}  by {doc['by']}, last {doc['seconds']:.1f}s  {when}",
+        f"meshgate top  {doc['admin'].removesuffix('/metrics')}  by {doc['by']}, "
+        f"last {doc['seconds']:.1f}s  {when}",
         f"in flight: {_dirs(doc['in_flight'])}"
         + (f"  (identities: spiffe://{td}/...)" if td else ""),
         "",
