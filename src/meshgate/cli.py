@@ -1,5 +1,6 @@
-"""`meshgate`: run, check, routes, explain, hash-key, demo; and the mesh's control,
-token, mesh, agent and ca (`meshgate.mesh.cli`, `meshgate.mesh.ca_cli`).
+"""`meshgate`: run, check, routes, explain, hash-key, demo; stats and top
+(`meshgate.observability.stats_cli`); and the mesh's control, token, mesh,
+agent and ca (`meshgate.mesh.cli`, `meshgate.mesh.ca_cli`).
 
 Exit codes: 0 success, 1 a config that cannot be used, 2 bad arguments.
 """
@@ -263,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     from meshgate.mesh import ca_cli
     from meshgate.mesh import cli as mesh_cli
     from meshgate.mesh.sidecar import cli as sidecar_cli
+    from meshgate.observability import stats_cli
 
+    stats_cli.register(sub)
     mesh_cli.register(sub)
     sidecar_cli.register(sub)
     ca_cli.register(sub)

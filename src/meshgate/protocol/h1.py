@@ -267,7 +267,9 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast("asyncio.Transport", transport)
         self.state.connections.add(self)
-        self.state.conn_counts[0] += 1
+        counts = self.state.conn_counts
+        counts[0] += 1
+        counts[2] += 1  # open now: meshgate_tcp_connections_active
         peer = transport.get_extra_info("peername")
         if peer:
             self.client = str(peer[0]).encode()
@@ -292,7 +294,9 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)
-        self.state.conn_counts[1] += 1
+        counts = self.state.conn_counts
+        counts[1] += 1
+        counts[2] -= 1
         self.deadline = 0.0
         queue = self.queue
         self.queue = collections.deque()
