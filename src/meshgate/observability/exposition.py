@@ -144,7 +144,11 @@ SPECS: dict[str, Spec] = {
         "gauge", "The generation of the config being served.", (), merge="max"
     ),
     "meshgate_config_reloads_total": Spec(
-        "counter", "Config reloads, by outcome (ok, refused).", ("outcome",)
+        "counter",
+        "Config reloads, by outcome (ok, refused); workers reload in step, so the largest"
+        " worker's count is the process's.",
+        ("outcome",),
+        merge="max",
     ),
     "meshgate_workers_scraped": Spec(
         "gauge", "Workers whose samples this scrape holds.", (), merge="sum"
