@@ -50,6 +50,7 @@ def test_metrics_count_auth_and_rate_limit_outcomes(stack: Stack, upstream: Upst
     proxy = stack.proxy(_config(upstream))
     assert fetch(proxy.url("/m/1")).status == 401
     assert fetch(proxy.url("/m/1"), "-H", "X-API-Key: wrong").status == 401
+    assert fetch(proxy.url("/m/1"), "-H", "Authorization: Bearer not.a.jwt").status == 401
     statuses = [fetch(proxy.url("/m/1"), "-H", f"X-API-Key: {KEY}").status for _ in range(3)]
     assert statuses == [200, 200, 429]
     r = fetch(proxy.admin_url("/metrics"))
@@ -58,7 +59,15 @@ def test_metrics_count_auth_and_rate_limit_outcomes(stack: Stack, upstream: Upst
     text = r.body.decode()
     auth = "meshgate_auth_requests_total"
     assert _metric(text, auth, route="metered", outcome="missing_credentials") == 1
-    assert _metric(text, auth, route="metered", outcome="refused") == 1
+    assert _metric(text, auth, route="metered", outcome="refused") == 2
+    failures = "meshgate_auth_failures_total"
+    assert _metric(text, failures, route="metered", reason="missing_credentials") == 1
+    assert _metric(text, failures, route="metered", reason="invalid_token") == 2
+    # Every request is in the golden signals, by the reason of its refusal.
+    requests = "meshgate_requests_total"
+    assert _metric(text, requests, route="metered", code="401", reason="auth") == 3
+    assert _metric(text, requests, route="metered", code="429", reason="ratelimit") == 1
+    assert _metric(text, requests, route="metered", code="200", reason="", upstream="up") == 2
     assert _metric(text, auth, route="metered", outcome="admitted") == 3
     decisions = "meshgate_ratelimit_decisions_total"
     assert _metric(text, decisions, route="metered", outcome="allowed") == 2

@@ -78,6 +78,9 @@ def runtime_samples(runtime: Runtime, seen_pools: set[int] | None = None) -> Sam
             ("forbidden", auth.forbidden),
         ):
             add("meshgate_auth_requests_total", (label, outcome), n)
+        add("meshgate_auth_failures_total", (label, "missing_credentials"), auth.missing)
+        for reason, n in auth.failures.items():
+            add("meshgate_auth_failures_total", (label, reason), n)
     for _, authz in filters.authz_filters:
         for source, decision, n in authz.metric_rows():
             add(

@@ -241,6 +241,9 @@ class AuthFilter:
         self.hidden = frozenset(a.header for a in keys if a.hide)
         # Outcomes, for /metrics: admitted, no credentials, refused (401/400), forbidden (403).
         self.admitted = self.missing = self.refused = self.forbidden = 0
+        # Refusals by their RFC 6750 error code (a fixed set: invalid_token,
+        # invalid_request, insufficient_scope), for /metrics.
+        self.failures: dict[str, int] = {}
         self.scopes = tuple(scopes)
         self.required = required_claims
         self.route_checks = bool(scopes) or bool(required_claims)
@@ -331,6 +334,7 @@ class AuthFilter:
             self.forbidden += 1
         else:
             self.refused += 1
+        self.failures[exc.error] = self.failures.get(exc.error, 0) + 1
         challenge = (
             scheme
             + b" "

@@ -157,6 +157,12 @@ SPECS: dict[str, Spec] = {
     "meshgate_auth_requests_total": Spec(
         "counter", "Requests on routes with auth, by outcome.", ("route", "outcome")
     ),
+    "meshgate_auth_failures_total": Spec(
+        "counter",
+        "Requests auth refused, by reason: missing_credentials, or the RFC 6750 error"
+        " (invalid_token, invalid_request, insufficient_scope).",
+        ("route", "reason"),
+    ),
     "meshgate_authz_decisions_total": Spec(
         "counter",
         "Authorization decisions of routes with authz: (a sidecar's inbound policy), by"
