@@ -177,11 +177,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from meshgate.config.generations import Generations
+    from meshgate.config.loader import read_config_file
+    from meshgate.engine.load import load_config_text
     from meshgate.server.supervisor import Supervisor
     from meshgate.server.worker import WorkerOptions, run_worker
 
-    config = _load(args.config)
-    if config is None:
+    try:
+        # Read once: generation 1 is this text, whatever the file says next.
+        text = read_config_file(args.config)
+        config = load_config_text(text, args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: invalid config\n{exc}", file=sys.stderr)
         return 1
     from meshgate.config.describe import describe
 
@@ -207,10 +214,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 1
         if fd > 2:
             os.close(fd)
+    history = Generations()
+    history.loaded(config, text, path)
     workers = args.workers or config.workers
     if workers == 1:
-        return run_worker(config, WorkerOptions(config_path=path))
-    return Supervisor(config, path, workers).run()
+        return run_worker(config, WorkerOptions(config_path=path, history=history))
+    return Supervisor(config, path, workers, history).run()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

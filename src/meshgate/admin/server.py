@@ -1,17 +1,31 @@
-"""The admin listener: `/healthz`, `/readyz`, `/config`, `/upstreams`, `/routes`, `/metrics`.
+"""The admin listener: `/healthz`, `/readyz`, `/config` (and its generations,
+`POST /config/rollback`), `/upstreams`, `/routes`, `/ratelimits`,
+`/identity`, `/explain`, `/metrics`.
 
-It is a separate listener on loopback so that probes and operators never
-share a port (or a route table) with clients. Requests are tiny and rare, so
-this protocol favours plainness over speed: one request per read, answered
-and closed when the client asks for it.
+It is a separate listener, on loopback by default, so that probes and
+operators never share a port (or a route table) with clients. Requests are
+tiny and rare, so this protocol favours plainness over speed; answers go
+out in the order the requests came, and a connection closes when its client
+asks.
+
+Access: with an admin token configured (its digest), every path but
+`/healthz` and `/readyz` needs `Authorization: Bearer <token>` (401
+otherwise). Without one the listener is on loopback, and a request naming
+another host (`Host:`, a DNS rebinding) is refused. A request with `Origin:`
+comes from a browser page and is refused, so that no web page can roll the
+config back. Only `POST /config/rollback` changes anything; request bodies
+are read and dropped, up to a small limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import inspect
 import logging
 import os
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -19,7 +33,9 @@ import httptools
 import orjson
 
 from meshgate import __version__
-from meshgate.config.schema import redact_url
+from meshgate.admin import views
+from meshgate.admin.views import AdminRequest
+from meshgate.config.schema import is_loopback
 from meshgate.http.headers import status_line
 from meshgate.observability.exposition import render
 from meshgate.observability.peers import gather
@@ -29,18 +45,66 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshgate.admin")
 
+MAX_BODY = 64 * 1024
+MAX_HEADERS = 64 * 1024
+OPEN_PATHS = frozenset({b"/healthz", b"/readyz"})
+_WANTED = frozenset({b"authorization", b"host", b"origin"})
+
+Handler = Callable[["ServerState", AdminRequest], Any]
+Answer = tuple[int, Any]
+
+
+def _no_token() -> str | None:
+    return None
+
+
+def bearer_matches(header: bytes | None, digest: str) -> bool:
+    """Whether `Authorization: Bearer <token>` names the token whose digest
+    (`sha256:<hex>`) is configured; compared in constant time."""
+    scheme, _, token = (header or b"").strip().partition(b" ")
+    got = "sha256:" + hashlib.sha256(token.strip()).hexdigest()
+    ok = hmac.compare_digest(got.encode(), digest.encode())
+    return ok and scheme.lower() == b"bearer" and bool(token.strip())
+
+
+def _loopback_host(value: bytes) -> bool:
+    host = value.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return is_loopback(host)
+
 
 class AdminProtocol(asyncio.Protocol):
-    __slots__ = ("keep_alive", "method", "parser", "pending", "state", "transport", "url")
+    __slots__ = (
+        "body_size",
+        "head_size",
+        "headers",
+        "keep_alive",
+        "last",
+        "method",
+        "parser",
+        "state",
+        "token",
+        "transport",
+        "url",
+    )
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, token: Callable[[], str | None] = _no_token) -> None:
         self.state = state
+        self.token = token
+        """The admin token's digest in force now (None: none, loopback only)."""
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.method = b""
         self.keep_alive = True
-        self.pending: asyncio.Task[None] | None = None
+        self.headers: dict[bytes, bytes] = {}
+        self.head_size = 0
+        self.body_size = 0
+        self.last: asyncio.Task[None] | None = None
+        """The newest answer still being made: the next one waits for it."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -50,46 +114,112 @@ class AdminProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            self._send(400, {"error": "malformed request"}, close=True)
+            self._answer((400, {"error": "malformed request"}), close=True)
+            if self.transport is not None:
+                self.transport.pause_reading()
 
     def on_message_begin(self) -> None:
         self.url = b""
+        self.headers = {}
+        self.head_size = 0
+        self.body_size = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
         if len(self.url) > 4096:
             raise ValueError("url too long")
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value)
+        if self.head_size > MAX_HEADERS:
+            raise ValueError("headers too large")
+        name = name.lower()
+        if name in _WANTED:
+            # A repeated one is refused below rather than picked from.
+            self.headers[name] = value if name not in self.headers else b"\0"
+
     def on_headers_complete(self) -> None:
         self.method = self.parser.get_method()
         self.keep_alive = self.parser.should_keep_alive()
 
-    def on_message_complete(self) -> None:
-        path = self.url.partition(b"?")[0]
-        if self.method not in (b"GET", b"HEAD"):
-            self._send(405, {"error": "method not allowed"})
-            return
-        handler = ROUTES.get(path)
-        if handler is None:
-            self._send(404, {"error": "not found", "paths": sorted(p.decode() for p in ROUTES)})
-            return
-        got = handler(self.state)
-        if inspect.isawaitable(got):
-            self.pending = asyncio.get_running_loop().create_task(self._later(got))
-            return
-        status, doc = got
-        self._send(status, doc)
+    def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+        if self.body_size > MAX_BODY:
+            raise ValueError("body too large")
 
-    async def _later(self, got: Awaitable[tuple[int, Any]]) -> None:
+    def on_message_complete(self) -> None:
+        self._answer(self._route())
+
+    def _route(self) -> Answer | Awaitable[Answer]:
+        raw_path, _, raw_query = self.url.partition(b"?")
+        path = raw_path
+        if len(path) > 1:
+            path = path.rstrip(b"/")
+        headers = self.headers
+        if path not in OPEN_PATHS:
+            if b"origin" in headers:
+                return 403, {"error": "the admin API does not answer requests from web pages"}
+            digest = self.token()
+            if digest is not None:
+                if not bearer_matches(headers.get(b"authorization"), digest):
+                    return 401, {"error": "this admin API needs its bearer token"}
+            elif b"host" in headers and not _loopback_host(headers[b"host"]):
+                return 403, {
+                    "error": "the admin API without a token answers only loopback names "
+                    "(127.0.0.1, [::1], localhost); set admin_token: to reach it by others"
+                }
+        entry = ROUTES.get(path)
+        if entry is None:
+            return 404, {"error": "not found", "paths": sorted(p.decode() for p in ROUTES)}
+        methods, handler = entry
+        if self.method not in methods:
+            allow = sorted(m.decode() for m in methods)
+            return 405, {"error": f"{path.decode()} answers {', '.join(allow)}", "allow": allow}
         try:
-            status, doc = await got
+            query = urllib.parse.parse_qs(
+                raw_query.decode("latin-1"), keep_blank_values=True, max_num_fields=64
+            )
+        except ValueError:
+            return 400, {"error": "malformed query"}
+        got: Answer | Awaitable[Answer] = handler(
+            self.state, AdminRequest(self.method, path, query)
+        )
+        return got
+
+    def _answer(self, got: Answer | Awaitable[Answer], *, close: bool = False) -> None:
+        method = self.method
+        keep_alive = self.keep_alive and not close
+        if self.last is None and not inspect.isawaitable(got):
+            self._send(got, method, keep_alive)
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._later(self.last, got, method, keep_alive)
+        )
+        self.last = task
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if self.last is task:
+            self.last = None
+
+    async def _later(
+        self,
+        before: asyncio.Task[None] | None,
+        got: Answer | Awaitable[Answer],
+        method: bytes,
+        keep_alive: bool,
+    ) -> None:
+        if before is not None:
+            await asyncio.wait([before])
+        try:
+            answer = await got if inspect.isawaitable(got) else got
         except Exception:
             log.exception("admin request failed")
-            status, doc = 500, {"error": "internal error"}
-        self.pending = None
-        self._send(status, doc)
+            answer = 500, {"error": "internal error"}
+        self._send(answer, method, keep_alive)
 
-    def _send(self, status: int, doc: Any, *, close: bool = False) -> None:
+    def _send(self, answer: Answer, method: bytes, keep_alive: bool) -> None:
+        status, doc = answer
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -99,60 +229,39 @@ class AdminProtocol(asyncio.Protocol):
         else:
             body = orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
             ctype = b"application/json"
-        close = close or not self.keep_alive
         head = [
             status_line(status),
             b"content-type: " + ctype + b"\r\n",
             b"cache-control: no-store\r\n",
             b"content-length: %d\r\n" % len(body),
-            b"connection: close\r\n\r\n" if close else b"\r\n",
         ]
-        transport.write(b"".join(head) + (b"" if self.method == b"HEAD" else body))
-        if close:
+        if status == 401:
+            head.append(b'www-authenticate: Bearer realm="meshgate-admin"\r\n')
+        elif status == 405:
+            allow = ", ".join(doc.get("allow", ())) if isinstance(doc, dict) else ""
+            head.append(b"allow: " + allow.encode() + b"\r\n")
+        head.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
+        transport.write(b"".join(head) + (b"" if method == b"HEAD" else body))
+        if not keep_alive:
             transport.close()
 
 
-def _healthz(state: ServerState) -> tuple[int, Any]:
+def _healthz(state: ServerState, req: AdminRequest) -> Answer:
     return 200, {"status": "ok", "version": __version__}
 
 
-def _readyz(state: ServerState) -> tuple[int, Any]:
+def _readyz(state: ServerState, req: AdminRequest) -> Answer:
     if state.draining:
         return 503, {"status": "draining"}
     return 200, {"status": "ready", "config": state.runtime.source}
 
 
-_SECRET_FIELDS = frozenset({"secret", "password"})
-
-
-def _redact(doc: Any) -> Any:
-    """The config without its secrets: HMAC secrets, and the credentials and
-    query of every URL (Redis, JWKS)."""
-    if isinstance(doc, dict):
-        out = {}
-        for k, v in doc.items():
-            if k in _SECRET_FIELDS and v is not None:
-                out[k] = "<redacted>"
-            elif k.endswith("url") and isinstance(v, str):
-                out[k] = redact_url(v)
-            else:
-                out[k] = _redact(v)
-        return out
-    if isinstance(doc, list):
-        return [_redact(v) for v in doc]
-    return doc
-
-
-def _config(state: ServerState) -> tuple[int, Any]:
-    return 200, _redact(state.runtime.config.model_dump(mode="json"))
-
-
-async def _metrics(state: ServerState) -> tuple[int, Any]:
+async def _metrics(state: ServerState, req: AdminRequest) -> Answer:
     """Every worker's samples, added up (`observability.peers`)."""
     return 200, render(await gather())
 
 
-def _upstreams(state: ServerState) -> tuple[int, Any]:
+def _upstreams(state: ServerState, req: AdminRequest) -> Answer:
     out: dict[str, Any] = {}
     now = state.loop.time()
     for name, cluster in state.runtime.clusters.items():
@@ -202,7 +311,7 @@ def _upstreams(state: ServerState) -> tuple[int, Any]:
     return 200, out
 
 
-def _routes(state: ServerState) -> tuple[int, Any]:
+def _routes(state: ServerState, req: AdminRequest) -> Answer:
     """Every route in config order; a route with `split:` also shows its
     weights and how many requests each backend got from this worker since
     the config was loaded (the admin port is shared by every worker: each
@@ -221,11 +330,19 @@ def _routes(state: ServerState) -> tuple[int, Any]:
     return 200, {"worker": os.getpid(), "routes": out}
 
 
-ROUTES: dict[bytes, Callable[[ServerState], Any]] = {
-    b"/healthz": _healthz,
-    b"/readyz": _readyz,
-    b"/config": _config,
-    b"/upstreams": _upstreams,
-    b"/routes": _routes,
-    b"/metrics": _metrics,
+_READ = frozenset({b"GET", b"HEAD"})
+_POST = frozenset({b"POST"})
+
+ROUTES: dict[bytes, tuple[frozenset[bytes], Handler]] = {
+    b"/healthz": (_READ, _healthz),
+    b"/readyz": (_READ, _readyz),
+    b"/config": (_READ, views.config_doc),
+    b"/config/generations": (_READ, views.generations),
+    b"/config/rollback": (_POST, views.rollback),
+    b"/upstreams": (_READ, _upstreams),
+    b"/routes": (_READ, _routes),
+    b"/ratelimits": (_READ, views.ratelimits),
+    b"/identity": (_READ, views.identity),
+    b"/explain": (_READ, views.explain),
+    b"/metrics": (_READ, _metrics),
 }

@@ -17,6 +17,8 @@ engine.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Annotated, Any
 
 from pydantic import (
@@ -148,7 +150,9 @@ __all__ = [
     "TransformConfig",
     "UpstreamConfig",
     "UpstreamTimeouts",
+    "admin_left_open",
     "check_pointer",
+    "is_loopback",
     "parse_duration",
     "parse_size",
     "redact_url",
@@ -231,11 +235,40 @@ class GatewayMeshConfig(_Model):
         return self
 
 
+_TOKEN_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host is reachable from this machine only."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_left_open(bound: Address | None, config: Config) -> str | None:
+    """Why a process whose admin listener is at `bound` (its address changes
+    only on restart) must refuse `config`: it would drop the token a
+    non-loopback listener needs."""
+    if bound is None or config.admin_token is not None or is_loopback(bound.host):
+        return None
+    return (
+        f"the admin API listens on {bound} until a restart, and this config has no "
+        "admin_token: that would open it to other hosts"
+    )
+
+
 class Config(_Model):
     """The whole file."""
 
     listen: ListenAddress = Address(host="0.0.0.0", port=8080)
     admin: ListenAddress | None = None
+    admin_token: str | None = None
+    """The bearer token the admin API asks for, stored as its digest
+    (`sha256:<64 hex>`, made by `meshgate hash-key`); required when `admin`
+    is not a loopback address."""
     workers: int = Field(default=1, ge=1, le=256)
     limits: ServerLimits = ServerLimits()
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
@@ -264,9 +297,29 @@ class Config(_Model):
             return None
         return route.cors if route.cors is not None else self.cors
 
+    @field_validator("admin_token")
+    @classmethod
+    def _check_admin_token(cls, v: str | None) -> str | None:
+        if v is not None and not _TOKEN_DIGEST_RE.match(v.lower()):
+            raise ValueError(
+                "the admin token is stored as its digest, sha256:<64 hex digits> "
+                "(make one with `meshgate hash-key --generate`), never the token itself "
+                "(found something else, not shown here)"
+            )
+        return v.lower() if v is not None else None
+
     @model_validator(mode="after")
     def _check_references(self) -> Config:
         errors: list[tuple[tuple[str | int, ...], str]] = []
+        if self.admin is not None and self.admin_token is None and not is_loopback(self.admin.host):
+            errors.append(
+                (
+                    ("admin",),
+                    f"the admin API on {self.admin} is reachable from other hosts: "
+                    "set admin_token: (sha256:..., from `meshgate hash-key --generate`) "
+                    "or listen on loopback (127.0.0.1, ::1, localhost)",
+                )
+            )
         known = ", ".join(sorted(self.upstreams)) or "none defined"
         for i, route in enumerate(self.routes):
             targets: list[tuple[tuple[str | int, ...], str]] = []

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from meshgate.admin.hooks import HOOKS
 from meshgate.config.schema import Config, GatewayMeshConfig
 from meshgate.mesh.agent import MeshAgent
 from meshgate.mesh.translate import with_mesh_endpoints
@@ -43,6 +44,7 @@ class MeshMember:
         self.identity = f"spiffe://{cfg.trust_domain}/ns/{cfg.namespace}/sa/{cfg.service}"
         self.tls = IdentityContexts(self.identity)
         HUB.identity(self.identity, lambda: self.tls.not_after)
+        HOOKS.identity = self.tls
         self.sections: dict[str, Any] = {}
         self._on_snapshot = on_snapshot
         token = None

@@ -492,6 +492,11 @@ class RedisLimiter:
             await pool.release(conn)
         return results
 
+    @property
+    def down(self) -> bool:
+        """Redis is taken for down (decisions skip it until a probe answers)."""
+        return self._down
+
     def _failed(self, exc: BaseException, epoch: int) -> None:
         if self._epoch != epoch:
             return  # started before the last up/down change; says nothing new

@@ -5,6 +5,11 @@ restarts a worker that dies, and watches the config file. It validates a new
 config itself before telling workers to reload, so that a bad file is
 refused once, with one clear log line, and no worker ever sees it.
 
+It keeps the record of config generations: each load, and each rollback a
+worker asks for (SIGUSR1), is numbered here and handed to every worker as an
+order with the text validated (`server.orders`); a worker forked later
+starts with the current generation and this record.
+
 Port 0 is resolved here: the supervisor binds (without listening) a
 SO_REUSEPORT socket to learn the port, keeps it to hold the port, and gives
 the number to each worker, which binds its own listening socket to it.
@@ -21,16 +26,18 @@ import socket
 import tempfile
 import time
 
-from meshgate.config.loader import ConfigError
-from meshgate.config.schema import Address, Config
-from meshgate.engine.load import load_config
+from meshgate.config.generations import Generations
+from meshgate.config.loader import ConfigError, read_config_file
+from meshgate.config.schema import Address, Config, admin_left_open
+from meshgate.engine.load import load_config_text
 from meshgate.filters.build import compile_check
 from meshgate.ratelimit.local import SharedTable
+from meshgate.server import orders
 from meshgate.server.worker import WATCH_INTERVAL, WorkerOptions, file_stamp, run_worker
 
 log = logging.getLogger("meshgate.supervisor")
 
-_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1}
 RESTART_BACKOFF = 1.0
 
 
@@ -45,9 +52,15 @@ def _reserve_port(address: Address) -> tuple[socket.socket, int]:
 
 
 class Supervisor:
-    def __init__(self, config: Config, config_path: str, workers: int) -> None:
+    def __init__(
+        self, config: Config, config_path: str, workers: int, history: Generations | None = None
+    ) -> None:
         self.config = config
         self.path = config_path
+        if history is None:
+            history = Generations()
+            history.loaded(config, read_config_file(config_path), config_path)
+        self.history = history
         self.count = workers
         self.children: dict[int, int] = {}  # pid -> worker id
         self.stopping = False
@@ -55,6 +68,8 @@ class Supervisor:
         self.held: list[socket.socket] = []
         self.listen_port = config.listen.port
         self.admin_port = config.admin.port if config.admin else None
+        self.config_admin = config.admin
+        """The admin address the workers listen on until a restart."""
         # Made before any fork, so that every worker maps the same memory:
         # `policy: local` limits are exact per instance, not per worker.
         # Its size changes only on restart.
@@ -63,6 +78,7 @@ class Supervisor:
         self.run_dir = tempfile.mkdtemp(prefix="meshgate-")
 
     def _spawn(self, worker_id: int) -> None:
+        me = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -84,6 +100,8 @@ class Supervisor:
                         rate_table=self.rate_table,
                         run_dir=self.run_dir,
                         workers=self.count,
+                        history=self.history,
+                        supervisor_pid=me,
                     ),
                 )
             except BaseException:
@@ -100,16 +118,48 @@ class Supervisor:
     def _reload(self) -> None:
         self.stamp = file_stamp(self.path)
         try:
-            config = load_config(self.path)
+            text = read_config_file(self.path)
+            config = load_config_text(text, self.path)
         except ConfigError as exc:
             log.error("reload refused, still serving the previous config:\n%s", exc)
             return
-        problem = compile_check(config, self.path)
+        problem = compile_check(config, self.path) or admin_left_open(self.config_admin, config)
         if problem:
             log.error("reload refused, still serving the previous config:\n%s", problem)
             return
         self.config = config
+        gen = self.history.loaded(config, text, self.path)
+        log.info("%s is generation %d", self.path, gen.number)
+        self._order()
+
+    def _order(self) -> None:
+        orders.write_order(self.run_dir, self.history.current)
         self._signal_all(signal.SIGHUP)
+
+    def _rollback(self) -> None:
+        """What workers asked (SIGUSR1): the previous generation, in all of
+        them, once for the generation they saw."""
+        seen = orders.take_rollback_requests(self.run_dir)
+        current = self.history.number
+        if current not in seen:
+            if seen:
+                log.info("rollback of generation %s not done: %d is served now", seen, current)
+            return
+        target = self.history.rollback_target()
+        if isinstance(target, str):
+            log.warning("rollback refused: %s", target)
+            return
+        self.config = target.config
+        gen = self.history.rolled_back(target)
+        log.warning(
+            "rolled back from generation %d to %d's config (now generation %d); "
+            "%s is unchanged on disk",
+            current,
+            target.number,
+            gen.number,
+            self.path,
+        )
+        self._order()
 
     def _reap(self) -> list[int]:
         """Collect exited workers; the ids of those that must be restarted."""
@@ -164,6 +214,9 @@ class Supervisor:
             elif signo == signal.SIGHUP:
                 if not self.stopping:
                     self._reload()
+            elif signo == signal.SIGUSR1:
+                if not self.stopping:
+                    self._rollback()
             elif not self.stopping:
                 self.stopping = True
                 deadline = time.monotonic() + self.config.limits.drain_timeout + 5.0

@@ -29,12 +29,14 @@ from typing import Any
 
 import uvloop
 
+from meshgate.admin.hooks import HOOKS
 from meshgate.admin.samples import listener_samples
 from meshgate.admin.server import AdminProtocol
-from meshgate.config.loader import ConfigError
-from meshgate.config.schema import Address, Config
+from meshgate.config.generations import Generation, Generations
+from meshgate.config.loader import ConfigError, read_config_file
+from meshgate.config.schema import Address, Config, admin_left_open
 from meshgate.engine.listener import ListenerSpec, Serving, start_listener
-from meshgate.engine.load import load_config
+from meshgate.engine.load import load_config_text
 from meshgate.engine.runtime import Runtime
 from meshgate.filters.build import FilterServices
 from meshgate.mesh.member import MeshMember
@@ -43,6 +45,7 @@ from meshgate.observability.accesslog import AccessLog
 from meshgate.observability.hub import HUB
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.ratelimit.local import SharedTable
+from meshgate.server import orders
 from meshgate.stream.stream import ProxyStream
 from meshgate.upstream.cluster import PoolRegistry
 
@@ -50,6 +53,8 @@ log = logging.getLogger("meshgate.server")
 
 SWEEP_INTERVAL = 5.0
 WATCH_INTERVAL = 1.0
+ROLLBACK_TIMEOUT = 15.0
+"""How long a worker waits for the supervisor to roll every worker back."""
 
 
 def _freeze_heap() -> None:
@@ -86,8 +91,12 @@ class WorkerOptions:
     """The supervisor's private directory, where each worker's metrics
     socket is (`observability.peers`); None for a single process."""
     workers: int = 1
-    """The table `policy: local` limits share with the other workers (made by
-    the supervisor before it forks); None for a single process."""
+    history: Generations | None = None
+    """The generations served so far (the supervisor's, for its workers);
+    None: the given config is generation 1."""
+    supervisor_pid: int | None = None
+    """Set when a supervisor forked this worker: generations then come from
+    its orders (`server.orders`), and a rollback is asked of it."""
 
 
 class Worker:
@@ -107,7 +116,18 @@ class Worker:
         runtime = self._build(config)
         self.state = ServerState(runtime, self.registry, loop=self.loop, streams=ProxyStream)
         HUB.register("listeners", lambda: listener_samples([self.state]))
-        HUB.generation = 1
+        self.bound_admin = config.admin
+        if opts.history is not None:
+            self.history = opts.history
+        else:
+            self.history = Generations()
+            self.history.loaded(config, read_config_file(opts.config_path), opts.config_path)
+        self.applied = self.history.number
+        """The newest order applied (or refused) by this worker."""
+        self.advanced = asyncio.Event()
+        HUB.generation = self.history.number
+        HOOKS.generations = self.history
+        HOOKS.rollback = self.rollback
         self.stopping = asyncio.Event()
         self.servers: list[tuple[ListenerSpec, Serving]] = []
         self.sample_server: asyncio.AbstractServer | None = None
@@ -160,7 +180,15 @@ class Worker:
             admin = cfg.admin
             if self.opts.admin_port is not None:
                 admin = Address(host=admin.host, port=self.opts.admin_port)
-            specs.append(ListenerSpec("admin", "admin", admin, lambda: AdminProtocol(state)))
+            history = self.history
+            specs.append(
+                ListenerSpec(
+                    "admin",
+                    "admin",
+                    admin,
+                    lambda: AdminProtocol(state, token=lambda: history.admin_token),
+                )
+            )
         if self.opts.run_dir is not None:
             await self._serve_samples(self.opts.run_dir)
         for spec in specs:
@@ -218,24 +246,65 @@ class Worker:
         # One at a time, in order: a reload waiting on a JWKS fetch must not
         # swap in its config after a newer one did.
         async with self.reload_lock:
-            await self._reload_once()
+            if self.opts.supervisor_pid is not None and self.opts.run_dir is not None:
+                await self._follow_orders(self.opts.run_dir)
+            else:
+                await self._reload_once()
 
     async def _reload_once(self) -> None:
         path = self.opts.config_path
         self.stamp = file_stamp(path)
         try:
-            config = load_config(path)
-            runtime = self._build(config)
+            text = read_config_file(path)
+            config = load_config_text(text, path)
         except ConfigError as exc:
             HUB.reloads["refused"] += 1
             log.error("reload refused, still serving the previous config:\n%s", exc)
             self.access.reopen()  # (rotated logs are let go of all the same)
             return
+        if await self._apply(config, path):
+            self._served(self.history.loaded(config, text, path))
+
+    async def _follow_orders(self, run_dir: str) -> None:
+        """Every generation the supervisor ordered since the last one applied."""
+        todo = orders.read_orders(run_dir, self.applied)
+        if not todo:
+            self.access.reopen()  # a SIGHUP lets go of rotated logs all the same
+        for order in todo:
+            number = int(order["generation"])
+            self.applied = number
+            try:
+                config = load_config_text(str(order["text"]), str(order["source"]))
+            except ConfigError as exc:
+                HUB.reloads["refused"] += 1
+                log.error("generation %d refused, still serving the previous:\n%s", number, exc)
+                self.access.reopen()
+                continue
+            what = (
+                f"{order['source']} (generation {number})"
+                if order.get("restores") is None
+                else f"generation {order['restores']} again (rollback, generation {number})"
+            )
+            if await self._apply(config, what):
+                self._served(self.history.add(Generation.from_order(order, config)))
+
+    async def _apply(self, config: Config, what: str) -> bool:
+        """Build and swap in `config`; False (logged) if it is refused."""
+        problem = admin_left_open(self.bound_admin, config)
+        try:
+            if problem is not None:
+                raise ValueError(problem)
+            runtime = self._build(config)
+        except ConfigError as exc:
+            HUB.reloads["refused"] += 1
+            log.error("reload refused, still serving the previous config:\n%s", exc)
+            self.access.reopen()
+            return False
         except Exception as exc:
             HUB.reloads["refused"] += 1
             log.error("reload refused, still serving the previous config: %s", exc)
             self.access.reopen()
-            return
+            return False
         if config.listen != self.config.listen or config.admin != self.config.admin:
             log.warning("listen and admin addresses change only on restart; kept the old ones")
         if config.workers != self.config.workers:
@@ -244,7 +313,8 @@ class Worker:
             log.warning("limits.rate_limit_slots changes only on restart")
         if config.mesh != self.config.mesh:
             log.warning("mesh: changes only on restart")
-        await self._swap(config, runtime, path)
+        await self._swap(config, runtime, what)
+        HUB.reloads["ok"] += 1
         settings = config.access_log_config
         try:
             # Opened again, also when unchanged: a reload is how a rotated
@@ -254,6 +324,76 @@ class Worker:
             where = settings.path if settings is not None else ""
             log.error("access log: cannot open %s, kept the previous one: %s", where, exc)
             self.access.reopen()
+        return True
+
+    def _served(self, gen: Generation) -> None:
+        HUB.generation = gen.number
+        self.advanced.set()
+        self.advanced = asyncio.Event()
+
+    # -- rollback (POST /config/rollback) ------------------------------------
+
+    async def rollback(self) -> tuple[int, Any]:
+        """Serve the previous generation again: in this process, or, under a
+        supervisor, in every worker at once (the supervisor orders it)."""
+        seen = self.history.number
+        target = self.history.rollback_target()
+        if isinstance(target, str):
+            return 409, {"error": target, "generation": seen}
+        if self.opts.supervisor_pid is not None and self.opts.run_dir is not None:
+            return await self._ask_supervisor(self.opts.run_dir, self.opts.supervisor_pid, seen)
+        async with self.reload_lock:
+            if self.history.number != seen:
+                return self._raced(seen)
+            target = self.history.rollback_target()
+            if isinstance(target, str):
+                return 409, {"error": target, "generation": seen}
+            what = f"generation {target.number} again (rollback)"
+            if not await self._apply(target.config, what):
+                return 500, {"error": f"generation {target.number} no longer builds: see the log"}
+            gen = self.history.rolled_back(target)
+            self._served(gen)
+        log.warning(
+            "rolled back from generation %d to %d's config (now generation %d)",
+            seen,
+            target.number,
+            gen.number,
+        )
+        return 200, self._rollback_answer(gen, seen)
+
+    async def _ask_supervisor(self, run_dir: str, supervisor: int, seen: int) -> tuple[int, Any]:
+        if os.getppid() != supervisor:
+            return 503, {"error": "the supervisor is gone: no rollback"}
+        orders.ask_rollback(run_dir, self.opts.worker_id, seen)
+        os.kill(supervisor, signal.SIGUSR1)
+        deadline = self.loop.time() + ROLLBACK_TIMEOUT
+        while self.history.number == seen:
+            left = deadline - self.loop.time()
+            if left <= 0:
+                return 503, {"error": "the supervisor did not roll back in time: see its log"}
+            try:
+                await asyncio.wait_for(self.advanced.wait(), left)
+            except TimeoutError:
+                continue
+        gen = self.history.current
+        if gen.restores is None or gen.after != seen:
+            return self._raced(seen)
+        return 200, self._rollback_answer(gen, seen)
+
+    def _raced(self, seen: int) -> tuple[int, Any]:
+        return 409, {
+            "error": f"the config changed while the rollback waited (generation {seen} "
+            f"was served, now {self.history.number}): look, then ask again",
+            "generation": self.history.number,
+        }
+
+    @staticmethod
+    def _rollback_answer(gen: Generation, seen: int) -> dict[str, Any]:
+        return {
+            "rolled_back_from": seen,
+            **gen.describe(current=True),
+            "worker": os.getpid(),
+        }
 
     async def _swap(self, config: Config, runtime: Runtime, what: str) -> None:
         # New JWKS are fetched before the new runtime takes requests; what
@@ -268,8 +408,6 @@ class Worker:
         if not self.stopping.is_set():
             runtime.start_health(old)
         await self.services.activate(runtime.filters)
-        HUB.reloads["ok"] += 1
-        HUB.generation += 1
         self.config = config
         self.registry.retain_only(runtime.pool_ids())
         await old.close_health()

@@ -24,6 +24,8 @@ class IdentityContexts:
     __slots__ = (
         "_client",
         "_server",
+        "bundle_pem",
+        "chain_pem",
         "client_cert",
         "identity",
         "listener_context",
@@ -43,6 +45,10 @@ class IdentityContexts:
         self.not_after = 0.0
         """When the current certificate expires (Unix time; 0: none yet)."""
         self.serial = ""
+        self.chain_pem = b""
+        """The current certificate and its chain (public: no key)."""
+        self.bundle_pem = b""
+        """The trust bundle the contexts verify peers with."""
 
     @property
     def ready(self) -> bool:
@@ -56,6 +62,8 @@ class IdentityContexts:
         leaf = x509.load_pem_x509_certificate(chain_pem)
         self.not_after = leaf.not_valid_after_utc.timestamp()
         self.serial = format(leaf.serial_number, "x")
+        self.chain_pem = chain_pem
+        self.bundle_pem = bundle_pem
         self._server = server
         self._client = client
         if self.listener_context is None:

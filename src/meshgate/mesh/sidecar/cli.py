@@ -7,13 +7,14 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshgate.config.schema import Address
+from meshgate.config.schema import Address, is_loopback
 
 if TYPE_CHECKING:
     from meshgate.mesh.sidecar.proxy import SidecarOptions
@@ -55,6 +56,27 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         token = Path(args.token_file).read_text().strip()
     if token is None and args.attest_socket is None:
         token = os.environ.get("MESHGATE_TOKEN")
+    admin_token = None
+    if args.admin_token_file:
+        try:
+            admin_token = Path(args.admin_token_file).read_text().strip().lower()
+        except OSError as exc:
+            print(f"meshgate sidecar: --admin-token-file: {exc}", file=sys.stderr)
+            return 2
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", admin_token):
+            print(
+                "meshgate sidecar: --admin-token-file holds the token's digest, "
+                "sha256:<64 hex digits> (`meshgate hash-key --generate`), not the token",
+                file=sys.stderr,
+            )
+            return 2
+    if args.admin is not None and admin_token is None and not is_loopback(args.admin.host):
+        print(
+            f"meshgate sidecar: --admin {args.admin} is reachable from other hosts: "
+            "give --admin-token-file, or listen on loopback",
+            file=sys.stderr,
+        )
+        return 2
     state_dir = Path(args.state_dir or f".meshgate/sidecar-{args.service}")
     try:
         controls = control_addresses(args.control)
@@ -76,6 +98,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         outbound=None if args.no_outbound else args.outbound,
         upstream_ports=dict(args.upstream),
         admin=args.admin,
+        admin_token=admin_token,
         capture=args.capture,
         capture_exclude=tuple(args.capture_exclude),
         version=args.version,
@@ -174,6 +197,11 @@ def register(sub: Any) -> None:
         help="a local port for one service, as Consul's upstreams (repeatable)",
     )
     p.add_argument("--admin", type=_address, help="the admin API (/metrics), e.g. 127.0.0.1:15000")
+    p.add_argument(
+        "--admin-token-file",
+        help="a file holding the sha256: digest of the admin API's bearer token "
+        "(`meshgate hash-key --generate`); required when --admin is not on loopback",
+    )
     p.add_argument(
         "--capture",
         action="store_true",

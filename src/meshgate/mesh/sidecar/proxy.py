@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshgate.admin.hooks import HOOKS
 from meshgate.admin.samples import listener_samples
 from meshgate.admin.server import AdminProtocol
 from meshgate.config.schema import AccessLogConfig, Address, Config
@@ -76,6 +77,8 @@ class SidecarOptions:
     outbound: Address | None = field(default_factory=lambda: Address(host="127.0.0.1", port=15001))
     upstream_ports: dict[str, Address] = field(default_factory=dict)
     admin: Address | None = None
+    admin_token: str | None = None
+    """The digest (`sha256:<hex>`) of the token the admin API asks for."""
     capture: bool = False
     capture_exclude: tuple[int, ...] = ()
     version: str = ""
@@ -126,6 +129,7 @@ class Sidecar:
         self.loop = asyncio.get_running_loop()
         self.tls = IdentityContexts(self.identity)
         HUB.identity(self.identity, lambda: self.tls.not_after)
+        HOOKS.identity = self.tls
         HUB.register("listeners", lambda: listener_samples(self.states.values()))
         self.registry = PoolRegistry(self.loop, tls=self.tls)
         self.services = FilterServices()
@@ -164,8 +168,12 @@ class Sidecar:
             on_snapshot=self.apply,
             on_certificate=self._certificate,
         )
+        HOOKS.snapshot = self._snapshot_version
 
     # -- identity and config --------------------------------------------------------
+
+    def _snapshot_version(self) -> int:
+        return self.agent.version
 
     def _certificate(self) -> None:
         creds = self.agent.credentials()
@@ -331,7 +339,7 @@ class Sidecar:
                         "admin",
                         "admin",
                         self.opts.admin,
-                        lambda: AdminProtocol(inbound),
+                        lambda: AdminProtocol(inbound, token=lambda: self.opts.admin_token),
                         sock=self.socks["admin"],
                     ),
                     None,
