@@ -124,6 +124,13 @@ def cmd_routes(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from meshgate.http.router import normalize_path
 
+    if args.admin is not None:
+        from meshgate.admin.client import explain_remote
+
+        return explain_remote(args)
+    if args.config is None:
+        print("explain: give -c CONFIG, or --admin URL of a running meshgate", file=sys.stderr)
+        return 2
     loaded = _load_router(args.config)
     if loaded is None:
         return 1
@@ -249,11 +256,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_routes)
 
-    p = sub.add_parser("explain", help="say which route a request takes, and why")
-    p.add_argument("-c", "--config", required=True)
+    p = sub.add_parser(
+        "explain",
+        help="say which route a request takes, and why",
+        description="Reads the config file (-c), or asks a running meshgate what the "
+        "config it serves now does (--admin URL of its admin API).",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("-c", "--config")
+    source.add_argument("--admin", metavar="URL", help="e.g. http://127.0.0.1:9901")
     p.add_argument("method")
     p.add_argument("target", help="path and query, e.g. /api/orders/7?x=1")
     p.add_argument("-H", "--header", action="append", default=[], help="'name: value'")
+    p.add_argument("--host", default="", help="the request's host (--admin)")
+    p.add_argument("--token-file", help="a file holding the admin API's bearer token (--admin)")
+    p.add_argument("--json", action="store_true", help="the admin API's answer as is (--admin)")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser(

@@ -213,7 +213,13 @@ def explain(state: ServerState, req: AdminRequest) -> tuple[int, Any]:
         for route, matched, reason in router.explain(method, host, path, headers)
     ]
     found = router.match(method, host, path, headers)
-    doc: dict[str, Any] = {"worker": os.getpid(), "request": request, "match": None}
+    gens = HOOKS.generations
+    doc: dict[str, Any] = {
+        "worker": os.getpid(),
+        "generation": gens.number if gens is not None else None,
+        "request": request,
+        "match": None,
+    }
     if found is not None:
         doc["match"] = _match_doc(state, found.route, found.params, found.rest, path, query)
     doc["routes"] = rows

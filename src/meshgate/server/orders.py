@@ -11,7 +11,9 @@ A rollback asked of a worker (`POST /config/rollback`) goes to the
 supervisor: the worker writes `rollback-<worker id>.json`, naming the
 generation it saw served, and sends SIGUSR1. The supervisor rolls back only
 if that generation is still the current one, so that requests that raced
-each other roll back once.
+each other roll back once. Each worker notes the newest order it applied in
+`applied-<worker id>`: the asking worker answers once every worker serves
+the rollback.
 """
 
 from __future__ import annotations
@@ -25,12 +27,20 @@ import orjson
 
 from meshgate.config.generations import KEEP, Generation
 
-__all__ = ["ask_rollback", "read_orders", "take_rollback_requests", "write_order"]
+__all__ = [
+    "applied",
+    "ask_rollback",
+    "mark_applied",
+    "read_orders",
+    "take_rollback_requests",
+    "write_order",
+]
 
 log = logging.getLogger("meshgate.supervisor")
 
 _ORDER = "order-"
 _ASK = "rollback-"
+_APPLIED = "applied-"
 
 
 def _write_private(path: str, data: bytes) -> None:
@@ -91,3 +101,20 @@ def take_rollback_requests(run_dir: str) -> set[int]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     return seen
+
+
+def mark_applied(run_dir: str, worker_id: int, number: int) -> None:
+    """The newest order this worker has applied (or refused)."""
+    _write_private(os.path.join(run_dir, f"{_APPLIED}{worker_id}"), str(number).encode())
+
+
+def applied(run_dir: str, workers: int) -> list[int]:
+    """Each worker's newest order applied (0: not known)."""
+    out = []
+    for i in range(workers):
+        try:
+            with open(os.path.join(run_dir, f"{_APPLIED}{i}"), "rb") as f:
+                out.append(int(f.read() or 0))
+        except (OSError, ValueError):
+            out.append(0)
+    return out

@@ -191,6 +191,8 @@ class Worker:
             )
         if self.opts.run_dir is not None:
             await self._serve_samples(self.opts.run_dir)
+            if self.opts.supervisor_pid is not None:
+                orders.mark_applied(self.opts.run_dir, self.opts.worker_id, self.applied)
         for spec in specs:
             server, port = await start_listener(spec, self.loop)
             self.servers.append((spec, server))
@@ -287,6 +289,7 @@ class Worker:
             )
             if await self._apply(config, what):
                 self._served(self.history.add(Generation.from_order(order, config)))
+        orders.mark_applied(run_dir, self.opts.worker_id, self.applied)
 
     async def _apply(self, config: Config, what: str) -> bool:
         """Build and swap in `config`; False (logged) if it is refused."""
@@ -378,7 +381,17 @@ class Worker:
         gen = self.history.current
         if gen.restores is None or gen.after != seen:
             return self._raced(seen)
-        return 200, self._rollback_answer(gen, seen)
+        # Answered when every worker serves it: no request reaches the
+        # rolled-back config after the answer.
+        behind = orders.applied(run_dir, self.opts.workers)
+        while min(behind) < gen.number and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+            behind = orders.applied(run_dir, self.opts.workers)
+        answer = self._rollback_answer(gen, seen)
+        lagging = [i for i, n in enumerate(behind) if n < gen.number]
+        if lagging:
+            answer["workers_not_yet_serving_it"] = lagging
+        return 200, answer
 
     def _raced(self, seen: int) -> tuple[int, Any]:
         return 409, {
