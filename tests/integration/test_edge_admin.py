@@ -83,6 +83,6 @@ def test_admin_config_redacts_secrets(stack: Stack, upstream: UpstreamServer) ->
     assert r.status == 200
     body = r.body.decode()
     assert SECRET not in body and "hunter2" not in body, body
-    doc = r.json()
+    doc = r.json()["config"]
     assert doc["auth"]["hs"]["secret"] == "<redacted>"
     assert doc["redis"]["url"] == "redis://<redacted>@127.0.0.1:1/0"
