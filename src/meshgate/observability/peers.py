@@ -9,14 +9,17 @@ the moment of the scrape, and no worker's counters need to be shared
 memory. A worker that does not answer within `PEER_TIMEOUT` is left out of
 that scrape (`meshgate_workers_scraped` says how many were in).
 
-Expiry across workers: a request row is dropped once it is idle in every
-worker. The answering worker sees each row's last touch in all of them,
-leaves the idle ones out of its answer, and tells every worker to drop
-them (a row touched meanwhile stays: each worker checks its own clock).
+Expiry across workers: a group of request rows (the rows that share a
+direction, route, upstream, identities, method and transport: what every
+request family's series have in common) is dropped once it is idle in
+every worker. The answering worker sees each row's last touch in all of
+them, leaves the idle groups out of its answer, and tells every worker to
+drop them (a group touched meanwhile stays: each worker checks its own
+rows).
 
 The request: one line of JSON, `{"drop": [labels, ...], "before": t}`
-(the labels of idle `meshgate_requests_total` samples); the answer: the
-worker's samples as one line of JSON.
+(each group's labels: direction, route, upstream, source, destination,
+method, tls); the answer: the worker's samples as one line of JSON.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 from typing import Any
 
 import orjson
 
-from meshgate.observability.exposition import Samples, merge
+from meshgate.observability.exposition import SPECS, Samples, merge
 from meshgate.observability.hub import HUB
 
 __all__ = ["PEER_TIMEOUT", "gather", "serve"]
@@ -65,17 +69,17 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         writer.close()
 
 
-def _drop(rows: list[Any], before: float) -> None:
-    """Drop the request rows another worker found idle everywhere (given
-    by their `meshgate_requests_total` labels)."""
+def _drop(groups: list[Any], before: float) -> None:
+    """Drop the groups of request rows another worker found idle everywhere
+    (given by their labels: direction, route, upstream, identities, method,
+    then tls)."""
     by_store: dict[tuple[str, bool], set[tuple[str, ...]]] = {}
-    for labels in rows:
-        labels = tuple(labels)
-        by_store.setdefault((labels[0], labels[8] == "true"), set()).add(labels)
+    for labels in groups:
+        by_store.setdefault((labels[0], labels[6] == "true"), set()).add(tuple(labels[:6]))
     for key, idle in by_store.items():
         store = HUB.stores.get(key)
         if store is not None:
-            store.drop_labels(idle, before)
+            store.drop_groups(idle, before)
 
 
 async def _ask(path: str, request: dict[str, Any]) -> Samples | None:
@@ -102,8 +106,8 @@ async def _ask(path: str, request: dict[str, Any]) -> Samples | None:
 
 
 async def gather() -> Samples:
-    """This process's samples plus every peer's, merged, without the rows
-    idle in all of them (which every worker is then told to drop)."""
+    """This process's samples plus every peer's, merged, without the groups
+    of rows idle in all of them (which every worker is then told to drop)."""
     own = HUB.collect()
     if not HUB.peers:
         return merge([own])
@@ -111,15 +115,32 @@ async def gather() -> Samples:
     parts = [own, *(g for g in got if g is not None)]
     merged = merge(parts)
     before = time.monotonic() - HUB.idle_expiry
-    idle = [s for s in merged.get(_REQUEST_ROWS, []) if s[2] < before]
+    last: dict[tuple[Any, ...], float] = {}
+    for labels, _, touched in merged.get(_REQUEST_ROWS, []):
+        g = _group(_REQUEST_ROWS, labels)
+        if touched > last.get(g, -math.inf):
+            last[g] = touched
+    idle = {g for g, t in last.items() if t < before}
     if idle:
-        drop = [s[0] for s in idle]
-        for name, samples in merged.items():
-            if samples and len(samples[0]) > 2 and not isinstance(samples[0][1], list):
-                merged[name] = [s for s in samples if s[2] >= before]
-            elif samples and len(samples[0]) > 4:
-                merged[name] = [s for s in samples if s[4] >= before]
+        for name in _GROUPED:
+            if name in merged:
+                merged[name] = [s for s in merged[name] if _group(name, s[0]) not in idle]
+        drop = [list(g) for g in idle]
         _drop(drop, before)
         request = {"drop": drop, "before": before, "samples": False}
         await asyncio.gather(*(_ask(p, request) for p in HUB.peers))
     return merged
+
+
+# The request families, and where their tls label is: a group is the
+# direction, route, upstream, identities and method, then tls; every
+# series of these families belongs to one (`RequestSeries.expire`).
+_GROUPED = {
+    name: spec.labels.index("tls")
+    for name, spec in SPECS.items()
+    if spec.labels[:6] == SPECS[_REQUEST_ROWS].labels[:6] and "tls" in spec.labels
+}
+
+
+def _group(name: str, labels: list[Any] | tuple[Any, ...]) -> tuple[Any, ...]:
+    return (*labels[:6], labels[_GROUPED[name]])

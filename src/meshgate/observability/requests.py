@@ -15,14 +15,15 @@ Bounds, by construction:
 - refusal reasons are a fixed set (`REASONS`); an unknown kind is "other";
 - peer identities are at most `max_identities` per series store, then
   "other";
-- a row idle for `idle_expiry` seconds is dropped (`expire`), so series of
-  a route, a peer or a status that went away do not live forever.
+- a group of rows (a route, upstream, peer and method) idle for
+  `idle_expiry` seconds is dropped (`expire`), so series of a route, a peer
+  or a status that went away do not live forever.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from time import monotonic
 from typing import Any
 
@@ -240,14 +241,36 @@ class RequestSeries:
             row = self.rows[canonical] = [0, 0.0, 0, 0.0, 0, 0, 0, 0.0] + [0] * (2 * NB)
         return row
 
+    def _groups(self) -> dict[tuple[str, ...], list[tuple[Any, ...]]]:
+        """The rows' keys by group: the labels every request family's
+        series have (direction, route, upstream, identities, method; the
+        store's tls is the same for all)."""
+        out: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+        for k in self.rows:
+            out.setdefault(self.labels(k)[:6], []).append(k)
+        return out
+
+    def _drop_idle(self, groups: Iterable[list[tuple[Any, ...]]], before: float) -> int:
+        rows = self.rows
+        gone = 0
+        for keys in groups:
+            if all(rows[k][_LAST] < before for k in keys):
+                for k in keys:
+                    del rows[k]
+                gone += len(keys)
+        if gone:
+            # Identities no row names any more stop counting toward the cap.
+            self.identities &= {k[2] for k in rows}
+        return gone
+
     def expire(self, before: float) -> int:
-        """Drop the rows last touched before `before`; how many went."""
-        stale = [k for k, row in self.rows.items() if row[_LAST] < before]
-        for k in stale:
-            del self.rows[k]
-        if stale:
-            self.identities &= {k[2] for k in self.rows}
-        return len(stale)
+        """Drop the groups whose rows were all last touched before `before`;
+        how many rows went.
+
+        A group goes whole or not at all: the byte counters and the
+        histograms add up the rows of a group (every status of a class), so
+        dropping one idle row of a busy group would make them go down."""
+        return self._drop_idle(self._groups().values(), before)
 
     def labels(self, key: tuple[Any, ...]) -> tuple[str, ...]:
         """A row's `meshgate_requests_total` labels (`exposition.SPECS`)."""
@@ -268,14 +291,11 @@ class RequestSeries:
             reason_of(kind, status) if kind else "",
         )
 
-    def drop_labels(self, idle: set[tuple[str, ...]], before: float) -> None:
-        """Drop the rows whose labels are in `idle` (idle in every worker),
-        unless touched since `before`."""
-        stale = [
-            k for k, row in self.rows.items() if row[_LAST] < before and self.labels(k) in idle
-        ]
-        for k in stale:
-            del self.rows[k]
+    def drop_groups(self, idle: set[tuple[str, ...]], before: float) -> None:
+        """Drop the groups (`_groups`) in `idle` (idle in every worker),
+        unless one of their rows was touched since `before`."""
+        groups = self._groups()
+        self._drop_idle((groups[g] for g in idle if g in groups), before)
 
     def samples(self) -> dict[str, list[Any]]:
         """The rows as plain data (for a scrape, and for the other workers'
