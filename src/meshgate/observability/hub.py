@@ -9,8 +9,8 @@ that returns samples when scraped, so the hot path pays nothing for it.
 
 A scrape (`collect`) also expires idle request rows. With several
 workers, the worker answering the scrape merges the others' samples
-(`observability.peers`) and tells every worker which rows were idle in all
-of them (`drop_idle`), so that no worker drops a row another still counts
+(`observability.peers`) and tells every worker which groups of rows were
+idle in all of them, so that no worker drops a row another still counts
 (the sum would go down, which Prometheus reads as a counter reset).
 """
 
@@ -48,6 +48,8 @@ class MetricsHub:
         self.local_identity = ""
         self.peers: list[str] = []
         """The other workers' sample sockets (`observability.peers`)."""
+        self.scraped_at = time.monotonic()
+        """When a scrape last took this worker's samples (with peers)."""
         self.connections: dict[tuple[str, bool], list[int]] = {}
         """opened, closed, active, by (direction, tls)."""
         self.handshakes: dict[tuple[str, str], int] = {}
@@ -56,6 +58,13 @@ class MetricsHub:
         self.in_flight: dict[tuple[str, bool], int] = {}
         self.request_hook: Callable[[Any, float, str], None] | None = None
         """Every series' `then` (the access log), or None."""
+
+    def configure(self, idle_expiry: float, max_identities: int) -> None:
+        """The config's `metrics:` (at start, and on every reload)."""
+        self.idle_expiry = idle_expiry
+        self.max_identities = max_identities
+        for store in self.stores.values():
+            store.max_identities = max_identities
 
     def series(self, role: str, tls: bool) -> RequestSeries:
         direction = DIRECTIONS.get(role, "inbound")
@@ -115,22 +124,27 @@ class MetricsHub:
         self.collectors.pop(name, None)
 
     def expire_local(self, now: float | None = None) -> int:
-        """Drop request rows idle past the expiry (a lone worker's own
-        decision; with peers, `drop_idle` decides, and this is the backstop
-        at four times the expiry for rows no scrape ever saw)."""
+        """Drop request rows idle past the expiry: a lone worker's own
+        decision. With peers, the scrapes decide (`observability.peers`):
+        a worker dropping a group on its own while another still counts it
+        would make the sum go down. Only when no scrape came for four times
+        the expiry (nobody is looking) does it drop, on its own, the groups
+        idle that long, so that memory stays bounded."""
         now = time.monotonic() if now is None else now
-        expiry = self.idle_expiry if not self.peers else 4 * self.idle_expiry
+        expiry = self.idle_expiry
+        if self.peers:
+            expiry *= 4
+            if now - self.scraped_at < expiry:
+                return 0
         return sum(s.expire(now - expiry) for s in self.stores.values())
-
-    def drop_idle(self, before: float) -> None:
-        for store in self.stores.values():
-            store.expire(before)
 
     def collect(self) -> Samples:
         """This process's samples (request rows idle past the expiry are
         dropped first when it has no peers)."""
         if not self.peers:
             self.expire_local()
+        else:
+            self.scraped_at = time.monotonic()
         out: dict[str, list[Any]] = {}
         for store in self.stores.values():
             for name, rows in store.samples().items():
