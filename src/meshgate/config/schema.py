@@ -125,6 +125,7 @@ __all__ = [
     "JwtAlgorithm",
     "JwtAuthConfig",
     "ListenAddress",
+    "MetricsConfig",
     "OutlierDetectionConfig",
     "PathRewrite",
     "Pointer",
@@ -208,6 +209,19 @@ def _access_log(value: Any) -> Any:
     )
 
 
+class MetricsConfig(_Model):
+    """`metrics:`: how long request series live, and how many peer
+    identities they may name (labels never come from paths or Hosts)."""
+
+    idle_expiry: Duration = 600.0
+    """A request series untouched this long (in every worker) is dropped
+    from /metrics, so routes, peers and statuses that went away do not
+    stay forever."""
+    max_identities: int = Field(default=1000, ge=1, le=1_000_000)
+    """Peer SPIFFE IDs a listener's series name at most; later ones are
+    counted as "other"."""
+
+
 class GatewayMeshConfig(_Model):
     """`mesh:`: this gateway joins the mesh with an identity of its own
     (`spiffe://<trust_domain>/ns/<namespace>/sa/<service>`), and reaches
@@ -282,6 +296,7 @@ class Config(_Model):
     cors: CorsConfig | None = None
     """CORS for every route without a `cors:` of its own."""
     mesh: GatewayMeshConfig | None = None
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def access_log_config(self) -> AccessLogConfig | None:

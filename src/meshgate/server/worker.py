@@ -103,6 +103,8 @@ class Worker:
     def __init__(self, config: Config, opts: WorkerOptions) -> None:
         self.opts = opts
         self.config = config
+        # Before any listener takes its series from the hub.
+        HUB.configure(config.metrics.idle_expiry, config.metrics.max_identities)
         self.loop = asyncio.get_running_loop()
         self.member: MeshMember | None = None
         self.started = False
@@ -421,6 +423,7 @@ class Worker:
         if not self.stopping.is_set():
             runtime.start_health(old)
         await self.services.activate(runtime.filters)
+        HUB.configure(config.metrics.idle_expiry, config.metrics.max_identities)
         self.config = config
         self.registry.retain_only(runtime.pool_ids())
         await old.close_health()

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshgate.config.schema import Address, is_loopback
+from meshgate.config.schema import Address, is_loopback, parse_duration
 
 if TYPE_CHECKING:
     from meshgate.mesh.sidecar.proxy import SidecarOptions
@@ -28,6 +28,13 @@ def _address(text: str, default_host: str = "127.0.0.1") -> Address:
     if not sep or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected host:port, found {text!r}")
     return Address(host=(host or default_host).strip("[]"), port=int(port))
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _upstream(text: str) -> tuple[str, Address]:
@@ -106,6 +113,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         workers=max(1, args.workers),
         access_log=args.access_log,
         access_log_sample_2xx=args.access_log_sample_2xx,
+        metrics_idle_expiry=args.metrics_idle_expiry,
     )
     if args.access_log is not None:
         from meshgate.observability.accesslog import open_target
@@ -234,6 +242,13 @@ def register(sub: Any) -> None:
         default=1.0,
         metavar="SHARE",
         help="the share of 2xx answers logged, 0 to 1 (every other status is logged)",
+    )
+    p.add_argument(
+        "--metrics-idle-expiry",
+        type=_duration,
+        default=600.0,
+        metavar="DURATION",
+        help="drop a request series from /metrics once it is idle this long (10m)",
     )
     p.add_argument("--version", default="")
     p.add_argument("--zone", default="")

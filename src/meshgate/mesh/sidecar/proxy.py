@@ -92,6 +92,8 @@ class SidecarOptions:
     access_log: str | None = None
     """`-` (stdout), `stderr` or a file: one JSON line per request; None: off."""
     access_log_sample_2xx: float = 1.0
+    metrics_idle_expiry: float = 600.0
+    """Seconds a request series may stay untouched before /metrics drops it."""
 
 
 def bind_all(opts: SidecarOptions) -> dict[str, socket.socket]:
@@ -128,6 +130,7 @@ class Sidecar:
         self.identity = f"spiffe://{opts.trust_domain}/ns/{opts.namespace}/sa/{opts.service}"
         self.loop = asyncio.get_running_loop()
         self.tls = IdentityContexts(self.identity)
+        HUB.configure(opts.metrics_idle_expiry, HUB.max_identities)
         HUB.identity(self.identity, lambda: self.tls.not_after)
         HOOKS.identity = self.tls
         HUB.register("listeners", lambda: listener_samples(self.states.values()))
