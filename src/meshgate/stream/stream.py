@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -528,6 +529,7 @@ class ProxyStream(ProxyExchange):
         self.body_buf = []
         self.body_buffered = 0
         now = self.started = self.loop.time()
+        self.try_t0 = monotonic()  # the handler's time is the upstream part
         total = self.route_total or 3600.0
         if self.budget and self.budget < total:
             total = self.budget  # the caller's deadline is sooner
