@@ -60,7 +60,12 @@ class Clients:
             self.conns.append(conn)
         workers = descendants(proxy.pid)
         ports = [c.sock.getsockname()[1] for c in self.conns]
+        # The kernel completes a handshake before the worker accepts it.
+        deadline = time.monotonic() + 5
         owners = socket_owners(ports, workers, accepted_on=proxy.port)
+        while len(owners) < len(ports) and time.monotonic() < deadline:
+            time.sleep(0.01)
+            owners = socket_owners(ports, workers, accepted_on=proxy.port)
         assert len(owners) == len(ports), (owners, ports, workers)
         self.owner = [owners[p] for p in ports]
         self.served: Counter[int] = Counter()
