@@ -155,3 +155,21 @@ def test_reasons_and_classes_are_a_fixed_set() -> None:
     assert reason_of("something-new", 500) == "other"
     assert code_class(204) == "2xx" and code_class(999) == "other"
     assert tuple(sorted(BUCKETS)) == BUCKETS
+
+
+def test_a_problem_type_of_its_own_is_reason_other_in_one_row() -> None:
+    series = RequestSeries("inbound", False)
+    for kind in ("aggregate-template", "aggregate-bad-input", "something-else"):
+        series.record(_exchange(_CLOCK, status=500, kind=kind, started=0.0))
+    assert len(series.rows) == 1
+    (key,) = series.rows
+    assert series.labels(key)[-1] == "other"
+
+
+def test_not_counting_still_hands_the_exchange_on() -> None:
+    series = RequestSeries("inbound", False)
+    seen: list[str] = []
+    series.then = lambda ex, now, reason: seen.append(reason)
+    series.pass_on(_exchange(_CLOCK, status=429, kind="rate-limited"))
+    assert seen == ["ratelimit"]
+    assert series.rows == {}

@@ -220,6 +220,10 @@ class MetricsConfig(_Model):
     max_identities: int = Field(default=1000, ge=1, le=1_000_000)
     """Peer SPIFFE IDs a listener's series name at most; later ones are
     counted as "other"."""
+    enabled: bool = True
+    """False: requests are not counted (`meshgate_requests_total` and the
+    other request series stay empty; the access log and traces still
+    see every request). For measuring what counting costs."""
 
 
 class GatewayMeshConfig(_Model):

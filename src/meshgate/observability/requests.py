@@ -233,6 +233,20 @@ class RequestSeries:
             if trace is not None:
                 trace.end(ex, now, reason)
 
+    def pass_on(self, ex: Any) -> None:
+        """`record` without counting (`metrics: {enabled: false}`): the
+        access log and the trace still get the exchange."""
+        then = self.then
+        trace = ex.trace
+        if then is not None or trace is not None:
+            now = monotonic()
+            kind = ex.kind
+            reason = reason_of(kind, ex.status) if kind else ""
+            if then is not None:
+                then(ex, now, reason)
+            if trace is not None:
+                trace.end(ex, now, reason)
+
     def _new_row(self, key: tuple[Any, ...]) -> list[Any]:
         """The row of a key seen for the first time. A method outside the
         standard ones and a peer past `max_identities` share the row of
@@ -250,7 +264,9 @@ class RequestSeries:
         if status >= 1000 or status < 0:
             canonical = (*canonical[:4], 0, kind)
         if kind not in REASONS:
-            canonical = (*canonical[:5], "")
+            # A problem type of its own (the reason is then "other", or
+            # what its status says): one row for all of them.
+            canonical = (*canonical[:5], "unknown")
         row = self.rows.get(canonical)
         if row is None:
             row = self.rows[canonical] = [0, 0.0, 0, 0.0, 0, 0, 0, 0.0] + [0] * (2 * NB)

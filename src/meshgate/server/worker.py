@@ -117,6 +117,7 @@ class Worker:
         self.services = FilterServices(opts.rate_table)
         runtime = self._build(config)
         self.state = ServerState(runtime, self.registry, loop=self.loop, streams=ProxyStream)
+        self._count_requests(config)
         HUB.register("listeners", lambda: listener_samples([self.state]))
         self.bound_admin = config.admin
         if opts.history is not None:
@@ -138,6 +139,10 @@ class Worker:
         self.reload_lock = asyncio.Lock()
         self.access = AccessLog(time.monotonic)
         self.base_dir = os.path.dirname(os.path.abspath(opts.config_path))
+
+    def _count_requests(self, config: Config) -> None:
+        series = self.state.series
+        self.state.observe = series.record if config.metrics.enabled else series.pass_on
 
     def _build(self, config: Config) -> Runtime:
         """The one compile step: the file's config, with the mesh's endpoints
@@ -424,6 +429,7 @@ class Worker:
             runtime.start_health(old)
         await self.services.activate(runtime.filters)
         HUB.configure(config.metrics.idle_expiry, config.metrics.max_identities)
+        self._count_requests(config)
         self.config = config
         self.registry.retain_only(runtime.pool_ids())
         await old.close_health()
