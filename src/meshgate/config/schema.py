@@ -1,7 +1,8 @@
 """The config file's shape, as pydantic v2 models: the whole file (`Config`),
 and every model of it, re-exported from where they live (`base`: durations,
 sizes, addresses; `upstream`; `edge`: auth, consumers, limits, Redis;
-`route`: matching, splits, faults, CORS, transforms, aggregation).
+`route`: matching, splits, faults, CORS, transforms, aggregation;
+`tracing`).
 
 Every model is frozen and refuses unknown fields, so a typo is an error with
 its line number rather than a silently ignored key. Durations accept `250ms`,
@@ -76,6 +77,7 @@ from meshgate.config.route import (
     TransformConfig,
     check_pointer,
 )
+from meshgate.config.tracing import TracingBatch, TracingConfig
 from meshgate.config.upstream import (
     CircuitBreakerConfig,
     Endpoint,
@@ -148,6 +150,8 @@ __all__ = [
     "Size",
     "SplitBackend",
     "StatusCode",
+    "TracingBatch",
+    "TracingConfig",
     "TransformConfig",
     "UpstreamConfig",
     "UpstreamTimeouts",
@@ -301,6 +305,8 @@ class Config(_Model):
     """CORS for every route without a `cors:` of its own."""
     mesh: GatewayMeshConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
+    tracing: TracingConfig | None = None
+    """Spans over OTLP/HTTP; absent: no tracing, at no cost."""
 
     @property
     def access_log_config(self) -> AccessLogConfig | None:

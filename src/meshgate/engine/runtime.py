@@ -39,6 +39,7 @@ class RouteTarget:
         "label",
         "passthrough",
         "path",
+        "rate_limited",
         "read_timeout",
         "response_drop",
         "retry",
@@ -61,11 +62,14 @@ class RouteTarget:
         handler: Handler | None = None,
         response_drop: frozenset[bytes] | None = None,
         path: str = "",
+        rate_limited: bool = False,
     ) -> None:
         self.cluster = cluster
         self.path = path
         """The route's configured path pattern (`/api/orders/**`), as the
         access log names it: never the request's own path or query."""
+        self.rate_limited = rate_limited
+        """The route has a `rate_limit:` (a span says whether it let the request by)."""
         self.response_drop = response_drop
         """Upstream response headers never passed on (on a route with CORS,
         the upstream's own Access-Control-* fields), or None."""
@@ -172,6 +176,7 @@ class Runtime:
                 handler=handler,
                 response_drop=UPSTREAM_DROPPED if config.route_cors(route) is not None else None,
                 path=route.path,
+                rate_limited=bool(route.rate_limits()),
             )
             pairs.append((route, target))
         shortest = min(

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from meshgate.engine.runtime import Runtime
+    from meshgate.observability.tracing import Tracing
 
 __all__ = [
     "PAUSE_BUFFER",
@@ -57,6 +58,8 @@ class ListenerState(Protocol):
     def draining(self) -> bool: ...
     @property
     def observe(self) -> Callable[[Any], None] | None: ...
+    @property
+    def tracing(self) -> Tracing | None: ...
 
 
 class Framing(Protocol):

@@ -48,6 +48,7 @@ from meshgate.tls.identity import peer_spiffe_id
 
 if TYPE_CHECKING:
     from meshgate.engine.runtime import Runtime
+    from meshgate.observability.tracing import Tracing
     from meshgate.upstream.cluster import PoolRegistry
 
 __all__ = [
@@ -97,6 +98,7 @@ class ServerState:
         "scheme",
         "series",
         "streams",
+        "tracing",
     )
 
     def __init__(
@@ -138,6 +140,8 @@ class ServerState:
         log and the trace, `RequestSeries.then`)."""
         self.conn_counts = HUB.connection_counters(role, tls)
         """Connections opened, closed (`HUB`'s, for /metrics)."""
+        self.tracing: Tracing | None = None
+        """The process's tracing (`observability.tracing`), or None: off."""
 
     def check_timeouts(self) -> None:
         """One tick of the timeout sweep (see `Worker`)."""

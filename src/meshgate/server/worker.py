@@ -43,6 +43,7 @@ from meshgate.mesh.member import MeshMember
 from meshgate.observability import peers
 from meshgate.observability.accesslog import AccessLog
 from meshgate.observability.hub import HUB
+from meshgate.observability.tracing import Tracing
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.ratelimit.local import SharedTable
 from meshgate.server import orders
@@ -118,6 +119,8 @@ class Worker:
         runtime = self._build(config)
         self.state = ServerState(runtime, self.registry, loop=self.loop, streams=ProxyStream)
         self._count_requests(config)
+        # Made in the worker (the exporter's thread does not survive a fork).
+        self.state.tracing = Tracing.from_config(config.tracing) if config.tracing else None
         HUB.register("listeners", lambda: listener_samples([self.state]))
         self.bound_admin = config.admin
         if opts.history is not None:
@@ -135,6 +138,8 @@ class Worker:
         self.servers: list[tuple[ListenerSpec, Serving]] = []
         self.sample_server: asyncio.AbstractServer | None = None
         self.stamp = file_stamp(opts.config_path)
+        self.config_tracing = config.tracing
+        """The `tracing:` in force (a reload that changes it makes a new pipeline)."""
         self.tasks: set[asyncio.Task[None]] = set()
         self.reload_lock = asyncio.Lock()
         self.access = AccessLog(time.monotonic)
@@ -334,6 +339,8 @@ class Worker:
             where = settings.path if settings is not None else ""
             log.error("access log: cannot open %s, kept the previous one: %s", where, exc)
             self.access.reopen()
+        if config.tracing != self.config_tracing:
+            self._retrace(config)
         return True
 
     def _served(self, gen: Generation) -> None:
@@ -437,6 +444,27 @@ class Worker:
             "reloaded %s: %d routes, %d upstreams", what, len(config.routes), len(config.upstreams)
         )
 
+    def _retrace(self, config: Config) -> None:
+        """A reload changed `tracing:`: requests from now on use the new
+        pipeline; the old one sends what it holds once the requests that
+        started with it are likely done (after `limits.drain_timeout`)."""
+        old = self.state.tracing
+        try:
+            self.state.tracing = Tracing.from_config(config.tracing) if config.tracing else None
+        except Exception as exc:
+            log.error("tracing: kept the previous settings: %s", exc)
+            return
+        self.config_tracing = config.tracing
+        log.info("tracing %s", "on" if config.tracing else "off")
+        if old is not None:
+            task = self.loop.create_task(self._close_later(old))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _close_later(self, tracing: Tracing) -> None:
+        await asyncio.sleep(self.state.runtime.limits.drain_timeout)
+        await self.loop.run_in_executor(None, tracing.close)
+
     async def wait_and_drain(self) -> None:
         await self.stopping.wait()
         state = self.state
@@ -461,6 +489,8 @@ class Worker:
             self.sample_server.close()
         self.registry.close_idle()
         await self.services.close()
+        if state.tracing is not None:
+            await self.loop.run_in_executor(None, state.tracing.close)
         if self.member is not None:
             await self.member.close()
         self.access.stop()

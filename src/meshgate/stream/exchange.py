@@ -121,6 +121,7 @@ class ProxyExchange(UpstreamAttempt):
     bytes_out = 0  # response bytes from the upstream (a local answer's: its length)
     trace: Trace | None = None  # this request's spans, when it is sampled
     try_t0 = 0.0  # when the current try began (`t_start`'s clock)
+    trace_head = b""  # not sampled: the traceparent every try sends (or none)
 
     def __init__(
         self,
@@ -244,6 +245,9 @@ class ProxyExchange(UpstreamAttempt):
         delay = UpstreamAttempt._retry_delay(
             self, cause, failed, sent=sent, retry_after=retry_after
         )
+        trace = self.trace
+        if trace is not None:
+            trace.try_failed(self, cause, failed, delay is not None)
         if delay is None:
             return None
         if self.replay is not None:
@@ -307,14 +311,18 @@ class ProxyExchange(UpstreamAttempt):
             assert parts is not None
             parts[4] = b"host: " + ep.authority + CRLF
             head = b"".join(parts)
-        # What is left of this request's deadline goes to the next hop.
+        # What is left of this request's deadline goes to the next hop, and
+        # the trace context (a sampled try's own, or the unsampled decision).
+        trace = self.trace
+        context = self.trace_head if trace is None else trace.inject(self)
         if self.grpc:
-            head = head[:-2] + b"x-meshgate-deadline: %d\r\ngrpc-timeout: %dm\r\n\r\n" % (
+            head = head[:-2] + b"%sx-meshgate-deadline: %d\r\ngrpc-timeout: %dm\r\n\r\n" % (
+                context,
                 left,
                 left,
             )
         else:
-            head = head[:-2] + b"x-meshgate-deadline: %d\r\n\r\n" % left
+            head = head[:-2] + b"%sx-meshgate-deadline: %d\r\n\r\n" % (context, left)
         # Keep what is needed to replay on a fresh connection if this pooled
         # one turns out to be stale (closed by the peer while idle).
         self.replay = (

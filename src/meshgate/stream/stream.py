@@ -32,6 +32,7 @@ from meshgate.filters import FilterRequest, LocalReply
 from meshgate.handlers import BufferedRequest, Handler, HandlerResponse
 from meshgate.http.headers import REQUEST_OWN, REQUEST_WRITTEN
 from meshgate.http.router import normalize_path
+from meshgate.observability.tracecontext import TRACE_HEADERS
 from meshgate.protocol.api import PAUSE_BUFFER, PAUSE_DONE, Framing, RequestHead
 from meshgate.stream.exchange import ProxyExchange
 from meshgate.stream.heads import (
@@ -147,7 +148,8 @@ class _Head:
                     host=self.host,
                     # (its framing is new: Content-Length too)
                     headers=[h for h in headers if h[0] not in REQUEST_OWN]
-                    + [h for h in added if h[0].lower() not in REQUEST_WRITTEN],
+                    + [h for h in added if h[0].lower() not in REQUEST_WRITTEN]
+                    + ex.trace_pairs(),
                     forward=ex.forward_pairs(self.host, self.xff, self.via),
                     body=b"",
                     client=req.client,
@@ -187,6 +189,9 @@ class ProxyStream(ProxyExchange):
     def on_request_head(self, parsed: RequestHead) -> None:
         """Resolve the route and the upstream request target, or a local
         reply, and run the route's filters (request hooks, in order)."""
+        tracing = self.proto.state.tracing
+        if tracing is not None:
+            tracing.begin(self, parsed)
         if parsed.host_count > 1:
             self.reply_local(400, "bad-host", "more than one Host header", close=True)
             return
@@ -298,6 +303,12 @@ class ProxyStream(ProxyExchange):
                 # read these as the identity headers themselves.
                 if b"_" in name and name.replace(b"_", b"-") in identity:
                     drop = drop | {name}
+        trace = self.trace
+        if trace is not None or self.trace_head:
+            # meshgate writes the trace context each try sends (`_attach`).
+            drop = TRACE_HEADERS if drop is None else drop | TRACE_HEADERS
+            if trace is not None:
+                trace.route = rt
         self.route_retry = rt.retry
         self.route_path = rt.path
         self.budget = parsed.budget
@@ -497,6 +508,17 @@ class ProxyStream(ProxyExchange):
             self.start()
 
     # -- buffered routes (aggregation, body transforms) --------------------------
+
+    def trace_pairs(self) -> list[tuple[bytes, bytes]]:
+        """The trace context a buffered route's handler sends its calls: the
+        server span's when sampled, the unsampled decision's, or none."""
+        trace = self.trace
+        if trace is not None:
+            return trace.server_pairs()
+        if self.trace_head:
+            name, _, value = self.trace_head.rstrip().partition(b": ")
+            return [(name, value)]
+        return []
 
     def forward_pairs(
         self, host: bytes, xff: bytes | None, via: bytes | None

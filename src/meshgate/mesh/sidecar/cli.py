@@ -37,6 +37,12 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _endpoint(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, found {text!r}")
+    return text
+
+
 def _upstream(text: str) -> tuple[str, Address]:
     name, sep, where = text.partition("=")
     if not sep or not name:
@@ -114,6 +120,9 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         access_log_sample_2xx=args.access_log_sample_2xx,
         metrics_idle_expiry=args.metrics_idle_expiry,
+        tracing_endpoint=args.tracing_endpoint,
+        tracing_sample_ratio=args.tracing_sample_ratio,
+        tracing_batch_delay=args.tracing_batch_delay,
     )
     if args.access_log is not None:
         from meshgate.observability.accesslog import open_target
@@ -249,6 +258,26 @@ def register(sub: Any) -> None:
         default=600.0,
         metavar="DURATION",
         help="drop a request series from /metrics once it is idle this long (10m)",
+    )
+    p.add_argument(
+        "--tracing-endpoint",
+        type=_endpoint,
+        metavar="URL",
+        help="send spans to this OTLP/HTTP collector URL (.../v1/traces); off when absent",
+    )
+    p.add_argument(
+        "--tracing-sample-ratio",
+        type=_share,
+        default=1.0,
+        metavar="R",
+        help="the share of new traces sampled, 0 to 1 (a caller's decision is followed)",
+    )
+    p.add_argument(
+        "--tracing-batch-delay",
+        type=_duration,
+        default=5.0,
+        metavar="DURATION",
+        help="the longest a finished span waits for its batch (5s)",
     )
     p.add_argument("--version", default="")
     p.add_argument("--zone", default="")

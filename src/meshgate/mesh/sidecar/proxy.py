@@ -47,6 +47,7 @@ from meshgate.mesh.sidecar.capture import Capture, destinations, original_destin
 from meshgate.mesh.translate import inbound_config, outbound_config
 from meshgate.observability.accesslog import AccessLog
 from meshgate.observability.hub import HUB
+from meshgate.observability.tracing import Tracing
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.stream.stream import ProxyStream
 from meshgate.tls.holder import IdentityContexts
@@ -94,6 +95,10 @@ class SidecarOptions:
     access_log_sample_2xx: float = 1.0
     metrics_idle_expiry: float = 600.0
     """Seconds a request series may stay untouched before /metrics drops it."""
+    tracing_endpoint: str | None = None
+    """Spans to this OTLP/HTTP collector URL, with `service.name` the service's."""
+    tracing_sample_ratio: float = 1.0
+    tracing_batch_delay: float = 5.0
 
 
 def bind_all(opts: SidecarOptions) -> dict[str, socket.socket]:
@@ -145,6 +150,7 @@ class Sidecar:
         self._pending: dict[str, Runtime] = {}
         """The runtimes of the first snapshot, until the listeners start."""
         self.capture: Capture | None = None
+        self.tracing: Tracing | None = None
         self.stopping = asyncio.Event()
         self.access = AccessLog(time.monotonic)
         self.socks = socks if socks is not None else bind_all(opts)
@@ -291,6 +297,14 @@ class Sidecar:
                 )
         for runtime in runtimes.values():
             runtime.start_health()
+        if self.opts.tracing_endpoint:
+            self.tracing = Tracing(
+                endpoint=self.opts.tracing_endpoint,
+                service_name=self.opts.service,
+                namespace=self.opts.namespace,
+                sample_ratio=self.opts.tracing_sample_ratio,
+                schedule_delay=self.opts.tracing_batch_delay,
+            )
         inbound = self.states["inbound"]
         plain = ServerState(
             inbound.runtime,
@@ -301,6 +315,8 @@ class Sidecar:
             role="sidecar-inbound",
         )
         self.states["inbound-plaintext"] = plain
+        for state in self.states.values():
+            state.tracing = self.tracing
         specs: list[tuple[ListenerSpec, Any]] = [
             (
                 ListenerSpec(
@@ -407,6 +423,8 @@ class Sidecar:
         await self.agent.close()
         await self.services.close()
         self.access.stop()
+        if self.tracing is not None:
+            await self.loop.run_in_executor(None, self.tracing.close)
 
 
 def _protocol(state: ServerState) -> Callable[[], asyncio.Protocol]:
