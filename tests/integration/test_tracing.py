@@ -450,3 +450,29 @@ def test_a_reload_turns_tracing_on(stack: Stack, upstream: UpstreamServer) -> No
         assert sorted(s.is_server for s in spans) == [False, True]
     finally:
         receiver.stop()
+
+
+def test_spans_a_collector_refuses_are_counted_as_dropped(
+    stack: Stack, upstream: UpstreamServer
+) -> None:
+    receiver = OtlpReceiver().start()
+    receiver.status = 400  # not retried by the exporter
+    try:
+        proxy = stack.proxy(
+            {
+                "upstreams": {"up": upstream_block(upstream)},
+                "routes": [{"path": "/**", "upstream": "up"}],
+                "tracing": _tracing(receiver),
+            }
+        )
+        assert fetch(proxy.url("/refused")).status == 200
+
+        def dropped() -> int:
+            text = fetch(proxy.admin_url("/metrics")).body.decode()
+            m = re.search(r'^meshgate_trace_spans_total\{outcome="dropped"\} (\d+)', text, re.M)
+            return int(m.group(1)) if m else -1
+
+        wait_until(lambda: dropped() >= 2, timeout=10, what="two spans counted as dropped")
+        assert not receiver.spans
+    finally:
+        receiver.stop()
