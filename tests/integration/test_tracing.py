@@ -9,6 +9,7 @@ Each request carries its own X-Request-Id, which the server span reports
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import subprocess
 import sys
@@ -74,7 +75,14 @@ class Gateway:
                 {"path": "/api/**", "upstream": "up", "name": "api"},
             ],
         }
-        self.sampled = stack.proxy({**config, "tracing": _tracing(self.receiver)})
+        self.access_log = stack.directory / "access-sampled.log"
+        self.sampled = stack.proxy(
+            {
+                **config,
+                "tracing": _tracing(self.receiver),
+                "access_log": {"path": str(self.access_log)},
+            }
+        )
         self.unsampled = stack.proxy(
             {**config, "tracing": _tracing(self.receiver, sample_ratio=0, compression="gzip")}
         )
@@ -180,6 +188,24 @@ def test_a_request_gets_a_server_span_and_its_try_a_client_span(gw: Gateway) -> 
     # The upstream got the client span's context, and nothing else of the trace.
     trace_id, span_id, flags = _traceparent(gw.received(rid))
     assert (trace_id, span_id, flags) == (server.trace_id, client.span_id, "01")
+
+
+def test_the_access_log_names_the_trace(gw: Gateway) -> None:
+    rid, r = gw.request(gw.sampled, "/api/logged", f"traceparent: 00-{TID}-{SID}-01")
+    assert r.status == 200
+    assert gw.server_span(rid).trace_id == TID
+
+    def line() -> dict[str, Any] | None:
+        text = gw.access_log.read_text() if gw.access_log.exists() else ""
+        for raw in text.splitlines():
+            doc = json.loads(raw)
+            if doc["request_id"] == rid:
+                return dict(doc)
+        return None
+
+    wait_until(lambda: line() is not None, timeout=10, what="the request's access log line")
+    doc = line()
+    assert doc is not None and doc["trace_id"] == TID
 
 
 def test_the_clients_traceparent_is_honoured(gw: Gateway) -> None:
