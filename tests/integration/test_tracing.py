@@ -502,3 +502,33 @@ def test_spans_a_collector_refuses_are_counted_as_dropped(
         assert not receiver.spans
     finally:
         receiver.stop()
+
+
+def test_every_worker_traces_and_one_scrape_counts_them_all(
+    stack: Stack, upstream: UpstreamServer
+) -> None:
+    receiver = OtlpReceiver().start()
+    try:
+        proxy = stack.proxy(
+            {
+                "upstreams": {"up": upstream_block(upstream)},
+                "routes": [{"path": "/**", "upstream": "up"}],
+                "tracing": _tracing(receiver),
+            },
+            workers=2,
+        )
+        n = 20
+        for i in range(n):
+            assert fetch(proxy.url(f"/w{i}"), "-H", "Connection: close").status == 200
+        spans = receiver.wait_for_spans(2 * n)
+        pids = {s.resource["service.instance.id"] for s in spans}
+        assert len(pids) == 2, pids  # both workers exported
+
+        def exported() -> int:
+            text = fetch(proxy.admin_url("/metrics")).body.decode()
+            m = re.search(r'^meshgate_trace_spans_total\{outcome="exported"\} (\d+)', text, re.M)
+            return int(m.group(1)) if m else -1
+
+        wait_until(lambda: exported() == 2 * n, timeout=10, what="both workers' spans counted")
+    finally:
+        receiver.stop()
