@@ -532,3 +532,25 @@ def test_every_worker_traces_and_one_scrape_counts_them_all(
         wait_until(lambda: exported() == 2 * n, timeout=10, what="both workers' spans counted")
     finally:
         receiver.stop()
+
+
+def test_admin_config_hides_the_exporters_credentials(
+    stack: Stack, upstream: UpstreamServer
+) -> None:
+    proxy = stack.proxy(
+        {
+            "upstreams": {"up": upstream_block(upstream)},
+            "routes": [{"path": "/**", "upstream": "up"}],
+            "tracing": {
+                "endpoint": "http://user:hunter2@127.0.0.1:1/v1/traces?token=hunter3",
+                "headers": {"x-api-key": "hunter4"},
+            },
+        }
+    )
+    r = fetch(proxy.admin_url("/config"))
+    assert r.status == 200
+    body = r.body.decode()
+    assert "hunter" not in body, body
+    doc = r.json()["config"]["tracing"]
+    assert doc["headers"] == {"x-api-key": "<redacted>"}
+    assert doc["endpoint"] == "http://<redacted>@127.0.0.1:1/v1/traces"

@@ -48,13 +48,27 @@ class AdminRequest:
 _SECRET_FIELDS = frozenset({"secret", "password", "admin_token"})
 
 
+def _redact_tracing(doc: dict[str, Any]) -> dict[str, Any]:
+    """`tracing:` without the values of its export headers (a collector's
+    API key) or its endpoint's credentials."""
+    out = dict(doc)
+    if isinstance(out.get("endpoint"), str):
+        out["endpoint"] = redact_url(out["endpoint"])
+    if isinstance(out.get("headers"), dict):
+        out["headers"] = dict.fromkeys(out["headers"], "<redacted>")
+    return out
+
+
 def redact(doc: Any) -> Any:
     """The config without its secrets: HMAC secrets, the admin token's
-    digest, and the credentials and query of every URL (Redis, JWKS)."""
+    digest, the credentials and query of every URL (Redis, JWKS, the
+    tracing endpoint), and the tracing exporter's header values."""
     if isinstance(doc, dict):
-        out = {}
+        out: dict[str, Any] = {}
         for k, v in doc.items():
-            if k in _SECRET_FIELDS and v is not None:
+            if k == "tracing" and isinstance(v, dict):
+                out[k] = _redact_tracing(v)
+            elif k in _SECRET_FIELDS and v is not None:
                 out[k] = "<redacted>"
             elif k.endswith("url") and isinstance(v, str):
                 out[k] = redact_url(v)
