@@ -136,3 +136,16 @@ def test_the_writer_writes_whole_lines_to_a_pipe_and_flushes_at_stop() -> None:
     assert log.written == 3000 and log.unwritten == 0 and log.fd == -1
     assert sum(sizes) == len(got)
     os.close(r)
+
+
+def test_a_hostile_host_stays_one_json_string() -> None:
+    """The Host is the client's: quotes, backslashes and non-ASCII bytes
+    must not end the string or break the line."""
+    log = AccessLog(lambda: 100.0)
+    hostile = b'evil"},"status":500,"x":"\\\xff'
+    for _ in range(2):  # the second time from the cache
+        log.log(_exchange(authority=hostile, consumer='a"b'), 100.01, "")
+    lines = _formatted(log)
+    assert [line["authority"] for line in lines] == [hostile.decode("latin-1")] * 2
+    assert [line["status"] for line in lines] == [200, 200]
+    assert lines[0]["consumer"] == 'a"b'
