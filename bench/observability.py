@@ -6,8 +6,11 @@ Starts on loopback, in a temp dir, all as child processes killed at exit:
   nginx     nginx as a keep-alive reverse proxy in front of it
   off       meshgate (1 worker), everything off: `metrics: {enabled: false}`,
             no access log, no tracing
-  default   meshgate as it ships: metrics on, and JSON access logs on, to a
-            file (`access_log: {path: ...}`)
+  metrics   metrics on (as meshgate ships), no access log
+  default   metrics on, and JSON access logs on, to a file
+            (`access_log: {path: ...}`)
+  trace0    the default, plus tracing on at 0%: what every request that is
+            not sampled pays (reading its context, sending one on)
   trace1    the default, plus tracing at 1% (parent-based) to an OTLP/HTTP
             sink (a child process that answers 200 to every export)
   trace100  the same at 100%
@@ -53,7 +56,9 @@ from run import proxy_block, start_nginx
 
 MESHGATES = {
     "off": "metrics: {{enabled: false}}\naccess_log: false\n",
+    "metrics": "access_log: false\n",
     "default": "access_log: {{path: {log}}}\n",
+    "trace0": "access_log: {{path: {log}}}\ntracing: {{endpoint: {otlp}, sample_ratio: 0.0}}\n",
     "trace1": "access_log: {{path: {log}}}\ntracing: {{endpoint: {otlp}, sample_ratio: 0.01}}\n",
     "trace100": "access_log: {{path: {log}}}\ntracing: {{endpoint: {otlp}, sample_ratio: 1.0}}\n",
 }

@@ -139,6 +139,10 @@ def _trace_id(value: Any) -> str | None:
     return str(value)
 
 
+SLICE = 32
+"""Lines the writer formats before it lets the event loop run."""
+
+
 class AccessLog:
     """One process's access log (see the module)."""
 
@@ -317,10 +321,16 @@ class AccessLog:
             fd = self.fd
         _close(old)
         queue = self.queue
+        fmt = self.format
         while queue:
             lines: list[bytes] = []
             while queue and len(lines) < 4096:
-                lines.append(self.format(queue.popleft()))
+                lines.append(fmt(queue.popleft()))
+                if len(lines) % SLICE == 0:
+                    # Hand the GIL back to the event loop now and then:
+                    # else this thread keeps it for the interpreter's whole
+                    # switch interval (5 ms), and requests wait that long.
+                    time.sleep(0)
             self._write(fd, lines)
 
     def _write(self, fd: int, lines: list[bytes]) -> None:
