@@ -81,6 +81,8 @@ def runtime_samples(runtime: Runtime, seen_pools: set[int] | None = None) -> Sam
         add("meshgate_auth_failures_total", (label, "missing_credentials"), auth.missing)
         for reason, n in auth.failures.items():
             add("meshgate_auth_failures_total", (label, reason), n)
+        for consumer, n in auth.consumers.items():
+            add("meshgate_consumer_requests_total", (label, consumer), n)
     for _, authz in filters.authz_filters:
         for source, decision, n in authz.metric_rows():
             add(

@@ -258,7 +258,7 @@ def _readyz(state: ServerState, req: AdminRequest) -> Answer:
 
 async def _metrics(state: ServerState, req: AdminRequest) -> Answer:
     """Every worker's samples, added up (`observability.peers`)."""
-    return 200, render(await gather())
+    return 200, render(await gather(state.hub))
 
 
 def _upstreams(state: ServerState, req: AdminRequest) -> Answer:

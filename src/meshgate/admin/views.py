@@ -142,7 +142,7 @@ def _route_index(state: ServerState) -> dict[str, Route[RouteTarget]]:
 async def ratelimits(state: ServerState, req: AdminRequest) -> tuple[int, Any]:
     """Every route's limits, with the instance's decisions so far (every
     worker's, added up as /metrics does) and the state of the Redis store."""
-    samples = await gather()
+    samples = await gather(state.hub)
     counts: dict[tuple[str, str, str], float] = {}
     for labels, value, *_ in samples.get("meshgate_ratelimit_decisions_total", []):
         route_label, name, _policy, outcome = labels

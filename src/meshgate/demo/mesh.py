@@ -33,6 +33,7 @@ from meshgate.config.schema import Address
 from meshgate.engine.load import load_config, load_mesh
 from meshgate.mesh.control.server import ControlPlane
 from meshgate.mesh.sidecar.proxy import Sidecar, SidecarOptions
+from meshgate.observability.hub import MetricsHub
 from meshgate.server.worker import Worker, WorkerOptions
 
 __all__ = ["MeshDemo"]
@@ -149,7 +150,11 @@ class MeshDemo:
         path.write_text(
             GATEWAY_YAML.format(port=self.gateway_port, cp=self.cp.port, td=TRUST_DOMAIN)
         )
-        self.gateway = Worker(load_config(path), WorkerOptions(config_path=str(path), watch=False))
+        # Its own metrics: the sidecars of this process have theirs.
+        self.gateway = Worker(
+            load_config(path),
+            WorkerOptions(config_path=str(path), watch=False, hub=MetricsHub()),
+        )
         await self.gateway.start()
         # Every registration has been pushed once each caller sees its callees.
         deadline = time.monotonic() + 10

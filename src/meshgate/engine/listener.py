@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from meshgate.config.schema import Address
-from meshgate.observability.hub import HUB
+from meshgate.observability.hub import HUB, MetricsHub
 
 __all__ = ["ROLES", "ListenerSpec", "Role", "Serving", "bind_socket", "start_listener"]
 
@@ -89,6 +89,8 @@ class ListenerSpec:
     by their first byte (permissive mTLS)."""
     reuse_port: bool = True
     sock: socket.socket | None = field(default=None, repr=False)
+    hub: MetricsHub = field(default=HUB, repr=False)
+    """Where its TLS handshakes are counted: its proxy's metrics."""
 
 
 async def start_listener(
@@ -149,6 +151,7 @@ class _SniffingServer:
         plain_factory: Callable[[], asyncio.Protocol] | None,
     ) -> None:
         self.spec = spec
+        self.hub = spec.hub
         self.sock = sock
         self.loop = loop
         self.plain_factory = plain_factory
@@ -203,7 +206,7 @@ class _SniffingServer:
             return
         tls = first[0] == TLS_HANDSHAKE
         if not tls and self.plain_factory is None:
-            HUB.handshake(self.spec.role, "not_tls")
+            self.hub.handshake(self.spec.role, "not_tls")
             conn.close()
             return
         task = self.loop.create_task(self._hand_over(conn, tls))
@@ -218,13 +221,13 @@ class _SniffingServer:
                 await self.loop.connect_accepted_socket(
                     spec.factory, conn, ssl=spec.tls(), ssl_handshake_timeout=SNIFF_TIMEOUT
                 )
-                HUB.handshake(spec.role, "ok")
+                self.hub.handshake(spec.role, "ok")
             else:
                 assert self.plain_factory is not None
                 await self.loop.connect_accepted_socket(self.plain_factory, conn)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             if tls:
-                HUB.handshake(spec.role, handshake_failure(exc))
+                self.hub.handshake(spec.role, handshake_failure(exc))
             log.debug("%s: handshake failed: %s", spec.name, exc)
             with contextlib.suppress(OSError):
                 conn.close()

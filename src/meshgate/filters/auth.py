@@ -241,6 +241,8 @@ class AuthFilter:
         self.hidden = frozenset(a.header for a in keys if a.hide)
         # Outcomes, for /metrics: admitted, no credentials, refused (401/400), forbidden (403).
         self.admitted = self.missing = self.refused = self.forbidden = 0
+        self.consumers: dict[str, int] = {}
+        """Requests admitted per consumer (the config's names: bounded)."""
         # Refusals by their RFC 6750 error code (a fixed set: invalid_token,
         # invalid_request, insufficient_scope), for /metrics.
         self.failures: dict[str, int] = {}
@@ -312,8 +314,11 @@ class AuthFilter:
             except AuthError as exc:
                 return self._reply((exc, JwtAuthenticator.scheme))
         self.admitted += 1
-        if req.consumer is not None:
-            req.add.append((CONSUMER_HEADER, req.consumer.encode("utf-8")))
+        consumer = req.consumer
+        if consumer is not None:
+            consumers = self.consumers
+            consumers[consumer] = consumers.get(consumer, 0) + 1
+            req.add.append((CONSUMER_HEADER, consumer.encode("utf-8")))
         return None
 
     def _refuse(self, refusal: _Refusal | None) -> LocalReply:

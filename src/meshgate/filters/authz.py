@@ -15,6 +15,11 @@ shadow deny). A denial is a 403 problem+json whose detail names the policy
 and the rule (or the default), with `policy`, `rule`, `decision` and
 `source` as extension members.
 
+The last denials (`DENIALS_KEPT`) are kept in a ring (`DenialRing`, one per
+proxy, shared by its authz filters across snapshots and reloads), for the
+proxy's report to the control plane: who was refused what, by which
+policy and rule. Only the deny path writes to it.
+
 The source is `FilterRequest.peer`, the SPIFFE ID of the caller's verified
 client certificate; a request without one (`peer` None) is matched by no
 `from:` but one listing `plaintext`. Paths are matched against the path
@@ -25,9 +30,11 @@ the normalized request path, on a route without strip_prefix or rewrite).
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from meshgate.config.authz import PLAINTEXT, AuthzConfig, AuthzRule
 from meshgate.filters import FilterRequest, LocalReply
@@ -41,9 +48,25 @@ from meshgate.http.router import (
     parse_header_checks,
 )
 
-__all__ = ["AuthzFilter", "AuthzPolicy", "Decision", "RuleTrace", "explain"]
+__all__ = [
+    "DENIALS_KEPT",
+    "NO_RULE",
+    "AuthzFilter",
+    "AuthzPolicy",
+    "Decision",
+    "DenialRing",
+    "RuleTrace",
+    "explain",
+]
 
 log = logging.getLogger("meshgate.authz")
+
+DENIALS_KEPT = 50
+NO_RULE = "no rule allowed it"
+"""A default deny's reason, in a denial's record."""
+_PATH_KEPT = 512
+"""Characters of a denied request's path kept (the client chose them)."""
+_METHOD_KEPT = 16
 
 DecisionKind = Literal["allow", "deny", "audit_deny"]
 
@@ -318,12 +341,78 @@ def explain(
     )
 
 
-class AuthzFilter:
-    """A route's `authz:`; counts decisions by rule and source for /metrics."""
+class DenialRing:
+    """A proxy's last denials, oldest first, each numbered (`seq`) so that
+    a reader takes only those after the last one it took (`since`)."""
 
-    def __init__(self, cfg: AuthzConfig, policy: str) -> None:
+    __slots__ = ("entries", "seq")
+
+    def __init__(self, size: int = DENIALS_KEPT) -> None:
+        self.entries: deque[tuple[int, float, str, str, str, str | None, str, str]] = deque(
+            maxlen=size
+        )
+        """(seq, at, source, destination, policy, rule, method, path)."""
+        self.seq = 0
+
+    def add(
+        self,
+        source: str,
+        destination: str,
+        policy: str,
+        rule: str | None,
+        method: str,
+        path: str,
+    ) -> None:
+        self.seq += 1
+        self.entries.append(
+            (
+                self.seq,
+                time.time(),
+                source,
+                destination,
+                policy,
+                rule,
+                method[:_METHOD_KEPT],
+                path[:_PATH_KEPT],
+            )
+        )
+
+    def since(self, seq: int) -> tuple[list[dict[str, Any]], int]:
+        """The denials numbered after `seq` (those the ring still holds),
+        and the number to ask after next time."""
+        out = []
+        for n, at, source, destination, policy, rule, method, path in self.entries:
+            if n > seq:
+                out.append(
+                    {
+                        "at": at,
+                        "source": source,
+                        "destination": destination,
+                        "policy": policy,
+                        "rule": rule,
+                        "reason": f"rule {rule!r} (deny) matched" if rule else NO_RULE,
+                        "method": method,
+                        "path": path,
+                    }
+                )
+        return out, self.seq
+
+
+def _destination(policy: str) -> str:
+    """The service a policy guards: a sidecar's is `inbound/<service>`; a
+    gateway route's names none ('': the proxy's own service)."""
+    return policy[len("inbound/") :] if policy.startswith("inbound/") else ""
+
+
+class AuthzFilter:
+    """A route's `authz:`; counts decisions by rule and source for /metrics,
+    and keeps the denials in `denials`."""
+
+    def __init__(self, cfg: AuthzConfig, policy: str, denials: DenialRing | None = None) -> None:
         self.engine = AuthzPolicy(cfg, policy)
         self.policy = policy
+        self.destination = _destination(policy)
+        self.denials = DenialRing() if denials is None else denials
         self.counts = SourceCounts(len(self.engine.decisions))
         """Per source label, one counter per decision of `engine.decisions`."""
         self.audit = frozenset(
@@ -361,6 +450,14 @@ class AuthzFilter:
     def _deny(self, req: FilterRequest, path: str, i: int) -> LocalReply:
         self._log(logging.INFO, "denied", req, path, i)
         source = source_label(req.peer)
+        self.denials.add(
+            source,
+            self.destination,
+            self.policy,
+            self.engine.decisions[i].rule,
+            req.method.decode("latin-1"),
+            path,
+        )
         text, members = self.engine.replies[i]
         return LocalReply(403, "authz-denied", ProblemDetail(text, {**members, "source": source}))
 

@@ -34,7 +34,7 @@ from meshgate.filters.auth import (
     AuthFilter,
     JwtAuthenticator,
 )
-from meshgate.filters.authz import AuthzFilter
+from meshgate.filters.authz import AuthzFilter, DenialRing
 from meshgate.filters.cors import CorsFilter
 from meshgate.filters.deprecation import DeprecationFilter
 from meshgate.filters.fault import FaultFilter
@@ -57,6 +57,8 @@ class FilterServices:
 
     def __init__(self, table: SharedTable | None = None) -> None:
         self.table = table
+        self.denials = DenialRing()
+        """The proxy's last denials, which its authz filters share."""
         self.verifiers: dict[tuple[str, str, str], JwtVerifier] = {}
         self.limiters: dict[str, RedisLimiter] = {}
         self.started: set[int] = set()
@@ -200,7 +202,7 @@ def _chain(
     if route.authz is not None:
         # After auth (it may refuse with a challenge first), before faults
         # and limits: a denied caller triggers no fault and spends no quota.
-        authz = AuthzFilter(route.authz, label)
+        authz = AuthzFilter(route.authz, label, services.denials)
         filters.append(("authz", authz))
         out.authz_filters.append((label, authz))
     if route.deprecation is not None:

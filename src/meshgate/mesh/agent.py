@@ -11,6 +11,10 @@ the mesh). It
 - holds one stream to the control plane (`push.py` tells the protocol),
   registers its instance there, heartbeats, and applies each snapshot,
   ACKing or NACKing it (the proxy's callback decides);
+- reports, every `REPORT_INTERVAL`, what the proxy's `reporter` returns
+  (its metrics and denials, `mesh.report`), while the stream is up and
+  keeps up: a report is skipped, never queued, when the last one has not
+  gone out yet;
 - keeps a state directory: its key (0600), certificate, chain, the trust
   bundle, and the last snapshot it accepted. A proxy restarted while the
   control plane is away serves from it, and reconnects with jittered
@@ -35,12 +39,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from meshgate.mesh.wire import ApiError, ClientConnection, control_identity
+from meshgate.mesh.wire import MAX_BODY, ApiError, ClientConnection, control_identity
 from meshgate.tls.context import client_context
 
 __all__ = ["AgentState", "MeshAgent", "write_private"]
@@ -50,6 +55,10 @@ log = logging.getLogger("meshgate.agent")
 RECONNECT_BASE = 0.25
 RECONNECT_MAX = 15.0
 RENEW_AT = 0.7
+REPORT_INTERVAL = 2.0
+REPORT_MAX = MAX_BODY - 4096
+"""The largest report line: the control plane ends a stream whose line is
+longer than `MAX_BODY`."""
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -142,6 +151,7 @@ class MeshAgent:
         instance: dict[str, Any] | None = None,
         on_snapshot: Callable[[dict[str, Any]], None] | None = None,
         on_certificate: Callable[[], None] | None = None,
+        reporter: Callable[[], dict[str, Any]] | None = None,
         keep_token: bool = True,
         shuffle: bool = True,
     ) -> None:
@@ -164,6 +174,10 @@ class MeshAgent:
         self.on_snapshot = on_snapshot
         self.on_certificate = on_certificate
         """Called after a new certificate or trust bundle is in `state`."""
+        self.reporter = reporter
+        """The proxy's report (`mesh.report`), or None: it reports nothing."""
+        self.reports = {"sent": 0, "skipped": 0, "too_large": 0}
+        self.report_interval = REPORT_INTERVAL
         self.tasks: list[asyncio.Task[None]] = []
         self.connected = asyncio.Event()
         self.version = int(self.state.snapshot.get("version", 0))
@@ -351,6 +365,7 @@ class MeshAgent:
         conn = await self._connect(with_cert=True)
         self.stream_conn = conn
         heart: asyncio.Task[None] | None = None
+        report: asyncio.Task[None] | None = None
         try:
             hello: dict[str, Any] = {
                 "type": "hello",
@@ -363,7 +378,10 @@ class MeshAgent:
                 hello["digests"] = self.state.snapshot.get("digests", {})
             stream = await conn.open_stream("/v1/stream", hello)
             self.connected.set()
-            heart = asyncio.get_running_loop().create_task(self._heartbeat(stream))
+            loop = asyncio.get_running_loop()
+            heart = loop.create_task(self._heartbeat(stream))
+            if self.reporter is not None:
+                report = loop.create_task(self._report(stream, self.reporter))
             async for msg in stream.messages():
                 if isinstance(msg, dict) and msg.get("type") == "snapshot":
                     self._apply(stream, msg)
@@ -371,6 +389,8 @@ class MeshAgent:
         finally:
             if heart is not None:
                 heart.cancel()
+            if report is not None:
+                report.cancel()
             conn.close()
             self.stream_conn = None
 
@@ -384,6 +404,36 @@ class MeshAgent:
             if time.monotonic() - last >= max(self.lease / 3, 0.05):
                 stream.send({"type": "heartbeat", "cert": self._cert_info()})
                 last = time.monotonic()
+
+    async def _report(self, stream: Any, reporter: Callable[[], dict[str, Any]]) -> None:
+        """Every `report_interval`, the reporter's report, on this stream
+        only (it ends with the stream: nothing waits for the next one)."""
+        transport = stream.conn.writer.transport
+        while True:
+            await asyncio.sleep(self.report_interval)
+            if transport.get_write_buffer_size() > 0:
+                # The control plane is not reading (or the link is slow):
+                # skip this one rather than queue it; the denials it would
+                # have carried wait in the ring for the next one.
+                self.reports["skipped"] += 1
+                continue
+            try:
+                doc = {"type": "report", **reporter()}
+                data = orjson.dumps(doc)
+            except Exception:
+                log.exception("making the report failed")
+                continue
+            if len(data) > REPORT_MAX:
+                self.reports["too_large"] += 1
+                if self.reports["too_large"] == 1:
+                    log.warning(
+                        "the report is %d bytes, past %d: sent without its samples",
+                        len(data),
+                        REPORT_MAX,
+                    )
+                data = orjson.dumps({**doc, "samples": {}})
+            stream.send_encoded(data)
+            self.reports["sent"] += 1
 
     def _apply(self, stream: Any, msg: dict[str, Any]) -> None:
         received = time.time()

@@ -7,7 +7,8 @@ identity (`spiffe://<td>/ns/edge/sa/gateway` by default). Each worker runs a
 process that made it), and each snapshot fills the endpoints of the
 upstreams that name a `service:`. The file and the snapshot are two config
 sources feeding one compile step: the worker builds its runtime from the
-file's config with the snapshot's endpoints, after either changes.
+file's config with the snapshot's endpoints, after either changes. Its
+agent reports the worker's metrics and denials (`mesh.report`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from typing import Any
 
 from meshgate.admin.hooks import HOOKS
 from meshgate.config.schema import Config, GatewayMeshConfig
+from meshgate.filters.authz import DenialRing
 from meshgate.mesh.agent import MeshAgent
+from meshgate.mesh.report import Reporter
 from meshgate.mesh.translate import with_mesh_endpoints
 from meshgate.mesh.wire import control_addresses
-from meshgate.observability.hub import HUB
+from meshgate.observability.hub import HUB, MetricsHub
 from meshgate.tls.holder import IdentityContexts
 
 __all__ = ["MeshMember"]
@@ -39,11 +42,14 @@ class MeshMember:
         base_dir: Path,
         worker_id: int,
         on_snapshot: Callable[[dict[str, Any]], None],
+        *,
+        hub: MetricsHub = HUB,
+        denials: DenialRing | None = None,
     ) -> None:
         self.cfg = cfg
         self.identity = f"spiffe://{cfg.trust_domain}/ns/{cfg.namespace}/sa/{cfg.service}"
         self.tls = IdentityContexts(self.identity)
-        HUB.identity(self.identity, lambda: self.tls.not_after)
+        hub.identity(self.identity, lambda: self.tls.not_after)
         HOOKS.identity = self.tls
         self.sections: dict[str, Any] = {}
         self._on_snapshot = on_snapshot
@@ -60,6 +66,7 @@ class MeshMember:
             bundle_pem=bundle,
             on_snapshot=self._snapshot,
             on_certificate=self._certificate,
+            reporter=Reporter(hub, DenialRing() if denials is None else denials, cfg.service),
         )
 
     def _certificate(self) -> None:

@@ -385,7 +385,11 @@ class _Stream:
         self.buf = b""
 
     def send(self, doc: Any) -> None:
-        data = orjson.dumps(doc) + b"\n"
+        self.send_encoded(orjson.dumps(doc))
+
+    def send_encoded(self, doc: bytes) -> None:
+        """One JSON document, already encoded (without its newline)."""
+        data = doc + b"\n"
         self.conn.writer.write(b"%x\r\n%s\r\n" % (len(data), data))
 
     async def wait_head(self, timeout: float) -> None:

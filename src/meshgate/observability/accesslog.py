@@ -1,7 +1,7 @@
 """The access log: one JSON line per request, written off the hot path.
 
 `AccessLog.log` is the listeners' `RequestSeries.then` (set through
-`HUB.set_request_hook`): it runs once per request that ends, on the event
+its proxy's `MetricsHub.set_request_hook`): it runs once per request that ends, on the event
 loop, and only reads the exchange's fields into a tuple appended to a
 deque (a 2xx answer may be sampled out first, with one random draw). A
 writer thread (a daemon) wakes every 100 ms, or sooner when many lines
@@ -45,7 +45,7 @@ from typing import Any
 import orjson
 
 from meshgate.config.schema import AccessLogConfig
-from meshgate.observability.hub import HUB
+from meshgate.observability.hub import HUB, MetricsHub
 
 __all__ = ["FIELDS", "AccessLog", "open_target"]
 
@@ -144,10 +144,12 @@ SLICE = 32
 
 
 class AccessLog:
-    """One process's access log (see the module)."""
+    """One proxy's access log (see the module)."""
 
-    def __init__(self, loop_time: Callable[[], float]) -> None:
+    def __init__(self, loop_time: Callable[[], float], hub: MetricsHub = HUB) -> None:
         self.loop_time = loop_time
+        self.hub = hub
+        """The proxy whose requests it logs, and which reports its drops."""
         self.queue: collections.deque[tuple[Any, ...]] = collections.deque()
         self.sample = 1.0
         self.bound = 65536
@@ -174,22 +176,22 @@ class AccessLog:
 
     def apply(self, settings: AccessLogConfig | None, base_dir: str | None = None) -> None:
         """Log with `settings` from now on (None: stop logging), every
-        listener of this process (`HUB.set_request_hook`); the file is
+        listener of its proxy (`MetricsHub.set_request_hook`); the file is
         opened again. OSError when it cannot be opened (what was in force
         stays so)."""
         if settings is None:
             if self.settings is not None:
-                HUB.set_request_hook(None)
+                self.hub.set_request_hook(None)
                 self.settings = None
                 self.stop()
             return
         self.configure(settings, base_dir)
         if self.settings is None:
-            HUB.register("access_log", self.samples)
+            self.hub.register("access_log", self.samples)
         self.settings = settings
         self.base_dir = base_dir
         self.start()
-        HUB.set_request_hook(self.log)
+        self.hub.set_request_hook(self.log)
 
     def reopen(self) -> None:
         """Open the file again (it was rotated); an error is logged, and the

@@ -21,7 +21,7 @@ from typing import Any
 
 from meshgate.observability.requests import BUCKETS
 
-__all__ = ["SPECS", "Spec", "merge", "render"]
+__all__ = ["REPORT_FAMILIES", "SPECS", "Spec", "merge", "render"]
 
 Samples = dict[str, list[list[Any]]]
 
@@ -163,6 +163,11 @@ SPECS: dict[str, Spec] = {
         " (invalid_token, invalid_request, insufficient_scope).",
         ("route", "reason"),
     ),
+    "meshgate_consumer_requests_total": Spec(
+        "counter",
+        "Requests auth admitted, by route and consumer (the config's consumers).",
+        ("route", "consumer"),
+    ),
     "meshgate_authz_decisions_total": Spec(
         "counter",
         "Authorization decisions of routes with authz: (a sidecar's inbound policy), by"
@@ -213,6 +218,23 @@ SPECS: dict[str, Spec] = {
         "counter", "Spans handed to the exporter, and those it dropped.", ("outcome",)
     ),
 }
+
+
+REPORT_FAMILIES: tuple[str, ...] = (
+    "meshgate_requests_total",
+    "meshgate_request_duration_seconds",
+    "meshgate_authz_decisions_total",
+    "meshgate_split_requests_total",
+    "meshgate_circuit_breaker_open",
+    "meshgate_retry_budget_exhausted_total",
+    "meshgate_upstream_try_failures_total",
+    "meshgate_endpoint_state",
+    "meshgate_ratelimit_decisions_total",
+    "meshgate_auth_failures_total",
+    "meshgate_consumer_requests_total",
+    "meshgate_identity_cert_expiration_timestamp_seconds",
+)
+"""The families a proxy reports to the control plane (docs/dashboard-api.md)."""
 
 
 def merge(parts: list[Samples]) -> Samples:

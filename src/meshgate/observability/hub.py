@@ -1,11 +1,16 @@
 """A process's metrics: its request series and what else it reports.
 
-`HUB` is the process's one `MetricsHub`. Listeners get their
-`RequestSeries` from it by role and transport (`series`), so that a reload
-or a new mesh snapshot, which builds new listener states, keeps counting
-into the same rows. Everything else that reports (a runtime's filters and
-clusters, a mesh agent's certificate) registers a collector: a function
-that returns samples when scraped, so the hot path pays nothing for it.
+A `MetricsHub` is one proxy's metrics: a gateway worker's, or a
+sidecar's. `HUB` is the process's default one (a worker, or a sidecar
+process, is one proxy); a process that runs several proxies (the demo: a
+sidecar per service and a gateway) gives each its own, so that their
+series, identities and directions do not mix. Listeners get their
+`RequestSeries` from their proxy's hub by role and transport (`series`,
+once, when their state is made), so that a reload or a new mesh snapshot,
+which builds new listener states, keeps counting into the same rows.
+Everything else that reports (a runtime's filters and clusters, a mesh
+agent's certificate) registers a collector: a function that returns
+samples when scraped, so the hot path pays nothing for it.
 
 A scrape (`collect`) also expires idle request rows. With several
 workers, the worker answering the scrape merges the others' samples
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from meshgate.observability.exposition import Samples
@@ -138,12 +143,15 @@ class MetricsHub:
                 return 0
         return sum(s.expire(now - expiry) for s in self.stores.values())
 
-    def collect(self) -> Samples:
-        """This process's samples (request rows idle past the expiry are
-        dropped first when it has no peers)."""
+    def collect(self, families: Collection[str] | None = None, *, scrape: bool = True) -> Samples:
+        """This proxy's samples (request rows idle past the expiry are
+        dropped first when it has no peers); only `families`' when given.
+        `scrape=False` (a report to the control plane, not a scrape) leaves
+        the scrape's clock alone: with peers, expiry is the scrapes' to
+        decide, and their absence lets a worker expire on its own."""
         if not self.peers:
             self.expire_local()
-        else:
+        elif scrape:
             self.scraped_at = time.monotonic()
         out: dict[str, list[Any]] = {}
         for store in self.stores.values():
@@ -169,7 +177,10 @@ class MetricsHub:
                 continue
             for fam, rows in got.items():
                 out.setdefault(fam, []).extend(rows)
+        if families is not None:
+            return {name: out[name] for name in families if name in out}
         return out
 
 
 HUB = MetricsHub()
+"""The process's default hub (one proxy per process)."""

@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 
 from meshgate.observability.exposition import SPECS, Samples, merge
-from meshgate.observability.hub import HUB
+from meshgate.observability.hub import HUB, MetricsHub
 
 __all__ = ["PEER_TIMEOUT", "gather", "serve"]
 
@@ -46,22 +46,28 @@ _REQUEST_ROWS = "meshgate_requests_total"
 _MAX_LINE = 64 * 1024 * 1024
 
 
-async def serve(path: str) -> asyncio.AbstractServer:
-    """This worker's sample socket, at `path`."""
+async def serve(path: str, hub: MetricsHub = HUB) -> asyncio.AbstractServer:
+    """This worker's sample socket, at `path`, answering with `hub`'s."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    server = await asyncio.start_unix_server(_answer, path=path, limit=_MAX_LINE)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _answer(hub, reader, writer)
+
+    server = await asyncio.start_unix_server(answer, path=path, limit=_MAX_LINE)
     os.chmod(path, 0o600)
     return server
 
 
-async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _answer(
+    hub: MetricsHub, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     try:
         line = await asyncio.wait_for(reader.readline(), PEER_TIMEOUT)
         request = orjson.loads(line) if line.strip() else {}
-        _drop(request.get("drop") or [], float(request.get("before") or 0.0))
+        _drop(hub, request.get("drop") or [], float(request.get("before") or 0.0))
         if request.get("samples", True):
-            writer.write(orjson.dumps(HUB.collect()) + b"\n")
+            writer.write(orjson.dumps(hub.collect()) + b"\n")
             await writer.drain()
     except (OSError, TimeoutError, orjson.JSONDecodeError, ValueError, TypeError) as exc:
         log.debug("metrics peer request failed: %s", exc)
@@ -69,7 +75,7 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         writer.close()
 
 
-def _drop(groups: list[Any], before: float) -> None:
+def _drop(hub: MetricsHub, groups: list[Any], before: float) -> None:
     """Drop the groups of request rows another worker found idle everywhere
     (given by their labels: direction, route, upstream, identities, method,
     then tls)."""
@@ -77,7 +83,7 @@ def _drop(groups: list[Any], before: float) -> None:
     for labels in groups:
         by_store.setdefault((labels[0], labels[6] == "true"), set()).add(tuple(labels[:6]))
     for key, idle in by_store.items():
-        store = HUB.stores.get(key)
+        store = hub.stores.get(key)
         if store is not None:
             store.drop_groups(idle, before)
 
@@ -105,16 +111,17 @@ async def _ask(path: str, request: dict[str, Any]) -> Samples | None:
         writer.close()
 
 
-async def gather() -> Samples:
-    """This process's samples plus every peer's, merged, without the groups
-    of rows idle in all of them (which every worker is then told to drop)."""
-    own = HUB.collect()
-    if not HUB.peers:
+async def gather(hub: MetricsHub = HUB) -> Samples:
+    """A proxy's samples (`hub`'s) plus every peer's, merged, without the
+    groups of rows idle in all of them (which every worker is then told to
+    drop)."""
+    own = hub.collect()
+    if not hub.peers:
         return merge([own])
-    got = await asyncio.gather(*(_ask(p, {}) for p in HUB.peers))
+    got = await asyncio.gather(*(_ask(p, {}) for p in hub.peers))
     parts = [own, *(g for g in got if g is not None)]
     merged = merge(parts)
-    before = time.monotonic() - HUB.idle_expiry
+    before = time.monotonic() - hub.idle_expiry
     last: dict[tuple[Any, ...], float] = {}
     for labels, _, touched in merged.get(_REQUEST_ROWS, []):
         g = _group(_REQUEST_ROWS, labels)
@@ -126,9 +133,9 @@ async def gather() -> Samples:
             if name in merged:
                 merged[name] = [s for s in merged[name] if _group(name, s[0]) not in idle]
         drop = [list(g) for g in idle]
-        _drop(drop, before)
+        _drop(hub, drop, before)
         request = {"drop": drop, "before": before, "samples": False}
-        await asyncio.gather(*(_ask(p, request) for p in HUB.peers))
+        await asyncio.gather(*(_ask(p, request) for p in hub.peers))
     return merged
 
 

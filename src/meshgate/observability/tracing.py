@@ -33,11 +33,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import weakref
 from random import getrandbits
 from time import monotonic, time_ns
 from typing import TYPE_CHECKING, Any
 
-from meshgate.observability.hub import HUB
+from meshgate.observability.hub import HUB, MetricsHub
 from meshgate.observability.tracecontext import (
     B3_MULTI,
     B3_SINGLE,
@@ -62,18 +63,18 @@ _METHODS = {
 }
 _PATH_MAX = 1024  # of url.path (the request line may be longer)
 
-_counts: SpanCounts | None = None
+_counts: weakref.WeakKeyDictionary[MetricsHub, SpanCounts] = weakref.WeakKeyDictionary()
 
 
-def _span_counts() -> SpanCounts:
-    """The process's span counts (one across reloads), reported to `HUB`."""
-    global _counts
-    if _counts is None:
+def _span_counts(hub: MetricsHub) -> SpanCounts:
+    """A proxy's span counts (one across reloads), reported to its hub."""
+    counts = _counts.get(hub)
+    if counts is None:
         from meshgate.observability.spans import SpanCounts
 
-        _counts = SpanCounts()
-        HUB.register("tracing", _counts.samples)
-    return _counts
+        counts = _counts[hub] = SpanCounts()
+        hub.register("tracing", counts.samples)
+    return counts
 
 
 def _new_id() -> int:
@@ -109,6 +110,7 @@ class Tracing:
         schedule_delay: float = 5.0,
         max_queue: int = 2048,
         max_batch: int = 512,
+        hub: MetricsHub = HUB,
     ) -> None:
         # The SDK is imported only when tracing is on.
         from meshgate.observability.spans import SpanSink
@@ -126,7 +128,7 @@ class Tracing:
         self.sink: SpanSink = SpanSink(
             endpoint=endpoint,
             resource=resource,
-            counts=_span_counts(),
+            counts=_span_counts(hub),
             compression=compression,
             timeout=timeout,
             headers=headers,
@@ -137,7 +139,7 @@ class Tracing:
         self.failed_once = False
 
     @classmethod
-    def from_config(cls, cfg: TracingConfig) -> Tracing:
+    def from_config(cls, cfg: TracingConfig, hub: MetricsHub = HUB) -> Tracing:
         return cls(
             endpoint=cfg.endpoint,
             service_name=cfg.service_name,
@@ -148,6 +150,7 @@ class Tracing:
             schedule_delay=cfg.batch.schedule_delay,
             max_queue=cfg.batch.max_queue,
             max_batch=cfg.batch.max_batch,
+            hub=hub,
         )
 
     def begin(self, ex: Any, head: Any) -> None:

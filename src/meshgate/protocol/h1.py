@@ -35,7 +35,7 @@ import httptools
 from meshgate.http.batch import BatchedWriter
 from meshgate.http.headers import REQUEST_OWN, connection_drop
 from meshgate.http.problem import problem_response
-from meshgate.observability.hub import DIRECTIONS, HUB
+from meshgate.observability.hub import DIRECTIONS, HUB, MetricsHub
 from meshgate.protocol.api import (
     PAUSE_BUFFER,
     PAUSE_DONE,
@@ -88,6 +88,7 @@ class ServerState:
         "connections",
         "direction",
         "draining",
+        "hub",
         "loop",
         "observe",
         "registry",
@@ -112,6 +113,7 @@ class ServerState:
         role: str = "gateway",
         route_host: Callable[[asyncio.BaseTransport], bytes | None] | None = None,
         require_peer: bool = False,
+        hub: MetricsHub | None = None,
     ) -> None:
         self.runtime = runtime
         self.registry = registry
@@ -133,13 +135,16 @@ class ServerState:
         self.draining = False
         tls = scheme == b"https"
         self.direction = DIRECTIONS.get(role, "inbound")
-        self.series = HUB.series(role, tls)
+        self.hub = HUB if hub is None else hub
+        """The metrics of the proxy this listener is part of (the process's
+        `HUB` unless the process runs several proxies); read once, here."""
+        self.series = self.hub.series(role, tls)
         """This listener's request series (kept across reloads)."""
         self.observe: Callable[[Any], None] | None = self.series.record
         """Called with every exchange that ends (metrics, then the access
         log and the trace, `RequestSeries.then`)."""
-        self.conn_counts = HUB.connection_counters(role, tls)
-        """Connections opened, closed (`HUB`'s, for /metrics)."""
+        self.conn_counts = self.hub.connection_counters(role, tls)
+        """Connections opened, closed (the hub's, for /metrics)."""
         self.tracing: Tracing | None = None
         """The process's tracing (`observability.tracing`), or None: off."""
 

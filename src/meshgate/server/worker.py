@@ -42,7 +42,7 @@ from meshgate.filters.build import FilterServices
 from meshgate.mesh.member import MeshMember
 from meshgate.observability import peers
 from meshgate.observability.accesslog import AccessLog
-from meshgate.observability.hub import HUB
+from meshgate.observability.hub import HUB, MetricsHub
 from meshgate.observability.tracing import Tracing
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.ratelimit.local import SharedTable
@@ -98,30 +98,43 @@ class WorkerOptions:
     supervisor_pid: int | None = None
     """Set when a supervisor forked this worker: generations then come from
     its orders (`server.orders`), and a rollback is asked of it."""
+    hub: MetricsHub | None = None
+    """This gateway's metrics; None: the process's `HUB` (one worker per
+    process). A process that runs other proxies too gives it its own."""
 
 
 class Worker:
     def __init__(self, config: Config, opts: WorkerOptions) -> None:
         self.opts = opts
         self.config = config
+        self.hub = hub = HUB if opts.hub is None else opts.hub
         # Before any listener takes its series from the hub.
-        HUB.configure(config.metrics.idle_expiry, config.metrics.max_identities)
+        hub.configure(config.metrics.idle_expiry, config.metrics.max_identities)
         self.loop = asyncio.get_running_loop()
         self.member: MeshMember | None = None
         self.started = False
+        self.services = FilterServices(opts.rate_table)
         if config.mesh is not None:
             base = pathlib.Path(opts.config_path).resolve().parent
-            self.member = MeshMember(config.mesh, base, opts.worker_id, self._mesh_changed)
+            self.member = MeshMember(
+                config.mesh,
+                base,
+                opts.worker_id,
+                self._mesh_changed,
+                hub=hub,
+                denials=self.services.denials,
+            )
         self.registry = PoolRegistry(
             self.loop, tls=self.member.tls if self.member is not None else None
         )
-        self.services = FilterServices(opts.rate_table)
         runtime = self._build(config)
-        self.state = ServerState(runtime, self.registry, loop=self.loop, streams=ProxyStream)
+        self.state = ServerState(
+            runtime, self.registry, loop=self.loop, streams=ProxyStream, hub=hub
+        )
         self._count_requests(config)
         # Made in the worker (the exporter's thread does not survive a fork).
-        self.state.tracing = Tracing.from_config(config.tracing) if config.tracing else None
-        HUB.register("listeners", lambda: listener_samples([self.state]))
+        self.state.tracing = Tracing.from_config(config.tracing, hub) if config.tracing else None
+        hub.register("listeners", lambda: listener_samples([self.state]))
         self.bound_admin = config.admin
         if opts.history is not None:
             self.history = opts.history
@@ -131,7 +144,7 @@ class Worker:
         self.applied = self.history.number
         """The newest order applied (or refused) by this worker."""
         self.advanced = asyncio.Event()
-        HUB.generation = self.history.number
+        self.hub.generation = self.history.number
         HOOKS.generations = self.history
         HOOKS.rollback = self.rollback
         self.stopping = asyncio.Event()
@@ -142,7 +155,7 @@ class Worker:
         """The `tracing:` in force (a reload that changes it makes a new pipeline)."""
         self.tasks: set[asyncio.Task[None]] = set()
         self.reload_lock = asyncio.Lock()
-        self.access = AccessLog(time.monotonic)
+        self.access = AccessLog(time.monotonic, hub)
         self.base_dir = os.path.dirname(os.path.abspath(opts.config_path))
 
     def _count_requests(self, config: Config) -> None:
@@ -186,7 +199,7 @@ class Worker:
             listen = Address(host=listen.host, port=self.opts.listen_port)
         state = self.state
         specs = [
-            ListenerSpec("gateway", "gateway", listen, lambda: ServerProtocol(state)),
+            ListenerSpec("gateway", "gateway", listen, lambda: ServerProtocol(state), hub=self.hub),
         ]
         if cfg.admin is not None:
             admin = cfg.admin
@@ -225,12 +238,12 @@ class Worker:
         of the shared admin port answers for all)."""
         me = self.opts.worker_id
         paths = [os.path.join(run_dir, f"metrics-{i}.sock") for i in range(self.opts.workers)]
-        HUB.peers = [p for i, p in enumerate(paths) if i != me]
-        self.sample_server = await peers.serve(paths[me])
+        self.hub.peers = [p for i, p in enumerate(paths) if i != me]
+        self.sample_server = await peers.serve(paths[me], self.hub)
 
     def _sweep(self) -> None:
         self.registry.sweep(self.loop.time())
-        HUB.expire_local()
+        self.hub.expire_local()
         if not self.stopping.is_set():
             self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
@@ -272,7 +285,7 @@ class Worker:
             text = read_config_file(path)
             config = load_config_text(text, path)
         except ConfigError as exc:
-            HUB.reloads["refused"] += 1
+            self.hub.reloads["refused"] += 1
             log.error("reload refused, still serving the previous config:\n%s", exc)
             self.access.reopen()  # (rotated logs are let go of all the same)
             return
@@ -290,7 +303,7 @@ class Worker:
             try:
                 config = load_config_text(str(order["text"]), str(order["source"]))
             except ConfigError as exc:
-                HUB.reloads["refused"] += 1
+                self.hub.reloads["refused"] += 1
                 log.error("generation %d refused, still serving the previous:\n%s", number, exc)
                 self.access.reopen()
                 continue
@@ -311,12 +324,12 @@ class Worker:
                 raise ValueError(problem)
             runtime = self._build(config)
         except ConfigError as exc:
-            HUB.reloads["refused"] += 1
+            self.hub.reloads["refused"] += 1
             log.error("reload refused, still serving the previous config:\n%s", exc)
             self.access.reopen()
             return False
         except Exception as exc:
-            HUB.reloads["refused"] += 1
+            self.hub.reloads["refused"] += 1
             log.error("reload refused, still serving the previous config: %s", exc)
             self.access.reopen()
             return False
@@ -329,7 +342,7 @@ class Worker:
         if config.mesh != self.config.mesh:
             log.warning("mesh: changes only on restart")
         await self._swap(config, runtime, what)
-        HUB.reloads["ok"] += 1
+        self.hub.reloads["ok"] += 1
         settings = config.access_log_config
         try:
             # Opened again, also when unchanged: a reload is how a rotated
@@ -344,7 +357,7 @@ class Worker:
         return True
 
     def _served(self, gen: Generation) -> None:
-        HUB.generation = gen.number
+        self.hub.generation = gen.number
         self.advanced.set()
         self.advanced = asyncio.Event()
 
@@ -435,7 +448,7 @@ class Worker:
         if not self.stopping.is_set():
             runtime.start_health(old)
         await self.services.activate(runtime.filters)
-        HUB.configure(config.metrics.idle_expiry, config.metrics.max_identities)
+        self.hub.configure(config.metrics.idle_expiry, config.metrics.max_identities)
         self._count_requests(config)
         self.config = config
         self.registry.retain_only(runtime.pool_ids())
@@ -450,7 +463,9 @@ class Worker:
         started with it are likely done (after `limits.drain_timeout`)."""
         old = self.state.tracing
         try:
-            self.state.tracing = Tracing.from_config(config.tracing) if config.tracing else None
+            self.state.tracing = (
+                Tracing.from_config(config.tracing, self.hub) if config.tracing else None
+            )
         except Exception as exc:
             log.error("tracing: kept the previous settings: %s", exc)
             return

@@ -8,7 +8,12 @@ each:
   version and section digests it holds (from its state directory), and its
   certificate's serial and expiry;
 - `ack` / `nack` (`{version, reason}`) for each snapshot it is sent;
-- `heartbeat` every third of the lease, which renews its instance's lease.
+- `heartbeat` every third of the lease, which renews its instance's lease;
+- `report` every 2 s: its metrics and its last denials
+  (docs/dashboard-api.md). The latest one it sent is kept on its stream
+  (`ProxyStream.report`) and handed to `Push.on_report`; one that is not
+  what the contract says, or that speaks for another proxy, is ignored and
+  counted (`Push.reports`), and the stream goes on (`control.reports`).
 
 The control plane answers with `snapshot` lines: `{version, base, sections,
 digests, changed_at}`. `sections` holds only what differs from what the proxy
@@ -33,10 +38,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
+from meshgate.mesh.control.reports import Malformed, clean
 from meshgate.mesh.control.snapshot import build_sections, delta, digest
 from meshgate.mesh.control.state import PushState
 from meshgate.mesh.control.store import Instance
@@ -48,6 +55,12 @@ log = logging.getLogger("meshgate.control")
 
 _SPIFFE_PREFIX = "spiffe://"
 FLUSH_DELAY = 0.25  # ACKs and heartbeats reach the store within this
+MAX_FIELD = 256
+"""Characters kept of an instance's version, zone, and metadata keys and values."""
+MAX_METADATA = 32
+REPORT_MIN_GAP = 0.5
+"""Seconds between two reports of a stream that are looked at (they come
+every 2 s): the ones in between are dropped unread, and counted."""
 
 
 class ProxyStream:
@@ -59,8 +72,12 @@ class ProxyStream:
         "cert",
         "identity",
         "instance_id",
+        "malformed",
         "nack",
         "proxy_id",
+        "report",
+        "report_at",
+        "report_seen",
         "req",
         "sent",
         "sent_digests",
@@ -79,6 +96,18 @@ class ProxyStream:
         self.sent_digests: dict[str, str] = {}
         self.cert: dict[str, Any] = {}
         self.nack: dict[str, Any] | None = None
+        self.report: dict[str, Any] | None = None
+        """The latest report taken (`control.reports.clean`), or None."""
+        self.report_at = 0.0
+        """When it came (monotonic seconds)."""
+        self.report_seen = 0.0
+        """When the last report was looked at, taken or not."""
+        self.malformed = 0
+        """Reports of this stream ignored as malformed."""
+
+
+def _ignore_report(stream: ProxyStream, report: dict[str, Any]) -> None:
+    return None
 
 
 class Push:
@@ -96,6 +125,9 @@ class Push:
         self.flush_timer: asyncio.TimerHandle | None = None
         self.propagation: list[float] = []
         """Seconds from a change to each proxy's ACK of it (recent ones)."""
+        self.reports = {"accepted": 0, "malformed": 0, "too_often": 0}
+        self.on_report: Callable[[ProxyStream, dict[str, Any]], None] = _ignore_report
+        """Called with each report taken, after `stream.report` is set."""
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -248,6 +280,8 @@ class Push:
         if not isinstance(address, str) or not isinstance(port, int) or not 0 < port < 65536:
             raise ApiError(400, "instance needs an address and a port")
         meta = inst.get("metadata") or {}
+        if isinstance(meta, dict):
+            meta = dict(list(meta.items())[:MAX_METADATA])
         now = time.time()
         record = Instance(
             instance_id=stream.proxy_id,
@@ -255,9 +289,11 @@ class Push:
             address=address,
             port=port,
             identity=stream.identity,
-            version=str(inst.get("version") or ""),
-            zone=str(inst.get("zone") or ""),
-            metadata={str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {},
+            version=str(inst.get("version") or "")[:MAX_FIELD],
+            zone=str(inst.get("zone") or "")[:MAX_FIELD],
+            metadata={str(k)[:MAX_FIELD]: str(v)[:MAX_FIELD] for k, v in meta.items()}
+            if isinstance(meta, dict)
+            else {},
             lease_expires=now + self.cp.mesh.control.lease,
             registered=now,
         )
@@ -289,6 +325,8 @@ class Push:
                     self.propagation.append(time.time() - changed_at)
                     del self.propagation[:-5000]
                 self._record(stream, connected=True, soon=True)
+        elif kind == "report":
+            self._report(stream, msg)
         elif kind == "nack":
             reason = str(msg.get("reason") or "no reason given")[:500]
             self.nacks += 1
@@ -309,6 +347,33 @@ class Push:
             stream.sent_digests = stream.acked_digests
             if reason.startswith("base-mismatch"):
                 self._send(stream, {}, full=True)
+
+    def _report(self, stream: ProxyStream, msg: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if stream.report_seen and now - stream.report_seen < REPORT_MIN_GAP:
+            self.reports["too_often"] += 1
+            return
+        stream.report_seen = now
+        try:
+            report = clean(msg, stream.identity, stream.service)
+        except Malformed as exc:
+            self.reports["malformed"] += 1
+            stream.malformed += 1
+            log.log(
+                logging.WARNING if stream.malformed == 1 else logging.DEBUG,
+                "proxy %s (%s): report ignored: %s",
+                stream.proxy_id,
+                stream.identity,
+                exc,
+            )
+            return
+        self.reports["accepted"] += 1
+        stream.report = report
+        stream.report_at = now
+        try:
+            self.on_report(stream, report)
+        except Exception:
+            log.exception("taking the report of proxy %s failed", stream.proxy_id)
 
     def _record(
         self, stream: ProxyStream, *, connected: bool, nack: Any = None, soon: bool = False

@@ -279,6 +279,12 @@ def register(sub: Any) -> None:
         metavar="DURATION",
         help="the longest a finished span waits for its batch (5s)",
     )
-    p.add_argument("--version", default="")
-    p.add_argument("--zone", default="")
+    p.add_argument(
+        "--version",
+        default="",
+        help="the instance's version (e.g. v2), shown by the control plane's dashboard",
+    )
+    p.add_argument(
+        "--zone", default="local", help="where the instance runs (its zone; default local)"
+    )
     p.set_defaults(func=cmd_sidecar)

@@ -17,6 +17,11 @@ NACKed whole when any of them fails. Listeners:
 - admin: `/metrics`, `/ready` and the rest of the admin API, of the inbound
   listener.
 
+Each sidecar has its own `MetricsHub` (several may share a process: the
+demo's), which its listeners, access log and tracing count into, its admin
+listener shows, and its agent reports to the control plane
+(`mesh.report`), with its authz filters' denials.
+
 Rotation: a new certificate goes into `IdentityContexts`; new handshakes,
 inbound and outbound, use it, and open connections keep theirs.
 """
@@ -43,10 +48,11 @@ from meshgate.engine.listener import ListenerSpec, Serving, bind_socket, start_l
 from meshgate.engine.runtime import Runtime
 from meshgate.filters.build import FilterServices
 from meshgate.mesh.agent import MeshAgent
+from meshgate.mesh.report import Reporter
 from meshgate.mesh.sidecar.capture import Capture, destinations, original_destination
 from meshgate.mesh.translate import inbound_config, outbound_config
 from meshgate.observability.accesslog import AccessLog
-from meshgate.observability.hub import HUB
+from meshgate.observability.hub import MetricsHub
 from meshgate.observability.tracing import Tracing
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.stream.stream import ProxyStream
@@ -83,7 +89,9 @@ class SidecarOptions:
     capture: bool = False
     capture_exclude: tuple[int, ...] = ()
     version: str = ""
-    zone: str = ""
+    """The instance's version (registered: the control plane shows it)."""
+    zone: str = "local"
+    """Where the instance runs (registered, as `version`)."""
     workers: int = 1
     """Processes serving the same listeners (SO_REUSEPORT is not needed:
     they share the sockets bound before the fork). Each has its own key, in
@@ -135,10 +143,12 @@ class Sidecar:
         self.identity = f"spiffe://{opts.trust_domain}/ns/{opts.namespace}/sa/{opts.service}"
         self.loop = asyncio.get_running_loop()
         self.tls = IdentityContexts(self.identity)
-        HUB.configure(opts.metrics_idle_expiry, HUB.max_identities)
-        HUB.identity(self.identity, lambda: self.tls.not_after)
+        self.hub = MetricsHub()
+        """This sidecar's metrics (its own, should the process run others)."""
+        self.hub.configure(opts.metrics_idle_expiry, self.hub.max_identities)
+        self.hub.identity(self.identity, lambda: self.tls.not_after)
         HOOKS.identity = self.tls
-        HUB.register("listeners", lambda: listener_samples(self.states.values()))
+        self.hub.register("listeners", lambda: listener_samples(self.states.values()))
         self.registry = PoolRegistry(self.loop, tls=self.tls)
         self.services = FilterServices()
         self.states: dict[str, ServerState] = {}
@@ -152,7 +162,7 @@ class Sidecar:
         self.capture: Capture | None = None
         self.tracing: Tracing | None = None
         self.stopping = asyncio.Event()
-        self.access = AccessLog(time.monotonic)
+        self.access = AccessLog(time.monotonic, self.hub)
         self.socks = socks if socks is not None else bind_all(opts)
         self.ports = {k: int(s.getsockname()[1]) for k, s in self.socks.items()}
         self.agent = MeshAgent(
@@ -176,6 +186,7 @@ class Sidecar:
             else None,
             on_snapshot=self.apply,
             on_certificate=self._certificate,
+            reporter=Reporter(self.hub, self.services.denials, opts.service),
         )
         HOOKS.snapshot = self._snapshot_version
 
@@ -283,6 +294,7 @@ class Sidecar:
                     scheme=b"https",
                     role="sidecar-inbound",
                     require_peer=self.mtls == "strict",
+                    hub=self.hub,
                 )
             else:
                 self.states[name] = ServerState(
@@ -294,6 +306,7 @@ class Sidecar:
                     route_host=self._route_host
                     if name == "outbound" and self.opts.capture
                     else None,
+                    hub=self.hub,
                 )
         for runtime in runtimes.values():
             runtime.start_health()
@@ -304,6 +317,7 @@ class Sidecar:
                 namespace=self.opts.namespace,
                 sample_ratio=self.opts.tracing_sample_ratio,
                 schedule_delay=self.opts.tracing_batch_delay,
+                hub=self.hub,
             )
         inbound = self.states["inbound"]
         plain = ServerState(
@@ -313,6 +327,7 @@ class Sidecar:
             streams=ProxyStream,
             scheme=b"http",
             role="sidecar-inbound",
+            hub=self.hub,
         )
         self.states["inbound-plaintext"] = plain
         for state in self.states.values():
@@ -327,6 +342,7 @@ class Sidecar:
                     tls=self.tls.server,
                     plaintext_too=self.mtls == "permissive",
                     sock=self.socks["inbound"],
+                    hub=self.hub,
                 ),
                 lambda: ServerProtocol(plain),
             )
@@ -347,6 +363,7 @@ class Sidecar:
                         address,
                         _protocol(state),
                         sock=self.socks[name],
+                        hub=self.hub,
                     ),
                     None,
                 )
@@ -360,6 +377,7 @@ class Sidecar:
                         self.opts.admin,
                         lambda: AdminProtocol(inbound, token=lambda: self.opts.admin_token),
                         sock=self.socks["admin"],
+                        hub=self.hub,
                     ),
                     None,
                 )
