@@ -69,6 +69,9 @@ def test_metrics_count_auth_and_rate_limit_outcomes(stack: Stack, upstream: Upst
     assert _metric(text, requests, route="metered", code="429", reason="ratelimit") == 1
     assert _metric(text, requests, route="metered", code="200", reason="", upstream="up") == 2
     assert _metric(text, auth, route="metered", outcome="admitted") == 3
+    # Per consumer: the 429 was admitted by auth before the limit refused it.
+    consumers = "meshgate_consumer_requests_total"
+    assert _metric(text, consumers, route="metered", consumer="acme") == 3
     decisions = "meshgate_ratelimit_decisions_total"
     assert _metric(text, decisions, route="metered", outcome="allowed") == 2
     assert _metric(text, decisions, route="metered", outcome="limited") == 1

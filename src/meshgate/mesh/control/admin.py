@@ -2,6 +2,7 @@
 
 Plain HTTP, meant for loopback (`control.admin`). `/metrics` is the
 Prometheus text format: proxies connected, config generation, NACKs,
+proxies' reports taken and ignored,
 certificates issued and refused, the propagation time of pushes, and each
 connected proxy's certificate expiry, with `meshgate_identity_cert_expiring`
 at 1 when a certificate is within 20% of its life and not yet renewed (a
@@ -58,6 +59,10 @@ def render_metrics(cp: AdminState, push: Push, now: float | None = None) -> str:
         "# HELP meshgate_control_nacks_total Snapshot versions proxies refused.",
         "# TYPE meshgate_control_nacks_total counter",
         f"meshgate_control_nacks_total {push.nacks}",
+        "# HELP meshgate_control_reports_total Proxies' reports: accepted, malformed (ignored),"
+        " too_often (dropped unread).",
+        "# TYPE meshgate_control_reports_total counter",
+        *(f'meshgate_control_reports_total{{outcome="{k}"}} {n}' for k, n in push.reports.items()),
         "# HELP meshgate_control_certificates_total Certificate requests, by outcome.",
         "# TYPE meshgate_control_certificates_total counter",
         f'meshgate_control_certificates_total{{outcome="issued"}} {cp.issued}',
@@ -107,22 +112,26 @@ class AdminApi:
                 200, render_metrics(self.cp, self.push), "text/plain; version=0.0.4"
             )
         if (req.method, req.path) == ("GET", "/status"):
-            return Response(200, self._status())
+            return Response(200, self._status("reports" in req.query))
         if (req.method, req.path) == ("PUT", "/config"):
             return await self._put_config(req)
         raise ApiError(404, f"no such endpoint: {req.method} {req.path}")
 
-    def _status(self) -> dict[str, Any]:
+    def _status(self, reports: bool = False) -> dict[str, Any]:
+        """`?reports`: with each proxy's latest report (large)."""
         cp, push = self.cp, self.push
         return {
             "generation": cp.generation,
             "version": push.version,
+            "reports": push.reports,
             "proxies": {
                 s.proxy_id: {
                     "identity": s.identity,
                     "acked_version": s.acked,
                     "cert": s.cert,
                     "nack": s.nack,
+                    "reports_malformed": s.malformed,
+                    **({"report": s.report} if reports else {}),
                 }
                 for s in push.streams
             },
