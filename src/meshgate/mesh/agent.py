@@ -411,6 +411,8 @@ class MeshAgent:
         transport = stream.conn.writer.transport
         while True:
             await asyncio.sleep(self.report_interval)
+            if transport.is_closing():
+                return  # the stream is going: the next one reports
             if transport.get_write_buffer_size() > 0:
                 # The control plane is not reading (or the link is slow):
                 # skip this one rather than queue it; the denials it would
