@@ -263,6 +263,12 @@ BROKEN = {
     "a denial that is text": lambda m: m["denials"].append("denied"),
     "a denial of another service": lambda m: m["denials"][0].update(destination="gamma"),
     "a denial without a destination": lambda m: m["denials"][0].pop("destination"),
+    "a denial under another service's policy": lambda m: m["denials"][0].update(
+        policy="inbound/gamma"
+    ),
+    "decisions of another service's policy": lambda m: _samples(m)[
+        "meshgate_authz_decisions_total"
+    ].append([["inbound/gamma", "deny", "(default)", CALLER], 2]),
     "a denial's path too long": lambda m: m["denials"][0].update(path="/" + "p" * 600),
     "a denial's rule a number": lambda m: m["denials"][0].update(rule=7),
     "a denial without its time": lambda m: m["denials"][0].pop("at"),

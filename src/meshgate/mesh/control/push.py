@@ -99,7 +99,8 @@ class ProxyStream:
         self.report: dict[str, Any] | None = None
         """The latest report taken (`control.reports.clean`), or None."""
         self.report_at = 0.0
-        """When it came (monotonic seconds)."""
+        """When it came, by this control plane's clock (monotonic seconds;
+        the report's `at` is the proxy's clock, its word)."""
         self.report_seen = 0.0
         """When the last report was looked at, taken or not."""
         self.malformed = 0

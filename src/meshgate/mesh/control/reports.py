@@ -10,8 +10,10 @@ caller), and the stream goes on.
 A proxy speaks only for itself: the stream's identity, proven by its
 client certificate, is the one its rows must name where they name the
 proxy (the destination of its inbound requests, the source of its
-outbound ones, its certificate's identity) and the service its denials
-are for. A report that speaks for another proxy is malformed. A family
+outbound ones, its certificate's identity), and the service its denials
+and its inbound policy (`inbound/<service>`) are for. A report that speaks
+for another proxy is malformed. Its `at` is the proxy's clock: the control
+plane's own time of a report is `ProxyStream.report_at`. A family
 the contract does not list is left out (a newer proxy may report more).
 """
 
@@ -39,6 +41,7 @@ _SELF_BY_DIRECTION = {
     "meshgate_request_duration_seconds": (3, 4),
 }
 _SELF = {"meshgate_identity_cert_expiration_timestamp_seconds": 0}
+_INBOUND = "inbound/"
 
 
 class Malformed(ValueError):
@@ -63,7 +66,13 @@ def _labels(v: Any, n: int, where: str) -> tuple[str, ...]:
     return tuple(_text(x, MAX_LABEL, where) for x in v)
 
 
-def _sample(name: str, row: Any, identity: str, where: str) -> list[Any]:
+def _own_policy(policy: str, service: str, where: str) -> None:
+    """A sidecar's policy is `inbound/<its service>`: never another's."""
+    if policy.startswith(_INBOUND) and policy != _INBOUND + service:
+        raise Malformed(f"{where}: the policy of another service ({policy!r})")
+
+
+def _sample(name: str, row: Any, identity: str, service: str, where: str) -> list[Any]:
     spec = SPECS[name]
     if not isinstance(row, list) or not row:
         raise Malformed(f"{where}: a sample is not a list")
@@ -77,6 +86,8 @@ def _sample(name: str, row: Any, identity: str, where: str) -> list[Any]:
             raise Malformed(f"{where}: a request of another proxy ({labels[own]!r})")
     elif name in _SELF and labels[_SELF[name]] != identity:
         raise Malformed(f"{where}: the certificate of another proxy")
+    elif name == "meshgate_authz_decisions_total":
+        _own_policy(labels[0], service, where)
     if spec.type == "histogram":
         # [labels, buckets, sum, count] (+ last)
         if len(row) not in (4, 5):
@@ -102,6 +113,7 @@ def _denial(d: Any, service: str, where: str) -> dict[str, Any]:
     out["rule"] = None if rule is None else _text(rule, 512, f"{where}.rule")
     if d.get("destination") != service:
         raise Malformed(f"{where}: a denial of another service")
+    _own_policy(out["policy"], service, where)
     out["destination"] = service
     return out
 
@@ -124,7 +136,8 @@ def clean(msg: dict[str, Any], identity: str, service: str) -> dict[str, Any]:
         if rows > MAX_ROWS:
             raise Malformed(f"more than {MAX_ROWS} samples")
         kept[name] = [
-            _sample(name, row, identity, f"samples.{name}[{i}]") for i, row in enumerate(family)
+            _sample(name, row, identity, service, f"samples.{name}[{i}]")
+            for i, row in enumerate(family)
         ]
     denials = msg.get("denials")
     if not isinstance(denials, list) or len(denials) > DENIALS_KEPT:
