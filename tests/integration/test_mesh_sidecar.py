@@ -239,7 +239,7 @@ def test_two_workers_serve_one_instance_each_with_its_own_key(mesh: Mesh, tmp_pa
     app = UpstreamServer("payments-2").start()
     token = mesh.cp.token("payments")  # reusable: both workers join with it
     sc = SidecarProcess(
-        mesh.cp, "payments", app.port, tmp_path, token=token, extra=("--workers", "2")
+        mesh.cp, "payments", app.port, tmp_path, token=token, extra=("--workers", "2"), admin=True
     )
     try:
         sc.start()
@@ -263,6 +263,21 @@ def test_two_workers_serve_one_instance_each_with_its_own_key(mesh: Mesh, tmp_pa
         assert set(statuses) == {200}
         for req in app.requests:
             assert req.header("x-forwarded-client-cert") == f"By={PAYMENTS};URI={ORDERS}"
+        # One scrape of the shared admin port answers for both workers.
+        for _ in range(20):
+            fetch(orders.url("/w2-more", "payments"))
+        reached_app = len(app.requests)
+        assert sc.admin_port is not None
+        text = fetch(f"http://127.0.0.1:{sc.admin_port}/metrics").body.decode()
+        assert "\nmeshgate_workers_scraped 2\n" in text, text
+        counted = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("meshgate_requests_total{")
+            and 'direction="inbound"' in line
+            and f'source_identity="{ORDERS}"' in line
+        )
+        assert counted == reached_app, text
     finally:
         sc.stop()
         app.stop()

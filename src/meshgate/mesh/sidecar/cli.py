@@ -8,9 +8,11 @@ import contextlib
 import dataclasses
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -139,6 +141,9 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"meshgate sidecar: {exc}", file=sys.stderr)
         return 1
+    if opts.workers > 1:
+        # Private (0700): each worker's metrics socket.
+        opts = dataclasses.replace(opts, run_dir=tempfile.mkdtemp(prefix="meshgate-sidecar-"))
     children: list[int] = []
     for worker_id in range(1, max(1, args.workers)):
         pid = os.fork()
@@ -154,6 +159,8 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         for pid in children:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+        if opts.run_dir is not None:
+            shutil.rmtree(opts.run_dir, ignore_errors=True)
 
 
 def _serve(opts: SidecarOptions, socks: dict[str, socket.socket]) -> int:

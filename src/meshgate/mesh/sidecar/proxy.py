@@ -51,6 +51,7 @@ from meshgate.mesh.agent import MeshAgent
 from meshgate.mesh.report import Reporter
 from meshgate.mesh.sidecar.capture import Capture, destinations, original_destination
 from meshgate.mesh.translate import inbound_config, outbound_config
+from meshgate.observability import peers
 from meshgate.observability.accesslog import AccessLog
 from meshgate.observability.hub import MetricsHub
 from meshgate.observability.tracing import Tracing
@@ -102,6 +103,10 @@ class SidecarOptions:
     """`-` (stdout), `stderr` or a file: one JSON line per request; None: off."""
     access_log_sample_2xx: float = 1.0
     metrics_idle_expiry: float = 600.0
+    run_dir: str | None = None
+    """With several workers: the private directory of their metrics
+    sockets, so that one scrape of the shared admin port answers for all
+    (`observability.peers`)."""
     """Seconds a request series may stay untouched before /metrics drops it."""
     tracing_endpoint: str | None = None
     """Spans to this OTLP/HTTP collector URL, with `service.name` the service's."""
@@ -144,6 +149,7 @@ class Sidecar:
         self.loop = asyncio.get_running_loop()
         self.tls = IdentityContexts(self.identity)
         self.hub = MetricsHub()
+        self.sample_server: asyncio.AbstractServer | None = None
         """This sidecar's metrics (its own, should the process run others)."""
         self.hub.configure(opts.metrics_idle_expiry, self.hub.max_identities)
         self.hub.identity(self.identity, lambda: self.tls.not_after)
@@ -385,6 +391,14 @@ class Sidecar:
         for spec, plain_factory in specs:
             server, _ = await start_listener(spec, loop, plain_factory=plain_factory)
             self.servers.append((spec, server))
+        if self.opts.run_dir is not None:
+            me = self.opts.worker_id
+            paths = [
+                os.path.join(self.opts.run_dir, f"metrics-{i}.sock")
+                for i in range(self.opts.workers)
+            ]
+            self.hub.peers = [p for i, p in enumerate(paths) if i != me]
+            self.sample_server = await peers.serve(paths[me], self.hub)
         if self.opts.capture and self.opts.worker_id == 0:
             self.capture = Capture(
                 self.opts.service,
@@ -441,6 +455,8 @@ class Sidecar:
         await self.agent.close()
         await self.services.close()
         self.access.stop()
+        if self.sample_server is not None:
+            self.sample_server.close()
         if self.tracing is not None:
             await self.loop.run_in_executor(None, self.tracing.close)
 
