@@ -25,7 +25,7 @@ from typing import Any
 from meshgate.config.authz import PLAINTEXT
 from meshgate.config.loader import ConfigError
 from meshgate.config.mesh import MeshConfig
-from meshgate.config.schema import Address, RateLimitConfig, parse_duration, redact_url
+from meshgate.config.schema import Address, parse_duration, redact_url
 from meshgate.engine.load import load_mesh
 
 __all__ = ["is_mesh_file", "register"]
@@ -209,117 +209,46 @@ def _redacted(doc: Any) -> Any:
     return doc
 
 
-def _caller(mesh: MeshConfig, source: str) -> tuple[str | None, str] | None:
-    """`--from`: (the identity, how to name the caller), or None if unknown."""
-    if source == PLAINTEXT:
-        return None, "a caller without a client certificate (plaintext)"
-    if source.startswith("spiffe://"):
-        return source, source
-    if source in mesh.services:
-        identity = mesh.identity(source)
-        return identity, f"{source} ({identity})"
-    return None
-
-
-def _limit_text(rl: RateLimitConfig) -> str:
-    per = {"peer": "per source", "route": "for the service"}.get(rl.key, f"per {rl.key}")
-    unit = {1.0: "s", 60.0: "min", 3600.0: "h", 86400.0: "day"}.get(rl.period)
-    rate = f"{rl.limit}/{unit}" if unit else f"{rl.limit} per {rl.period:g}s"
-    return f"{rate} {per} ({rl.policy})"
-
-
 def _explain_request(mesh: MeshConfig, args: argparse.Namespace) -> int:
-    from meshgate.filters.authz import AuthzPolicy, explain, request_path
+    from meshgate.mesh.explain import ExplainError, explain_request
 
     if not args.source or not args.target or len(args.words) != 2:
         print("mesh explain --from SERVICE --to SERVICE METHOD PATH", file=sys.stderr)
         return 2
     to = args.target
-    svc = mesh.services.get(to)
-    if svc is None:
-        known = ", ".join(sorted(mesh.services)) or "none"
-        print(f"--to {to!r} is not a service of this mesh (services: {known})", file=sys.stderr)
-        return 2
-    caller = _caller(mesh, args.source)
-    if caller is None:
-        print(
-            f"--from {args.source!r} is not a service of this mesh; give a service, a "
-            f"SPIFFE ID (spiffe://...) or {PLAINTEXT}",
-            file=sys.stderr,
-        )
-        return 2
-    peer, who = caller
     method, raw_path = args.words
-    headers: list[tuple[bytes, bytes]] = []
-    for line in args.header:
-        name, sep, value = line.partition(":")
-        if not sep or not name.strip():
-            print(f"-H {line!r}: expected 'Name: value'", file=sys.stderr)
-            return 2
-        headers.append((name.strip().lower().encode("latin-1"), value.strip().encode("utf-8")))
     try:
-        path = request_path(raw_path)
-    except ValueError as exc:
-        print(f"{exc} (the gateway answers 400)", file=sys.stderr)
+        doc = explain_request(mesh, args.source, to, method, raw_path, args.header)
+    except ExplainError as exc:
+        print(exc, file=sys.stderr)
         return 2
-    method = method.upper()
-    decision = explain(svc.authz, peer, method, path, headers, policy=to)
-    trace = AuthzPolicy(svc.authz, to).trace(peer, method.encode("latin-1"), path, headers)
-    refused_plaintext = peer is None and mesh.mtls == "strict"
-    allowed = decision.allowed and not refused_plaintext
-    notes = []
-    if refused_plaintext:
-        notes.append(
-            "mtls is strict: a caller without a client certificate is refused before "
-            "any policy (the decision below is the policy's alone)"
-        )
-    if args.source in mesh.services and to not in mesh.callees(args.source):
-        notes.append(
-            f"the calls: of {args.source} do not list {to}, so its proxy has no route to it"
-        )
-    limits = svc.rate_limit.route_limits() if svc.rate_limit else []
+    allowed = bool(doc["allowed"])
+    who = doc.pop("who")
     if args.json:
-        doc = {
-            "caller": args.source,
-            "identity": peer,
-            "service": to,
-            "request": {"method": method, "path": path},
-            "policy": decision.policy,
-            "rule": decision.rule,
-            "decision": decision.decision,
-            "reason": decision.reason,
-            "allowed": allowed,
-            "rules": [
-                {"name": t.name, "action": t.action, "matches": t.matched, "why": t.why}
-                for t in trace
-            ],
-            "rate_limits": [_limit_text(rl) for rl in limits],
-            "notes": notes,
-        }
         print(json.dumps(doc, indent=2))
         return 0 if allowed else 1
-    authz = svc.authz
+    authz = mesh.services[to].authz
     print(f"caller:   {who}")
     print(
         f"policy:   {to}: default {authz.default}, mode {authz.mode}, "
         f"{len(authz.rules)} rule{'' if len(authz.rules) == 1 else 's'}"
     )
-    print(f"request:  {method} {path}")
-    for t in trace:
-        state = "matches" if t.matched else f"does not match: {t.why}"
-        print(f"  {t.action:5} rule {t.name}: {state}")
-    for rl in limits:
-        print(f"limit:    {_limit_text(rl)}")
-    for note in notes:
+    print(f"request:  {doc['request']['method']} {doc['request']['path']}")
+    for t in doc["rules"]:
+        state = "matches" if t["matches"] else f"does not match: {t['why']}"
+        print(f"  {t['action']:5} rule {t['name']}: {state}")
+    for text in doc["rate_limits"]:
+        print(f"limit:    {text}")
+    for note in doc["notes"]:
         print(f"note:     {note}")
     verdict = {
         "allow": f"{to} allows this request",
         "deny": f"{to} denies this request",
         "audit_deny": f"{to} would deny this request, and lets it through (audit mode)",
-    }[decision.decision]
-    rule = f"rule {decision.rule} decides" if decision.rule else "the default decides"
+    }[doc["decision"]]
+    rule = f"rule {doc['rule']} decides" if doc["rule"] else "the default decides"
     print(f"decision: {'ALLOWED' if allowed else 'DENIED'}: {verdict} ({rule})")
-    print(f"          {decision.reason}")
+    print(f"          {doc['reason']}")
     return 0 if allowed else 1
 
 
