@@ -69,12 +69,14 @@ class ApiError(Exception):
 
 
 class Response:
-    __slots__ = ("body", "content_type", "status")
+    __slots__ = ("body", "content_type", "headers", "status")
 
     def __init__(self, status: int, doc: Any) -> None:
         self.status = status
         self.body = orjson.dumps(doc)
         self.content_type = "application/json"
+        self.headers: tuple[tuple[str, str], ...] = ()
+        """More header fields (name, value)."""
 
     @classmethod
     def text(cls, status: int, text: str, content_type: str) -> Response:
@@ -84,7 +86,15 @@ class Response:
         return resp
 
 
-_PHRASES = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}
+_PHRASES = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
 
 
 def _head(status: int, extra: str, content_type: str = "application/json") -> bytes:
@@ -117,6 +127,8 @@ class Request:
         self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.size = 0
         self.streaming = False
+        self.closed = asyncio.Event()
+        """Set once the client's side of the connection ended."""
 
     async def read(self) -> bytes:
         parts: list[bytes] = []
@@ -155,6 +167,17 @@ class Request:
         self.streaming = True
         self.writer.write(_head(200, "transfer-encoding: chunked\r\n"))
 
+    def start_events(self, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        """Answer with Server-Sent Events: a body that ends when the
+        connection does (`send_raw` each event)."""
+        self.streaming = True
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers if k != "cache-control")
+        self.writer.write(
+            _head(
+                200, f"cache-control: no-store\r\nconnection: close\r\n{extra}", "text/event-stream"
+            )
+        )
+
     def send_line(self, doc: Any) -> None:
         self.send_raw(orjson.dumps(doc) + b"\n")
 
@@ -178,6 +201,8 @@ class _Parser:
         self.parser = httptools.HttpRequestParser(self)
         self.ready: asyncio.Queue[Request | None] = asyncio.Queue()
         self.current: Request | None = None
+        self.closed = asyncio.Event()
+        """Set once the client's side of the connection ended."""
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -198,6 +223,7 @@ class _Parser:
             self.writer,
         )
         self.url, self.headers, self.head = b"", {}, 0
+        req.closed = self.closed
         self.current = req
         self.ready.put_nowait(req)
 
@@ -250,6 +276,7 @@ async def serve_connection(
             req = p.current
             if req is not None:
                 req.chunks.put_nowait(None)
+            p.closed.set()
             p.ready.put_nowait(None)
 
     feeder = asyncio.get_running_loop().create_task(feed())
@@ -266,8 +293,13 @@ async def serve_connection(
                 break
             if resp is None:
                 resp = Response(500, {"error": "no answer"})
+            extra = "".join(f"{k}: {v}\r\n" for k, v in resp.headers)
             writer.write(
-                _head(resp.status, f"content-length: {len(resp.body)}\r\n", resp.content_type)
+                _head(
+                    resp.status,
+                    f"content-length: {len(resp.body)}\r\n{extra}",
+                    resp.content_type,
+                )
                 + resp.body
             )
             await writer.drain()

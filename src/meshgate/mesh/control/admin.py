@@ -24,8 +24,10 @@ from typing import Any
 
 from meshgate.config.loader import ConfigError
 from meshgate.engine.load import load_mesh_text
+from meshgate.mesh.control.graph import MeshView, build_state
 from meshgate.mesh.control.push import Push
 from meshgate.mesh.control.state import AdminState
+from meshgate.mesh.control.ui import GENERATIONS_KEPT, UiApi
 from meshgate.mesh.wire import ApiError, Request, Response
 
 __all__ = ["AdminApi", "render_metrics"]
@@ -102,11 +104,49 @@ def render_metrics(cp: AdminState, push: Push, now: float | None = None) -> str:
 
 
 class AdminApi:
-    def __init__(self, cp: AdminState, push: Push) -> None:
+    def __init__(self, cp: AdminState, push: Push, bound: str = "127.0.0.1") -> None:
         self.cp = cp
         self.push = push
+        self.ui = UiApi(
+            self.state,
+            mesh=lambda: self.cp.mesh,
+            generations=lambda: self.cp.store.generations(GENERATIONS_KEPT),
+            generation_text=self.cp.store.generation_text,
+            token=self.token,
+            bound=bound,
+        )
 
-    async def handle(self, req: Request) -> Response:
+    def token(self) -> str | None:
+        """The admin token (None: no `control.admin_token_file`, or unreadable)."""
+        token_file = self.cp.mesh.control.admin_token_file
+        if token_file is None:
+            return None
+        try:
+            return (
+                Path(self.cp.mesh_path).resolve().parent / token_file
+            ).read_text().strip() or None
+        except OSError:
+            return None
+
+    def state(self) -> dict[str, Any]:
+        """The dashboard's state document (`graph.build_state`)."""
+        cp, store = self.cp, self.cp.store
+        return build_state(
+            MeshView(
+                mesh=cp.mesh,
+                generation=cp.generation,
+                instances=store.instances(),
+                streams=list(self.push.streams),
+                healthy=set(self.push.healthy),
+                proxies=store.proxies(),
+                generations=store.generations(GENERATIONS_KEPT),
+                telemetry=cp.telemetry,
+            )
+        )
+
+    async def handle(self, req: Request) -> Response | None:
+        if req.path == "/ui" or req.path.startswith("/ui/"):
+            return await self.ui.handle(req)
         if (req.method, req.path) == ("GET", "/metrics"):
             return Response.text(
                 200, render_metrics(self.cp, self.push), "text/plain; version=0.0.4"

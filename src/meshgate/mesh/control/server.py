@@ -42,8 +42,9 @@ from meshgate.config.mesh import MeshConfig
 from meshgate.engine.load import load_mesh, load_mesh_text
 from meshgate.mesh.ca import CertificateAuthority, CsrRefused
 from meshgate.mesh.control.admin import AdminApi
-from meshgate.mesh.control.push import Push
+from meshgate.mesh.control.push import ProxyStream, Push
 from meshgate.mesh.control.store import SqliteStore, Store, TokenError
+from meshgate.mesh.control.telemetry import History, Telemetry
 from meshgate.mesh.identity import SpiffeId
 from meshgate.mesh.wire import ApiError, Request, Response, control_identity, serve_connection
 from meshgate.tls.context import load_cert_chain
@@ -98,6 +99,9 @@ class ControlPlane:
         self.generation = self.store.save_generation(read_config_file(mesh_path), "file")
         self.rate = _CallerRate(mesh.control.csr_rate.limit, mesh.control.csr_rate.period)
         self.push = Push(self)
+        self.telemetry = Telemetry()
+        """What the proxies report, for the dashboard (`/ui` on the admin listener)."""
+        self.push.on_report = self._report
         self.servers: list[asyncio.base_events.Server] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.mtime = os.stat(mesh_path).st_mtime_ns
@@ -144,7 +148,7 @@ class ControlPlane:
         self.push.start()
         admin = self.mesh.control.admin
         if admin is not None:
-            api = AdminApi(self, self.push)
+            api = AdminApi(self, self.push, admin.host)
             adm = await asyncio.start_server(
                 lambda r, w: serve_connection(r, w, api.handle), admin.host, admin.port
             )
@@ -394,6 +398,38 @@ class ControlPlane:
             self._trust_changed(f"retired root(s) {', '.join(fp[:16] for fp in dropped)}")
         if self.cert_renew_at and time.time() >= self.cert_renew_at:
             self.current = self._server_context()
+        if self.telemetry.proxies:
+            self._forget_gone()
+
+    def _report(self, stream: ProxyStream, msg: dict[str, Any]) -> None:
+        try:
+            self.telemetry.add(
+                stream.proxy_id,
+                stream.service,
+                stream.identity,
+                msg,
+                instance=stream.instance_id is not None,
+            )
+        except Exception:
+            log.exception("a report of proxy %s could not be read", stream.proxy_id)
+
+    def _forget_gone(self) -> None:
+        """Drop the reports of proxies gone for good: a proxy's history stays
+        while it streams or its instance is registered (the registry removes
+        an instance three leases after its last heartbeat); a proxy without
+        an instance (a gateway), for three leases after its last report."""
+        live = {s.proxy_id for s in self.push.streams}
+        registered = {i.instance_id for i in self.store.instances()}
+        now, grace = self.telemetry.clock(), 3 * self.mesh.control.lease
+
+        def keep(hist: History) -> bool:
+            if hist.proxy_id in live:
+                return True
+            if hist.instance:
+                return hist.proxy_id in registered
+            return now - hist.last < grace
+
+        self.telemetry.forget(keep)
 
     def _remote_change(self, what: str) -> None:
         """Another control-plane instance changed the shared store."""

@@ -13,6 +13,7 @@ from typing import Protocol
 from meshgate.config.mesh import MeshConfig
 from meshgate.mesh.ca import CertificateAuthority
 from meshgate.mesh.control.store import Store
+from meshgate.mesh.control.telemetry import Telemetry
 
 __all__ = ["AdminState", "PushState"]
 
@@ -44,6 +45,12 @@ class AdminState(Protocol):
 
     @property
     def generation(self) -> int: ...
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def telemetry(self) -> Telemetry: ...
 
     @property
     def issued(self) -> int: ...
