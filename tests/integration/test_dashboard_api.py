@@ -127,9 +127,9 @@ def _inbound_count(port: int, source: str, *, denied: bool) -> float:
     assert status == 200
     total = 0.0
     for s in parse(body.decode()).samples("meshgate_requests_total"):
-        if s.label("direction") == "inbound" and s.label("source_identity") == source:
-            if (s.label("reason") == "authz") == denied:
-                total += s.value
+        mine = s.label("direction") == "inbound" and s.label("source_identity") == source
+        if mine and (s.label("reason") == "authz") == denied:
+            total += s.value
     return total
 
 
@@ -138,6 +138,12 @@ def test_nodes_edges_counts_and_denials(mesh: Mesh) -> None:
         lambda: all(_node(mesh.state(), n)["health"] == "healthy" for n in ("orders", "customers")),
         timeout=15,
         what="both services healthy on the dashboard",
+    )
+    # Counts start from each proxy's first report: call once both have sent one.
+    wait_until(
+        lambda: all(p["report_age"] is not None for p in mesh.state()["config"]["proxies"]),
+        timeout=10,
+        what="both proxies reporting",
     )
     orders = mesh.sidecars["orders"]
     url = f"127.0.0.1:{orders.ports['customers']}"

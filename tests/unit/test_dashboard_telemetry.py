@@ -333,6 +333,8 @@ def test_the_state_from_reports(_series_clock: Clock) -> None:
         "acked": 5,
         "sent": 6,
         "nack": "bad",
+        "report_age": None,
     }
     assert state["edge"]["routes"][0]["route"] == "orders"
     assert state["edge"]["routes"][0]["rps"] == 2.0
+    assert proxies["c1"]["report_age"] == 0.0

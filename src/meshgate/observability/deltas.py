@@ -120,8 +120,8 @@ def index(samples: Any, *, families: Iterable[str] | None = None) -> Indexed:
                 n = _number(sample[1])
                 if n is None:
                     continue
-                if key in into and spec.type == "counter":
-                    n += into[key]
+                if key in into:
+                    n = n + into[key] if spec.merge == "sum" else max(n, into[key])
                 into[key] = n
             rows += 1
     return out

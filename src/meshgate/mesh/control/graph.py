@@ -348,6 +348,13 @@ class _Builder:
             for g in self.view.generations
         ]
         proxies = []
+        tel = self.view.telemetry
+        clock = tel.clock()
+
+        def report_age(proxy_id: str) -> float | None:
+            hist = tel.proxies.get(proxy_id)
+            return round(clock - hist.last, 1) if hist is not None else None
+
         for s in sorted(self.streams.values(), key=lambda s: s.proxy_id):
             proxies.append(
                 {
@@ -357,6 +364,7 @@ class _Builder:
                     "acked": s.acked,
                     "sent": s.sent,
                     "nack": s.nack.get("reason") if s.nack else None,
+                    "report_age": report_age(s.proxy_id),
                 }
             )
         for inst in self.view.instances:
@@ -372,6 +380,7 @@ class _Builder:
                     "acked": stored.get("acked_version"),
                     "sent": stored.get("sent_version"),
                     "nack": nack.get("reason") if isinstance(nack, dict) else None,
+                    "report_age": report_age(inst.instance_id),
                 }
             )
         return {"generation": self.view.generation, "generations": gens, "proxies": proxies}
