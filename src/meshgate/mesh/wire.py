@@ -169,7 +169,7 @@ class Request:
 
     def start_events(self, headers: tuple[tuple[str, str], ...] = ()) -> None:
         """Answer with Server-Sent Events: a body that ends when the
-        connection does (`send_raw` each event)."""
+        connection does (written as it is, not chunked)."""
         self.streaming = True
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers if k != "cache-control")
         self.writer.write(

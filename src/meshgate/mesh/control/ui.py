@@ -115,7 +115,7 @@ class UiApi:
                 if transport.get_write_buffer_size() > dashboard.MAX_SSE_BUFFER:
                     log.info("a dashboard client stopped reading: dropped")
                     break
-                req.send_raw(b"event: state\ndata: " + body + b"\n\n")
+                req.writer.write(b"event: state\ndata: " + body + b"\n\n")
                 try:
                     await asyncio.wait_for(req.closed.wait(), dashboard.SSE_INTERVAL)
                     break  # the client went away
