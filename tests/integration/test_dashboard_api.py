@@ -12,7 +12,6 @@ wrong method would send.
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import json
 import socket
 import time
@@ -29,13 +28,7 @@ from support.mesh import TRUST_DOMAIN, ControlProcess
 from support.sidecar import SidecarProcess
 from support.upstream import UpstreamServer
 
-pytestmark = [
-    pytest.mark.mesh,
-    pytest.mark.skipif(
-        importlib.util.find_spec("meshgate.mesh.report") is None,
-        reason="the proxies' report message is not in this tree yet",
-    ),
-]
+pytestmark = pytest.mark.mesh
 
 ORDERS = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/orders"
 SERVICES: dict[str, Any] = {

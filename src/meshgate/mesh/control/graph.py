@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from meshgate.config.authz import PLAINTEXT
 from meshgate.config.mesh import MeshConfig
 from meshgate.mesh.control.push import ProxyStream
 from meshgate.mesh.control.store import Instance
@@ -78,7 +79,7 @@ class _Builder:
     # -- who called whom ------------------------------------------------------------
 
     def source(self, identity: str, target: str) -> str:
-        if not identity:
+        if not identity or identity == PLAINTEXT:
             return "external" if target in self.gateways else "unknown"
         return self.ids.get(identity, "unknown")
 
@@ -452,7 +453,8 @@ class _Builder:
         denials = []
         for d in self.view.telemetry.recent_denials():
             src = d["source_identity"]
-            denials.append({**d, "source": self.ids.get(src, "unknown") if src else "plaintext"})
+            name = self.ids.get(src, "unknown") if src and src != PLAINTEXT else PLAINTEXT
+            denials.append({**d, "source": name})
         return {
             "scope": "mesh",
             "generated_at": time.time(),

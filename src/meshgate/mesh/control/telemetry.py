@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshgate.observability.deltas import Indexed, delta, index
+from meshgate.observability.exposition import REPORT_FAMILIES
 
-__all__ = ["REPORT_FAMILIES", "WINDOWS", "History", "ProxyWindow", "Telemetry"]
+__all__ = ["WINDOWS", "History", "ProxyWindow", "Telemetry"]
 
 WINDOWS: dict[str, float] = {"1m": 60.0, "5m": 300.0, "15m": 900.0}
 KEEP = 960.0  # 16 minutes
@@ -34,21 +35,6 @@ RECENT = 70.0
 THIN = 15.0
 MAX_DENIALS = 50
 MAX_FIELD = 256
-
-REPORT_FAMILIES = (
-    "meshgate_requests_total",
-    "meshgate_request_duration_seconds",
-    "meshgate_authz_decisions_total",
-    "meshgate_split_requests_total",
-    "meshgate_circuit_breaker_open",
-    "meshgate_retry_budget_exhausted_total",
-    "meshgate_upstream_try_failures_total",
-    "meshgate_endpoint_state",
-    "meshgate_ratelimit_decisions_total",
-    "meshgate_auth_failures_total",
-    "meshgate_consumer_requests_total",
-    "meshgate_identity_cert_expiration_timestamp_seconds",
-)
 
 
 @dataclass(slots=True)
