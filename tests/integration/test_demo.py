@@ -4,10 +4,13 @@ identities each app saw and a call refused by policy."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,13 @@ def test_demo_shows_the_gateway_and_the_mesh_without_an_error(tmp_path: Path) ->
                 break
             time.sleep(0.25)
         assert "Ctrl-C stops everything." in text, text[-3000:]
+        # The dashboard it prints shows the gateway and every service.
+        found = re.search(r"the mesh dashboard: (http://127\.0\.0\.1:\d+)/ui", text)
+        assert found, text[-3000:]
+        with urllib.request.urlopen(found.group(1) + "/ui/api/state", timeout=10) as r:
+            state = json.loads(r.read())
+        ids = {n["id"] for n in state["nodes"]}
+        assert {"gateway", "order-service", "order-service-v2", "customer-service"} <= ids
         os.kill(proc.pid, signal.SIGINT)
         assert proc.wait(30) == 0
     finally:

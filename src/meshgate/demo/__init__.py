@@ -394,6 +394,8 @@ async def _demo(port: int) -> int:
     print("", flush=True)
     for line in await mesh.report():
         print(line, flush=True)
+    if mesh.cp is not None and mesh.cp.admin_port:
+        print(f"\nthe mesh dashboard: http://127.0.0.1:{mesh.cp.admin_port}/ui", flush=True)
     # Ctrl-C stops both gateways (each worker set its own handler).
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -44,6 +44,7 @@ trust_domain: {td}
 mtls: strict
 control:
   listen: 127.0.0.1:{port}
+  admin: 127.0.0.1:0               # /metrics, /status and the dashboard (/ui)
   state_dir: state
   certificate_lifetime: 24h
   lease: 15s
