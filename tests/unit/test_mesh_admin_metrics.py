@@ -10,7 +10,13 @@ from meshgate.mesh.control.admin import render_metrics
 
 
 def _metrics(streams: list[Any], now: float) -> str:
-    push: Any = SimpleNamespace(streams=list(streams), version=7, nacks=2, propagation=[0.01, 0.02])
+    push: Any = SimpleNamespace(
+        streams=list(streams),
+        version=7,
+        nacks=2,
+        propagation=[0.01, 0.02],
+        reports={"accepted": 4, "malformed": 1, "too_often": 0},
+    )
     cp: Any = SimpleNamespace(generation=3, issued=5, refused=1)
     return render_metrics(cp, push, now=now)
 
@@ -42,5 +48,6 @@ def test_counters_and_the_propagation_summary() -> None:
     assert "meshgate_control_nacks_total 2" in text
     assert 'meshgate_control_certificates_total{outcome="refused"} 1' in text
     assert "meshgate_control_propagation_seconds_count 2" in text
+    assert 'meshgate_control_reports_total{outcome="malformed"} 1' in text
     for line in text.splitlines():
         assert line.startswith("#") or " " in line
