@@ -206,10 +206,16 @@ def test_ten_thousand_requests_split_90_10(
     assert stats["split"]["requests"] == n
     status, metrics = http_get(proxy.admin_port, "/metrics")
     assert status == 200
+    text = metrics.decode()
     for name in ("v1", "v2"):
-        line = f'meshgate_split_requests_total{{worker="{proxy.pid}",route="{stats["route"]}",'
-        line += f'upstream="{name}"}} {truth[name]}'
-        assert line in metrics.decode(), metrics.decode()
+        # Summed over workers: the figure has no worker label.
+        line = f'meshgate_split_requests_total{{route="{stats["route"]}",upstream="{name}"}} '
+        assert f"\n{line}{truth[name]}\n" in text, text
+        # And the golden signals say the same, by upstream.
+        golden = f'meshgate_requests_total{{direction="inbound",route="{stats["route"]}",'
+        golden += f'upstream="{name}",'
+        rows = [ln for ln in text.splitlines() if ln.startswith(golden)]
+        assert sum(float(ln.rsplit(" ", 1)[1]) for ln in rows) == truth[name], rows
 
 
 def test_weight_zero_gets_nothing(proxy: ProxyProcess, servers: dict[str, UpstreamServer]) -> None:
