@@ -91,8 +91,8 @@ def test_every_node_and_edge_is_drawn_with_its_marks(
     row = next(r for r in rows if r["denied"])
     assert "inbound/customer-service" in row["why"]
     assert "no rule allowed it" in row["why"]
-    assert page.locator("#denials-table tbody tr").first.inner_text().count(
-        "inbound/customer-service"
+    assert (
+        page.locator("#denials-table tbody tr").first.inner_text().count("inbound/customer-service")
     )
     errors.check()
 
@@ -126,8 +126,7 @@ def test_the_service_panel_shows_instances_splits_and_policies(
     assert box is not None
     page.mouse.click(box["x"] + pos["x"], box["y"] + pos["y"])
     eventually(
-        lambda: page.locator("#service-panel").get_attribute("data-service")
-        == "customer-service",
+        lambda: page.locator("#service-panel").get_attribute("data-service") == "customer-service",
         5,
         "the clicked node's panel",
     )
@@ -157,10 +156,12 @@ def test_live_updates_keep_the_layout_and_turn_a_down_node_red(
     next(e for e in later["edges"] if e["id"] == "gateway->order-service")["rps"] = 30.0
     api.push(later)
     eventually(
-        lambda: page.evaluate(
-            "() => window.meshgateGraph.getElementById('customer-service').data('health')"
-        )
-        == "down",
+        lambda: (
+            page.evaluate(
+                "() => window.meshgateGraph.getElementById('customer-service').data('health')"
+            )
+            == "down"
+        ),
         10,
         "customer-service's node says down",
     )
@@ -208,10 +209,12 @@ def test_live_updates_keep_the_layout_and_turn_a_down_node_red(
     api.wait_streams(1)
     api.push(state)
     eventually(
-        lambda: page.evaluate(
-            "() => window.meshgateGraph.getElementById('customer-service').data('health')"
-        )
-        == "healthy",
+        lambda: (
+            page.evaluate(
+                "() => window.meshgateGraph.getElementById('customer-service').data('health')"
+            )
+            == "healthy"
+        ),
         10,
         "customer-service's node is back",
     )

@@ -339,7 +339,7 @@ class FixtureApi:
                     while True:
                         with api.cond:
                             api.cond.wait_for(
-                                lambda: api.version != seen or api.epoch != epoch, timeout=1.0
+                                lambda s=seen: api.version != s or api.epoch != epoch, timeout=1.0
                             )
                             if api.epoch != epoch:
                                 break

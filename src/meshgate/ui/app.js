@@ -27,6 +27,7 @@
   let retry = 1000;
   let updates = 0;
   const RETRY_MAX = 15000;
+  const DENIALS_SHOWN = 10;
 
   // --- small helpers -------------------------------------------------------
 
@@ -180,6 +181,8 @@
 
   function denialFor(e) {
     const ds = (state && state.denials) || [];
+    const own = ds.find((d) => d.source === e.source && d.destination === e.target);
+    if (e.policy) return { policy: e.policy, why: own ? (own.rule ? "rule " + own.rule : own.reason || "denied") : "denied by its rules" };
     const hit = ds.find((d) => d.source === e.source && d.destination === e.target)
       || ds.find((d) => d.destination === e.target);
     if (hit) {
@@ -510,7 +513,8 @@
     fill($("instances-table").tBodies[0], insts.map((i) => h("tr", { "data-instance": i.id, "data-expiring": String(!!i.expiring) },
       h("th", { scope: "row", text: i.id }),
       h("td", { text: i.address || "—" }),
-      h("td", {}, i.healthy ? badge("ok", "up") : badge("bad", "down")),
+      h("td", {}, i.static ? badge("idle", "static") : i.healthy ? badge("ok", "up")
+        : badge("bad", i.connected === false ? "down (disconnected)" : "down")),
       h("td", { text: i.version || "—" }),
       h("td", { text: i.zone || "—" }),
       h("td", { class: "mono", text: i.serial || "—" }),
@@ -540,11 +544,14 @@
       h("dt", { text: "Retry attempts" }), h("dd", { text: num(r.retries) ? r.retries : "—" }),
       h("dt", { text: "Retry budget exhausted" }), h("dd", {}, r.budget_exhausted ? badge("warn", String(r.budget_exhausted)) : "0"),
       h("dt", { text: "Circuit breaker" }), h("dd", { "data-breaker": String(!!r.breaker_open) }, r.breaker_open ? badge("bad", "open") : badge("ok", "closed")),
-      h("dt", { text: "Failed tries" }), h("dd", { text: failures.length ? failures.map(([k, v]) => k + ": " + v).join(", ") : "none" }));
+      h("dt", { text: "Failed tries" }), h("dd", { text: failures.length ? failures.map(([k, v]) => k + ": " + v).join(", ") : "none" }),
+      ...(r.endpoints ? [h("dt", { text: "Endpoints, as callers see them" }),
+        h("dd", { text: Object.entries(r.endpoints).map(([k, v]) => k + ": " + v).join(", ") || "none" })] : []));
 
     fill($("policies-table").tBodies[0], (svc.policies || []).map((p) => h("tr", { "data-policy": p.policy, "data-rule": p.rule },
       h("th", { scope: "row", text: p.policy }),
-      h("td", { text: p.rule }),
+      h("td", {}, p.rule, p.action ? h("span", { class: "muted", text: " (" + p.action + ")" }) : null,
+        p.audit_deny ? [" ", badge("warn", "audit: would deny " + p.audit_deny)] : null),
       h("td", { class: "n", text: p.allow }),
       h("td", { class: "n" }, p.deny ? badge("bad", String(p.deny)) : "0"))),
     "No authorization policy.", 4);
@@ -558,12 +565,13 @@
     const rows = route.split.map((b) => h("tr", { "data-upstream": b.upstream, "data-weight": b.weight, "data-share": num(b.share) ? b.share : "" },
       h("th", { scope: "row", text: b.upstream }),
       h("td", { class: "n", text: b.weight }),
+      h("td", { class: "n", text: num(b.requests) ? b.requests : "—" }),
       h("td", { class: "n share" },
         h("span", { class: "bar", "aria-hidden": "true" }, h("span", { style: null, "data-w": "" })),
         fmtShare(b.share))));
     const table = h("table", { class: "split", "data-route": route.route },
       h("caption", { text: "Route " + route.route + ": split" }),
-      h("thead", {}, h("tr", {}, h("th", { scope: "col", text: "Upstream" }), h("th", { scope: "col", text: "Weight" }), h("th", { scope: "col", text: "Live share" }))),
+      h("thead", {}, h("tr", {}, h("th", { scope: "col", text: "Upstream" }), h("th", { scope: "col", text: "Weight" }), h("th", { scope: "col", text: "Requests" }), h("th", { scope: "col", text: "Live share" }))),
       h("tbody", {}, rows));
     // Bar widths via CSSOM (the CSP allows no inline style attributes).
     table.querySelectorAll("tbody tr").forEach((tr, i) => {
@@ -574,7 +582,9 @@
   }
 
   function renderDenials(st) {
-    const ds = [...(st.denials || [])].sort((a, b) => (b.at || 0) - (a.at || 0));
+    const all = [...(st.denials || [])].sort((a, b) => (b.at || 0) - (a.at || 0));
+    const ds = all.slice(0, DENIALS_SHOWN);
+    $("denials-more").textContent = all.length > ds.length ? "and " + (all.length - ds.length) + " older ones" : "";
     fill($("denials-table").tBodies[0], ds.map((d) => {
       const btn = h("button", { type: "button", class: "small", text: "Explain", "aria-label": "Explain " + (d.method || "GET") + " " + (d.path || "/") + " from " + d.source + " to " + d.destination });
       btn.addEventListener("click", () => {
@@ -638,7 +648,7 @@
     const cfg = st.config || {};
     const gens = [...(cfg.generations || [])].sort((a, b) => b.generation - a.generation);
     fill($("generations-table").tBodies[0], gens.map((g) => h("tr", { "data-generation": g.generation },
-      h("th", { scope: "row", text: g.generation }),
+      h("th", { scope: "row" }, String(g.generation), g.generation === cfg.generation ? [" ", badge("ok", "served")] : null),
       h("td", { text: fmtDate(g.loaded_at) }),
       h("td", { text: g.by || "—" }),
       h("td", { class: "mono", text: g.digest || "—" }))), "No generations.", 4);
@@ -653,7 +663,8 @@
       h("td", { text: p.service || "—" }),
       h("td", { class: "n" }, p.acked === p.sent ? String(p.acked) : badge("warn", String(p.acked ?? "—"))),
       h("td", { class: "n", text: p.sent ?? "—" }),
-      h("td", {}, p.nack ? badge("bad", p.nack) : "—"))), "No proxies connected.", 5);
+      h("td", {}, p.connected === false ? badge("bad", "disconnected") : num(p.report_age) ? p.report_age.toFixed(0) + " s ago" : "—"),
+      h("td", {}, p.nack ? badge("bad", p.nack) : "—"))), "No proxies connected.", 6);
   }
 
   function showDiff() {
@@ -683,9 +694,13 @@
       h("td", { class: "n", text: fmtRps(r.rps) }),
       h("td", { class: "n" }, num(r.success) ? badge(successClass(r.success), fmtPct(r.success)) : "—"),
       h("td", { class: "n", text: fmtMs(r.p99_ms) }))), "No edge routes.", 4);
-    const refusals = [...(edge.refusals || [])].sort((a, b) => b.count - a.count);
-    fill($("refusals-table").tBodies[0], refusals.map((r) => h("tr", { "data-reason": r.reason },
-      h("th", { scope: "row", text: r.reason }), h("td", { class: "n", text: r.count }))), "No refusals.", 2);
+    const refusals = [
+      ...(edge.refusals || []).map((r) => ({ kind: "refusal", name: r.reason, count: r.count })),
+      ...(edge.auth_failures || []).map((r) => ({ kind: "auth", name: "auth: " + r.reason, count: r.count })),
+      ...(edge.ratelimited || []).map((r) => ({ kind: "ratelimit", name: "rate limit " + r.limit, count: r.count })),
+    ];
+    fill($("refusals-table").tBodies[0], refusals.map((r) => h("tr", { "data-reason": r.name, "data-kind": r.kind },
+      h("th", { scope: "row", text: r.name }), h("td", { class: "n", text: r.count }))), "No refusals.", 2);
     const consumers = [...(edge.consumers || [])].sort((a, b) => b.requests - a.requests);
     fill($("consumers-table").tBodies[0], consumers.map((c) => h("tr", { "data-consumer": c.consumer },
       h("th", { scope: "row", text: c.consumer }), h("td", { class: "n", text: c.requests }))), "No consumers seen.", 2);
@@ -694,7 +709,7 @@
   function renderHeader(st) {
     $("scope").textContent = st.scope || "—";
     $("trust-domain").textContent = st.trust_domain || "—";
-    $("window").textContent = st.window || "—";
+    $("window").textContent = (st.window || "—") + (st.counts_window ? " (counts " + st.counts_window + ")" : "");
     $("updated").textContent = fmtTime(st.generated_at);
   }
 
