@@ -87,6 +87,11 @@ def test_every_node_and_edge_is_drawn_with_its_marks(
     assert denied["denied"] is True
     assert denied["lineStyle"] == "dashed"
     assert denied["lineColor"] == css_color(page, "--bad")
+    # It bends clear of the nodes between its ends (order-service is on the straight line).
+    mid = denied["mid"]
+    for n in g["nodes"]:
+        if n["id"] not in ("gateway", "customer-service"):
+            assert abs(n["x"] - mid["x"]) + abs(n["y"] - mid["y"]) > 30, (n["id"], mid)
     assert "inbound/customer-service" in denied["explanation"]
     row = next(r for r in rows if r["denied"])
     assert "inbound/customer-service" in row["why"]

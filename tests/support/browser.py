@@ -145,7 +145,8 @@ def graph(page: Any) -> dict[str, Any]:
             return {
               nodes: cy.nodes().map(n => ({...n.data(), x: n.position('x'), y: n.position('y'),
                   color: n.style('background-color')})),
-              edges: cy.edges().map(e => ({...e.data(), lineStyle: e.style('line-style'),
+              edges: cy.edges().map(e => ({...e.data(), mid: e.midpoint(),
+                  lineStyle: e.style('line-style'),
                   lineColor: e.style('line-color'), widthPx: parseFloat(e.style('width'))})),
             };
         }"""

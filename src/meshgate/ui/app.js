@@ -226,7 +226,7 @@
         mtls: !!e.mtls, denied: !!e.denied,
         tone: e.denied ? "denied" : num(e.rps) && e.rps > 0 ? successClass(e.success) : "idle",
         width: 1.5 + 8 * Math.sqrt((num(e.rps) ? e.rps : 0) / max),
-        label: edgeLabel(e, kinds), explanation: explainEdge(e),
+        label: edgeLabel(e, kinds), explanation: explainEdge(e), arc: arcs.get(e.id) || ARC,
         warn: plaintextWarned(e, kinds),
       },
     }));
@@ -261,7 +261,7 @@
         "line-style": "dashed", "line-dash-pattern": [8, 5], "line-color": p.bad,
         "target-arrow-color": p.bad, "target-arrow-shape": "tee",
         // An arc of its own, off the allowed calls' straight lines.
-        "curve-style": "unbundled-bezier", "control-point-distances": [-80], "control-point-weights": [0.5],
+        "curve-style": "unbundled-bezier", "control-point-distances": "data(arc)", "control-point-weights": 0.5,
       } },
       { selector: "edge:selected", style: { "overlay-opacity": 0.15, "overlay-color": p.accent } },
     ];
@@ -283,6 +283,7 @@
       if (state && state.services && state.services[n.id()]) selectService(n.id());
       $("graph-detail").textContent = n.data("name") + ": " + n.data("kind") + ", health " + n.data("health");
     });
+    cy.on("dragfree", "node", () => bendDenied());
     cy.on("tap", "edge", (ev) => {
       const e = ev.target.data();
       const what = e.denied ? e.explanation : (e.mtls ? "mutual TLS" : "plaintext") + ", success "
@@ -328,6 +329,47 @@
       const x = mid.x + ((s.x - mid.x) / len) * d;
       const y = mid.y + ((s.y - mid.y) / len) * d;
       m.style.transform = "translate(" + (x - 9).toFixed(1) + "px, " + (y - 9).toFixed(1) + "px)";
+    });
+  }
+
+  const ARC = 70;
+  const arcs = new Map(); // a denied edge's bend, chosen by bendDenied
+
+  function bendDenied() {
+    // A denied edge bends off the straight line, to the side (and as far)
+    // that keeps its curve clear of other nodes.
+    cy.edges("[?denied]").forEach((e) => {
+      const s = e.source().position();
+      const t = e.target().position();
+      const len = Math.hypot(t.x - s.x, t.y - s.y) || 1;
+      const nx = -(t.y - s.y) / len;
+      const ny = (t.x - s.x) / len;
+      const others = cy.nodes().filter((n) => n !== e.source() && n !== e.target()).map((n) => n.position());
+      const clearance = (d) => {
+        let best = Infinity;
+        for (let i = 1; i < 20; i++) {
+          const u = i / 20;
+          // The quadratic curve through a control point d off the middle.
+          const cx = (s.x + t.x) / 2 + nx * d;
+          const cy2 = (s.y + t.y) / 2 + ny * d;
+          const x = (1 - u) * (1 - u) * s.x + 2 * u * (1 - u) * cx + u * u * t.x;
+          const y = (1 - u) * (1 - u) * s.y + 2 * u * (1 - u) * cy2 + u * u * t.y;
+          for (const o of others) best = Math.min(best, Math.hypot(o.x - x, o.y - y));
+        }
+        return best;
+      };
+      let pick = ARC;
+      let room = -1;
+      for (const d of [ARC, -ARC, 2 * ARC, -2 * ARC, 3 * ARC, -3 * ARC]) {
+        const c = clearance(d);
+        if (c > room + 1) {
+          pick = d;
+          room = c;
+        }
+        if (c >= 45) break;
+      }
+      arcs.set(e.id(), pick);
+      e.data("arc", pick);
     });
   }
 
@@ -436,6 +478,7 @@
       }
     });
     if (added) runLayout(known);
+    if (added || edges.some((e) => e.data.denied && !arcs.has(e.data.id))) bendDenied();
     $("graph").setAttribute("data-nodes", String(cy.nodes().length));
     $("graph").setAttribute("data-edges", String(cy.edges().length));
   }
