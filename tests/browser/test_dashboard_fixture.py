@@ -304,3 +304,29 @@ def test_accessible_responsive_and_screenshots(
     assert {"service-select", "explain-source", "explain-path", "diff-from"} <= seen
     screenshot(page, f"fixture-{viewport}-{scheme}")
     errors.check()
+
+
+def test_with_a_token_the_page_sends_it_and_streams_with_fetch(
+    browser: Any, state: dict[str, Any]
+) -> None:
+    with fixture_api(state, token="s3cret") as served:
+        page, errors = open_dashboard(browser, served.url + "#token=s3cret")
+        # The fragment is gone from the address bar; the stream is live.
+        assert "s3cret" not in page.url
+        served.wait_streams(1)
+        later = copy.deepcopy(state)
+        next(n for n in later["nodes"] if n["id"] == "order-service")["health"] = "down"
+        served.push(later)
+        eventually(
+            lambda: (
+                page.evaluate(
+                    "() => window.meshgateGraph.getElementById('order-service').data('health')"
+                )
+                == "down"
+            ),
+            10,
+            "the update over the fetch stream",
+        )
+        assert page.locator("#conn").get_attribute("data-state") == "live"
+        errors.check()
+        page.context.close()

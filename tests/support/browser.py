@@ -205,7 +205,9 @@ def graph_marks(page: Any) -> dict[str, str]:
 class FixtureApi:
     """Serves `src/meshgate/ui/` under /ui and a canned state, pushed over SSE."""
 
-    def __init__(self, state: dict[str, Any]) -> None:
+    def __init__(self, state: dict[str, Any], token: str | None = None) -> None:
+        self.token = token
+        """With a token, the API (not the page's files) needs `Authorization: Bearer`."""
         self.state = copy.deepcopy(state)
         self.version = 0
         self.cond = threading.Condition()
@@ -297,6 +299,11 @@ class FixtureApi:
                 q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
                 if path in ("/ui", "/ui/"):
                     path = "/ui/index.html"
+                api_path = path.startswith("/ui/api/") or path == "/ui/events"
+                given = self.headers.get("Authorization")
+                if api_path and api.token is not None and given != f"Bearer {api.token}":
+                    self._json({"error": "the dashboard needs the admin token"}, 401)
+                    return
                 if path == "/ui/api/state":
                     with api.cond:
                         self._json(api.state)
@@ -376,8 +383,8 @@ class FixtureApi:
 
 
 @contextmanager
-def fixture_api(state: dict[str, Any]) -> Iterator[FixtureApi]:
-    api = FixtureApi(state).start()
+def fixture_api(state: dict[str, Any], token: str | None = None) -> Iterator[FixtureApi]:
+    api = FixtureApi(state, token).start()
     try:
         yield api
     finally:
