@@ -30,6 +30,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "slow: a long mesh test (certificate rotation under load, ten services, namespaces); "
         "`pytest -m slow` runs them alone, `-m 'not slow'` skips them",
     )
+    config.addinivalue_line(
+        "markers",
+        "browser: drives the dashboard in a real Chromium (Playwright); `pytest -m browser` "
+        "runs them alone, `-m 'not browser'` skips them",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
