@@ -251,6 +251,9 @@ def test_explain_names_the_route_and_its_policy(gw: Gateway) -> None:
     assert status == 200 and doc["decision"] == "deny" and doc["route"] is None
     status, _, _ = call(gw.admin, "/ui/api/explain?path=relative")
     assert status == 400
+    for method in ("%C3%A9", "G%20T", "%00"):
+        status, _, _ = call(gw.admin, f"/ui/api/explain?method={method}&path=/orders/x")
+        assert status == 400, method
 
 
 def test_config_diff_of_kept_generations(gw: Gateway) -> None:

@@ -291,6 +291,8 @@ def explain(server: ServerState, arg: dict[str, str]) -> tuple[int, dict[str, An
     for `source` (a SPIFFE ID; anything else, or none, is plaintext)."""
     method = arg.get("method", "GET").upper()[:16]
     path = arg.get("path", "/")
+    if not method.isascii() or not method.isalpha():
+        return 400, {"error": "method= is an HTTP method: GET, POST..."}
     request = views.AdminRequest(
         b"GET",
         b"/explain",
