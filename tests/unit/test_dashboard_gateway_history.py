@@ -69,3 +69,42 @@ def test_peers_answer_some_families_and_their_extras(tmp_path: Path) -> None:
             server.close()
 
     asyncio.run(main())
+
+
+class _Stuck:
+    """A transport whose client stopped reading: more than 1 MiB waits."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def get_write_buffer_size(self) -> int:
+        return (1 << 20) + 1
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed() -> None:
+    from meshgate.admin.gateway_ui import EventStream, GatewayDashboard
+
+    async def main() -> None:
+        board = GatewayDashboard(MetricsHub(), bound="127.0.0.1")
+        stream = board.events(None)  # type: ignore[arg-type]
+        assert isinstance(stream, EventStream) and board.clients == 1
+        transport = _Stuck()
+        await asyncio.wait_for(stream.run(transport, asyncio.Event()), 1)  # type: ignore[arg-type]
+        assert transport.written == []
+        stream.release()
+        stream.release()
+        assert board.clients == 0 and not board.streams
+        # Full: 503, and draining: 503 too.
+        board.clients = 32
+        assert not isinstance(board.events(None), EventStream)  # type: ignore[arg-type]
+        board.clients = 0
+        board.stop()
+        assert not isinstance(board.events(None), EventStream)  # type: ignore[arg-type]
+
+    asyncio.run(main())
