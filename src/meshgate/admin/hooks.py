@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from meshgate.config.generations import Generations
 
-__all__ = ["HOOKS", "AdminHooks", "IdentitySource"]
+__all__ = ["HOOKS", "AdminHooks", "DashboardSource", "IdentitySource"]
 
 
 class IdentitySource(Protocol):
@@ -27,6 +27,21 @@ class IdentitySource(Protocol):
     """The trust bundle: the roots this proxy accepts."""
 
 
+class DashboardSource(Protocol):
+    """A gateway's dashboard (`admin.gateway_ui.GatewayDashboard`)."""
+
+    def handle(
+        self,
+        server: Any,
+        method: bytes,
+        path: bytes,
+        query: dict[str, list[str]],
+        headers: dict[bytes, bytes],
+        token: str | None,
+        matches: Callable[[str | None, str], bool],
+    ) -> Any: ...
+
+
 @dataclass
 class AdminHooks:
     generations: Generations | None = None
@@ -36,6 +51,8 @@ class AdminHooks:
     identity: IdentitySource | None = None
     snapshot: Callable[[], int] | None = None
     """A sidecar: the version of the control plane's snapshot it serves."""
+    dashboard: DashboardSource | None = None
+    """A gateway with an admin listener: its dashboard under `/ui`."""
 
 
 HOOKS = AdminHooks()

@@ -1,6 +1,7 @@
 """The admin listener: `/healthz`, `/readyz`, `/config` (and its generations,
 `POST /config/rollback`), `/upstreams`, `/routes`, `/ratelimits`,
-`/identity`, `/explain`, `/metrics`.
+`/identity`, `/explain`, `/metrics`, and the dashboard under `/ui`
+(`admin.gateway_ui`, its own access rules: those of the control plane's).
 
 It is a separate listener, on loopback by default, so that probes and
 operators never share a port (or a route table) with clients. Requests are
@@ -34,6 +35,8 @@ import orjson
 
 from meshgate import __version__
 from meshgate.admin import views
+from meshgate.admin.gateway_ui import EventStream, Reply, is_dashboard_path
+from meshgate.admin.hooks import HOOKS
 from meshgate.admin.views import AdminRequest
 from meshgate.config.schema import is_loopback
 from meshgate.http.headers import status_line
@@ -51,7 +54,7 @@ OPEN_PATHS = frozenset({b"/healthz", b"/readyz"})
 _WANTED = frozenset({b"authorization", b"host", b"origin"})
 
 Handler = Callable[["ServerState", AdminRequest], Any]
-Answer = tuple[int, Any]
+Answer = tuple[int, Any] | Reply | EventStream
 
 
 def _no_token() -> str | None:
@@ -67,6 +70,10 @@ def bearer_matches(header: bytes | None, digest: str) -> bool:
     return ok and scheme.lower() == b"bearer" and bool(token.strip())
 
 
+def _header_matches(header: str | None, digest: str) -> bool:
+    return bearer_matches(header.encode("latin-1") if header is not None else None, digest)
+
+
 def _loopback_host(value: bytes) -> bool:
     host = value.decode("latin-1").strip().lower()
     if host.startswith("["):
@@ -79,6 +86,7 @@ def _loopback_host(value: bytes) -> bool:
 class AdminProtocol(asyncio.Protocol):
     __slots__ = (
         "body_size",
+        "closed",
         "head_size",
         "headers",
         "keep_alive",
@@ -86,6 +94,7 @@ class AdminProtocol(asyncio.Protocol):
         "method",
         "parser",
         "state",
+        "streaming",
         "token",
         "transport",
         "url",
@@ -105,12 +114,21 @@ class AdminProtocol(asyncio.Protocol):
         self.body_size = 0
         self.last: asyncio.Task[None] | None = None
         """The newest answer still being made: the next one waits for it."""
+        self.closed = asyncio.Event()
+        self.streaming = False
+        """An event stream is this connection's last answer: what the client
+        sends after its request is read and dropped."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast("asyncio.Transport", transport)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()
+
     def data_received(self, data: bytes) -> None:
+        if self.streaming:
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -148,7 +166,20 @@ class AdminProtocol(asyncio.Protocol):
             raise ValueError("body too large")
 
     def on_message_complete(self) -> None:
-        self._answer(self._route())
+        if self.streaming:
+            return
+        got = self._route()
+        if isinstance(got, EventStream):
+            self.streaming = True
+        self._answer(got)
+
+    def _query(self, raw_query: bytes) -> dict[str, list[str]] | None:
+        try:
+            return urllib.parse.parse_qs(
+                raw_query.decode("latin-1"), keep_blank_values=True, max_num_fields=64
+            )
+        except ValueError:
+            return None
 
     def _route(self) -> Answer | Awaitable[Answer]:
         raw_path, _, raw_query = self.url.partition(b"?")
@@ -156,6 +187,8 @@ class AdminProtocol(asyncio.Protocol):
         if len(path) > 1:
             path = path.rstrip(b"/")
         headers = self.headers
+        if is_dashboard_path(raw_path):
+            return self._dashboard(raw_path, raw_query)
         if path not in OPEN_PATHS:
             if b"origin" in headers:
                 return 403, {"error": "the admin API does not answer requests from web pages"}
@@ -175,14 +208,26 @@ class AdminProtocol(asyncio.Protocol):
         if self.method not in methods:
             allow = sorted(m.decode() for m in methods)
             return 405, {"error": f"{path.decode()} answers {', '.join(allow)}", "allow": allow}
-        try:
-            query = urllib.parse.parse_qs(
-                raw_query.decode("latin-1"), keep_blank_values=True, max_num_fields=64
-            )
-        except ValueError:
+        query = self._query(raw_query)
+        if query is None:
             return 400, {"error": "malformed query"}
         got: Answer | Awaitable[Answer] = handler(
             self.state, AdminRequest(self.method, path, query)
+        )
+        return got
+
+    def _dashboard(self, raw_path: bytes, raw_query: bytes) -> Answer | Awaitable[Answer]:
+        """`/ui...`: the dashboard's own rules (`gateway_ui`), the path as
+        sent (a file name is looked up in an allow-list, never joined)."""
+        board = HOOKS.dashboard
+        if board is None:
+            return 404, {"error": "not found"}
+        query = self._query(raw_query)
+        if query is None:
+            return 400, {"error": "malformed query"}
+        path = urllib.parse.unquote_to_bytes(raw_path)
+        got: Answer | Awaitable[Answer] = board.handle(
+            self.state, self.method, path, query, self.headers, self.token(), _header_matches
         )
         return got
 
@@ -219,10 +264,20 @@ class AdminProtocol(asyncio.Protocol):
         self._send(answer, method, keep_alive)
 
     def _send(self, answer: Answer, method: bytes, keep_alive: bool) -> None:
-        status, doc = answer
         transport = self.transport
         if transport is None or transport.is_closing():
+            if isinstance(answer, EventStream):
+                answer.release()
             return
+        if isinstance(answer, EventStream):
+            task = asyncio.get_running_loop().create_task(self._stream(answer, transport))
+            self.last = task
+            task.add_done_callback(self._done)
+            return
+        if isinstance(answer, Reply):
+            self._send_reply(answer, method, keep_alive, transport)
+            return
+        status, doc = answer
         if isinstance(doc, str):
             body = doc.encode()
             ctype = b"text/plain; version=0.0.4; charset=utf-8"
@@ -243,6 +298,40 @@ class AdminProtocol(asyncio.Protocol):
         head.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
         transport.write(b"".join(head) + (b"" if method == b"HEAD" else body))
         if not keep_alive:
+            transport.close()
+
+    def _send_reply(
+        self, reply: Reply, method: bytes, keep_alive: bool, transport: asyncio.Transport
+    ) -> None:
+        head = [
+            status_line(reply.status),
+            b"content-type: " + reply.content_type.encode("latin-1") + b"\r\n",
+            b"content-length: %d\r\n" % len(reply.body),
+            *(f"{k}: {v}\r\n".encode("latin-1") for k, v in reply.headers),
+            b"\r\n" if keep_alive else b"connection: close\r\n\r\n",
+        ]
+        transport.write(b"".join(head) + (b"" if method == b"HEAD" else reply.body))
+        if not keep_alive:
+            transport.close()
+
+    async def _stream(self, stream: EventStream, transport: asyncio.Transport) -> None:
+        """An event stream: the head (no length: the body ends with the
+        connection), the stream's events, then the connection closes."""
+        try:
+            head = [
+                status_line(200),
+                b"content-type: text/event-stream\r\n",
+                b"cache-control: no-store\r\n",
+                b"connection: close\r\n",
+                *(f"{k}: {v}\r\n".encode("latin-1") for k, v in stream.headers),
+                b"\r\n",
+            ]
+            transport.write(b"".join(head))
+            await stream.run(transport, self.closed)
+        except Exception:
+            log.exception("dashboard event stream failed")
+        finally:
+            stream.release()
             transport.close()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -140,15 +141,18 @@ def refusal(
     *,
     bound_loopback: bool,
     token: str | None,
+    matches: Callable[[str | None, str], bool] = token_matches,
 ) -> tuple[int, str] | None:
     """Why a request for `/ui...` is refused (status, reason), or None.
-    `headers` by lower-case name; `token` is the admin token (None: none)."""
+    `headers` by lower-case name; `token` is the admin token (None: none),
+    which `matches(authorization header, token)` checks (a gateway's is
+    configured as its digest)."""
     host = headers.get("host", "")
     origin = headers.get("origin")
     if origin is not None and origin != f"http://{host}":
         return 403, "the dashboard does not answer other web pages (Origin)"
     if token is not None and (not bound_loopback or "authorization" in headers):
-        if not token_matches(headers.get("authorization"), token):
+        if not matches(headers.get("authorization"), token):
             return 401, "the dashboard needs the admin token (Authorization: Bearer)"
     elif not bound_loopback:
         return 403, "the dashboard on a non-loopback address needs control.admin_token_file"

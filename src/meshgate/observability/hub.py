@@ -63,6 +63,9 @@ class MetricsHub:
         self.in_flight: dict[tuple[str, bool], int] = {}
         self.request_hook: Callable[[Any, float, str], None] | None = None
         """Every series' `then` (the access log), or None."""
+        self.extras: dict[str, Callable[[], Any]] = {}
+        """What else the other workers may ask of this one, by name (plain
+        data, JSON: `observability.peers.gather_extra`)."""
 
     def configure(self, idle_expiry: float, max_identities: int) -> None:
         """The config's `metrics:` (at start, and on every reload)."""

@@ -19,7 +19,10 @@ rows).
 
 The request: one line of JSON, `{"drop": [labels, ...], "before": t}`
 (each group's labels: direction, route, upstream, source, destination,
-method, tls); the answer: the worker's samples as one line of JSON.
+method, tls), with `"families": [...]` for only those; the answer: the
+worker's samples as one line of JSON. `{"extra": NAME}` asks instead for
+what the worker registered as `MetricsHub.extras[NAME]` (a gateway's last
+denials, for its dashboard), also as one line (null: none).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import orjson
 from meshgate.observability.exposition import SPECS, Samples, merge
 from meshgate.observability.hub import HUB, MetricsHub
 
-__all__ = ["PEER_TIMEOUT", "gather", "serve"]
+__all__ = ["PEER_TIMEOUT", "gather", "gather_extra", "serve"]
 
 log = logging.getLogger("meshgate.metrics")
 
@@ -65,9 +68,19 @@ async def _answer(
     try:
         line = await asyncio.wait_for(reader.readline(), PEER_TIMEOUT)
         request = orjson.loads(line) if line.strip() else {}
+        extra = request.get("extra")
+        if isinstance(extra, str):
+            make = hub.extras.get(extra)
+            writer.write(orjson.dumps(make() if make is not None else None) + b"\n")
+            await writer.drain()
+            return
         _drop(hub, request.get("drop") or [], float(request.get("before") or 0.0))
         if request.get("samples", True):
-            writer.write(orjson.dumps(hub.collect()) + b"\n")
+            families = request.get("families")
+            wanted = (
+                [f for f in families if isinstance(f, str)] if isinstance(families, list) else None
+            )
+            writer.write(orjson.dumps(hub.collect(wanted)) + b"\n")
             await writer.drain()
     except (OSError, TimeoutError, orjson.JSONDecodeError, ValueError, TypeError) as exc:
         log.debug("metrics peer request failed: %s", exc)
@@ -88,7 +101,7 @@ def _drop(hub: MetricsHub, groups: list[Any], before: float) -> None:
             store.drop_groups(idle, before)
 
 
-async def _ask(path: str, request: dict[str, Any]) -> Samples | None:
+async def _ask(path: str, request: dict[str, Any]) -> Any:
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(path, limit=_MAX_LINE), PEER_TIMEOUT
@@ -102,8 +115,7 @@ async def _ask(path: str, request: dict[str, Any]) -> Samples | None:
             await writer.drain()
             return None
         line = await asyncio.wait_for(reader.readline(), PEER_TIMEOUT)
-        got: Samples = orjson.loads(line)
-        return got
+        return orjson.loads(line)
     except (OSError, TimeoutError, orjson.JSONDecodeError, ValueError) as exc:
         log.warning("metrics peer %s did not answer: %s", path, exc)
         return None
@@ -111,15 +123,16 @@ async def _ask(path: str, request: dict[str, Any]) -> Samples | None:
         writer.close()
 
 
-async def gather(hub: MetricsHub = HUB) -> Samples:
+async def gather(hub: MetricsHub = HUB, families: list[str] | None = None) -> Samples:
     """A proxy's samples (`hub`'s) plus every peer's, merged, without the
     groups of rows idle in all of them (which every worker is then told to
-    drop)."""
-    own = hub.collect()
+    drop); only `families`' when given."""
+    own = hub.collect(families)
     if not hub.peers:
         return merge([own])
-    got = await asyncio.gather(*(_ask(p, {}) for p in hub.peers))
-    parts = [own, *(g for g in got if g is not None)]
+    ask: dict[str, Any] = {} if families is None else {"families": families}
+    got = await asyncio.gather(*(_ask(p, ask) for p in hub.peers))
+    parts = [own, *(g for g in got if isinstance(g, dict))]
     merged = merge(parts)
     before = time.monotonic() - hub.idle_expiry
     last: dict[tuple[Any, ...], float] = {}
@@ -151,3 +164,13 @@ _GROUPED = {
 
 def _group(name: str, labels: list[Any] | tuple[Any, ...]) -> tuple[Any, ...]:
     return (*labels[:6], labels[_GROUPED[name]])
+
+
+async def gather_extra(hub: MetricsHub, name: str) -> list[Any]:
+    """`hub.extras[name]()` of this worker and of every peer that answers,
+    in worker order (a peer without it, or silent, is left out)."""
+    make = hub.extras.get(name)
+    out = [make() if make is not None else None]
+    if hub.peers:
+        out += await asyncio.gather(*(_ask(p, {"extra": name}) for p in hub.peers))
+    return [x for x in out if x is not None]

@@ -29,6 +29,7 @@ from typing import Any
 
 import uvloop
 
+from meshgate.admin.gateway_ui import DENIALS, GatewayDashboard
 from meshgate.admin.hooks import HOOKS
 from meshgate.admin.samples import listener_samples
 from meshgate.admin.server import AdminProtocol
@@ -150,6 +151,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self.servers: list[tuple[ListenerSpec, Serving]] = []
         self.sample_server: asyncio.AbstractServer | None = None
+        self.dashboard: GatewayDashboard | None = None
         self.stamp = file_stamp(opts.config_path)
         self.config_tracing = config.tracing
         """The `tracing:` in force (a reload that changes it makes a new pipeline)."""
@@ -205,6 +207,7 @@ class Worker:
             admin = cfg.admin
             if self.opts.admin_port is not None:
                 admin = Address(host=admin.host, port=self.opts.admin_port)
+            self._start_dashboard(admin.host)
             history = self.history
             specs.append(
                 ListenerSpec(
@@ -232,6 +235,45 @@ class Worker:
         if self.opts.watch:
             self.loop.call_later(WATCH_INTERVAL, self._watch)
         self.started = True
+
+    def _start_dashboard(self, bound: str) -> None:
+        """The dashboard under the admin listener's `/ui`, and its sampler
+        (`admin.gateway_ui`); this worker's denials for whichever worker
+        answers it."""
+        me = f"worker-{self.opts.worker_id}"
+
+        def denials() -> list[dict[str, Any]]:
+            return [{**d, "proxy": me} for d in self.services.denials.since(0)[0]]
+
+        self.hub.extras[DENIALS] = denials
+        service = self.config.mesh.service if self.config.mesh is not None else "gateway"
+        self.dashboard = GatewayDashboard(
+            self.hub, bound=bound, service=service, workers=self._workers_doc
+        )
+        HOOKS.dashboard = self.dashboard
+        self.dashboard.start()
+
+    def _workers_doc(self) -> list[dict[str, Any]]:
+        """Each worker's generation, as the dashboard's `config.proxies`."""
+        sent = self.history.number
+        run_dir = self.opts.run_dir
+        if run_dir is not None and self.opts.supervisor_pid is not None:
+            applied = orders.applied(run_dir, self.opts.workers)
+        else:
+            applied = [self.applied]
+        service = self.config.mesh.service if self.config.mesh is not None else "gateway"
+        return [
+            {
+                "id": f"worker-{i}",
+                "service": service,
+                "connected": True,
+                "acked": n or None,
+                "sent": sent,
+                "nack": None,
+                "report_age": None,
+            }
+            for i, n in enumerate(applied)
+        ]
 
     async def _serve_samples(self, run_dir: str) -> None:
         """This worker's metrics socket, and the other workers' (one scrape
@@ -484,6 +526,8 @@ class Worker:
         await self.stopping.wait()
         state = self.state
         log.info("worker %d draining", self.opts.worker_id)
+        if self.dashboard is not None:
+            self.dashboard.stop()
         await state.runtime.close_health()
         for spec, server in self.servers:
             if spec.role != "admin":
