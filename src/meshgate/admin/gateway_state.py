@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meshgate.config.authz import PLAINTEXT
-from meshgate.observability.deltas import Golden, Labels, label_index
+from meshgate.observability.deltas import Golden, Labels, label_index, route_row
 from meshgate.observability.history import WINDOWS, Window
 
 if TYPE_CHECKING:
@@ -251,22 +251,7 @@ class _Builder:
         for label, route in self.routes:
             if not self.reaches(route, upstream):
                 continue
-            if route.split:
-                total = sum(shares.get((label, b.upstream), 0.0) for b in route.split)
-                split = [
-                    {
-                        "upstream": b.upstream,
-                        "weight": b.weight,
-                        "requests": int(shares.get((label, b.upstream), 0.0)),
-                        "share": round(shares.get((label, b.upstream), 0.0) / total, 4)
-                        if total
-                        else None,
-                    }
-                    for b in route.split
-                ]
-                out.append({"route": label, "path": route.path, "split": split})
-            else:
-                out.append({"route": label, "path": route.path, "upstream": route.upstream})
+            out.append(route_row(label, route, shares))
         return out
 
     def resilience(self, upstream: str) -> dict[str, Any]:

@@ -233,3 +233,22 @@ def samples_of(indexed: Indexed) -> Samples:
             [list(k), *(list(v) if isinstance(v, tuple) else [v])] for k, v in rows.items()
         ]
     return out
+
+
+def route_row(label: str, route: Any, shares: Mapping[tuple[str, str], float]) -> dict[str, Any]:
+    """A route as the dashboard lists it: its upstream, or its split with
+    each backend's weight, requests and live share (`shares`: requests by
+    route label and upstream, from `meshgate_split_requests_total`)."""
+    if not route.split:
+        return {"route": label, "path": route.path, "upstream": route.upstream}
+    total = sum(shares.get((label, b.upstream), 0.0) for b in route.split)
+    split = [
+        {
+            "upstream": b.upstream,
+            "weight": b.weight,
+            "requests": int(shares.get((label, b.upstream), 0.0)),
+            "share": round(shares.get((label, b.upstream), 0.0) / total, 4) if total else None,
+        }
+        for b in route.split
+    ]
+    return {"route": label, "path": route.path, "split": split}

@@ -25,7 +25,7 @@ from meshgate.config.mesh import MeshConfig
 from meshgate.mesh.control.push import ProxyStream
 from meshgate.mesh.control.store import Instance
 from meshgate.mesh.control.telemetry import WINDOWS, ProxyWindow, Telemetry
-from meshgate.observability.deltas import Golden, label_index
+from meshgate.observability.deltas import Golden, label_index, route_row
 
 __all__ = ["MeshView", "build_state"]
 
@@ -211,22 +211,7 @@ class _Builder:
         out: list[dict[str, Any]] = []
         for i, route in enumerate(svc.routes or ()):
             label = route.name or f"{service}/{i}"
-            if route.split:
-                total = sum(shares.get((label, b.upstream), 0.0) for b in route.split)
-                split = [
-                    {
-                        "upstream": b.upstream,
-                        "weight": b.weight,
-                        "requests": int(shares.get((label, b.upstream), 0.0)),
-                        "share": round(shares.get((label, b.upstream), 0.0) / total, 4)
-                        if total
-                        else None,
-                    }
-                    for b in route.split
-                ]
-                out.append({"route": label, "path": route.path, "split": split})
-            else:
-                out.append({"route": label, "path": route.path, "upstream": route.upstream})
+            out.append(route_row(label, route, shares))
         if not out:
             out.append({"route": f"{service}/0", "path": "/**", "upstream": service})
         return out
