@@ -409,7 +409,13 @@ def test_other_pages_and_other_names_are_refused(gw: Gateway) -> None:
 
 
 def test_a_stopped_endpoint_turns_its_upstream_down_within_10s(gw: Gateway) -> None:
-    assert _node(gw.state(), "spare")["health"] == "healthy"
+    # Healthy once the sampler has seen the endpoint (its first samples
+    # come 2 s apart).
+    wait_until(
+        lambda: _node(gw.state(), "spare")["health"] == "healthy",
+        timeout=10,
+        what="the spare upstream healthy",
+    )
     spare = gw.ups["spare"]
     port = spare.port
     spare.stop()
