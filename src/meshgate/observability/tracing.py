@@ -156,13 +156,7 @@ class Tracing:
     def begin(self, ex: Any, head: Any) -> None:
         """A request head (a `stream.ProxyStream` and its `RequestHead`):
         decide, and set `ex.trace` or `ex.trace_head` (see the module)."""
-        found: list[tuple[bytes, bytes]] | None = None
-        for pair in head.headers:
-            if pair[0] in TRACE_HEADERS:
-                if found is None:
-                    found = [pair]
-                else:
-                    found.append(pair)
+        found: list[tuple[bytes, bytes]] | None = head.trace_headers  # (the parser's)
         sampled: bool | None = None
         if found is not None:
             ctx = incoming(found)

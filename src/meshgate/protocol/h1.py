@@ -36,6 +36,7 @@ from meshgate.http.batch import BatchedWriter
 from meshgate.http.headers import REQUEST_OWN, connection_drop
 from meshgate.http.problem import problem_response
 from meshgate.observability.hub import DIRECTIONS, HUB, MetricsHub
+from meshgate.observability.tracecontext import TRACE_HEADERS
 from meshgate.protocol.api import (
     PAUSE_BUFFER,
     PAUSE_DONE,
@@ -70,8 +71,9 @@ DEADLINE_HEAD = 1  # the request head must arrive by then (408)
 DEADLINE_KEEPALIVE = 2  # an idle keep-alive connection closes then
 DEADLINE_CLOSING = 3  # a closing connection whose client stopped reading is reset
 
-# Request headers looked at while parsing.
-REQUEST_SPECIAL = REQUEST_OWN
+# Request headers looked at while parsing: those meshgate writes itself, and
+# the trace context (collected for the tracer, so that it never scans them).
+REQUEST_SPECIAL = REQUEST_OWN | TRACE_HEADERS
 
 _BAD_HOST = re.compile(rb"[\x00-\x20\x7f]")
 _ID_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+/=")
@@ -213,6 +215,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         "request_id",
         "route_host",
         "state",
+        "trace_headers",
         "trailer_size",
         "transport",
         "unmetered",
@@ -269,6 +272,8 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         self.budget = 0.0  # seconds the client gave (x-meshgate-deadline, grpc-timeout)
         self.grpc = False  # the client sent grpc-timeout: it goes on, renewed
         self.drop: frozenset[bytes] | None = None
+        self.trace_headers: list[tuple[bytes, bytes]] | None = None
+        """The trace-context headers, in order (`TRACE_HEADERS`), or None."""
 
     # -- asyncio.Protocol -------------------------------------------------------
 
@@ -477,6 +482,12 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             tokens = connection_drop(value)
             if tokens:
                 self.drop = tokens if self.drop is None else self.drop | tokens
+        elif name in TRACE_HEADERS:
+            found = self.trace_headers
+            if found is None:
+                self.trace_headers = [(name, value)]
+            else:
+                found.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.deadline = 0.0

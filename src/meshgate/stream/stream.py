@@ -304,11 +304,11 @@ class ProxyStream(ProxyExchange):
                 if b"_" in name and name.replace(b"_", b"-") in identity:
                     drop = drop | {name}
         trace = self.trace
-        if trace is not None or self.trace_head:
+        if trace is not None:
+            trace.route = rt
+        if parsed.trace_headers is not None and (trace is not None or self.trace_head):
             # meshgate writes the trace context each try sends (`_attach`).
             drop = TRACE_HEADERS if drop is None else drop | TRACE_HEADERS
-            if trace is not None:
-                trace.route = rt
         self.route_retry = rt.retry
         self.route_path = rt.path
         self.budget = parsed.budget
