@@ -327,6 +327,20 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of pid and its descendants, all their
+    threads (from /proc/<pid>/stat; a process gone counts 0)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / ticks
+
+
 def proc_status_kib(pid: int, field: str) -> int | None:
     """A `kB` field of /proc/<pid>/status (VmHWM, VmRSS), in KiB."""
     try:

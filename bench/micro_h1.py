@@ -6,7 +6,13 @@ and the loop repeats. It isolates meshgate's own code from syscalls and the
 event loop, so it is the number to watch while optimising (profile with
 `--profile`). It is not a throughput figure: see `bench/run.py` for that.
 
-    .venv/bin/python bench/micro_h1.py [--n 200000] [--profile]
+    .venv/bin/python bench/micro_h1.py [--n 200000] [--profile] [--obs MODE]
+
+`--obs` picks what observability is on, as bench/observability.py's targets:
+`off` (no request series, no access log), `metrics` (the default), `default`
+(metrics and the JSON access log, to /dev/null, formatted on the "loop" every
+256 requests as the worker does), `trace0` and `trace1` (the default plus
+tracing at 0% and 1%, exporting to a closed port: the spans are dropped).
 """
 
 from __future__ import annotations
@@ -19,8 +25,12 @@ import pstats
 import time
 from typing import Any
 
+from meshgate.config.schema import AccessLogConfig
+from meshgate.config.tracing import TracingConfig
 from meshgate.engine.load import load_config_text
 from meshgate.engine.runtime import Runtime
+from meshgate.observability.accesslog import AccessLog
+from meshgate.observability.tracing import Tracing
 from meshgate.protocol.h1 import ServerProtocol, ServerState
 from meshgate.stream.stream import ProxyStream
 from meshgate.upstream.cluster import PoolRegistry
@@ -77,11 +87,26 @@ class MemTransport:
         self.closing = True
 
 
-async def main(n: int, profile: bool) -> None:
+OBS = ("off", "metrics", "default", "trace0", "trace1")
+
+
+async def main(n: int, profile: bool, obs: str = "metrics") -> None:
     loop = asyncio.get_running_loop()
     registry = PoolRegistry(loop)
-    runtime = Runtime.build(load_config_text(CONFIG), registry)
+    config = load_config_text(CONFIG)
+    runtime = Runtime.build(config, registry)
     state = ServerState(runtime, registry, loop=loop, streams=ProxyStream)
+    access: AccessLog | None = None
+    if obs == "off":
+        state.observe = state.series.pass_on
+    if obs in ("default", "trace0", "trace1"):
+        access = AccessLog(time.monotonic, state.hub)
+        access.apply(AccessLogConfig(path="/dev/null"))
+    if obs.startswith("trace"):
+        ratio = 0.0 if obs == "trace0" else 0.01
+        state.tracing = Tracing.from_config(
+            TracingConfig(endpoint="http://127.0.0.1:9/v1/traces", sample_ratio=ratio), state.hub
+        )
     proto = ServerProtocol(state)
     client = MemTransport()
     proto.connection_made(client)  # type: ignore[arg-type]
@@ -93,12 +118,16 @@ async def main(n: int, profile: bool) -> None:
 
     flush = state.batcher.flush  # what the loop does once per turn
 
+    format_batch = access._format_batch if access is not None else None
+
     def run(count: int) -> None:
-        for _ in range(count):
+        for i in range(count):
             proto.data_received(REQUEST)
             flush()
             conn.data_received(RESPONSE)
             flush()
+            if format_batch is not None and i % 256 == 255:
+                format_batch(False)
 
     run(1000)
     # As the worker does once it has started: what exists now (modules,
@@ -115,13 +144,18 @@ async def main(n: int, profile: bool) -> None:
     print(f"{n} requests: {elapsed / n * 1e6:.2f} us/request (client got {client.out} bytes)")
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    if access is not None:
+        access.stop()
+    if state.tracing is not None:
+        state.tracing.close()
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--obs", choices=OBS, default="metrics")
     args = ap.parse_args()
     import uvloop
 
-    uvloop.run(main(args.n, args.profile))
+    uvloop.run(main(args.n, args.profile, args.obs))

@@ -16,8 +16,10 @@ Starts on loopback, in a temp dir, all as child processes killed at exit:
   trace100  the same at 100%
 and measures, targets interleaved per round (wrk -t1 -c64 -dNs --latency),
 the same route on each meshgate. Reports req/s, p50/p99 and the ratio of
-each meshgate to `off` (the median of per-round ratios), with the spans the
-sink received. Writes bench/results/observability-*.json.
+each meshgate to `off` (the median of per-round ratios), the CPU each
+target's processes spent per request (user + system, all threads, from
+/proc: the cost itself, which a shared machine disturbs less than req/s)
+and its ratio to `off`, with the spans the sink received. Writes bench/results/observability-*.json.
 
 Usage: python bench/observability.py [--duration 10] [--rounds 3] [--connections 64]
 Stdlib only (plus nginx and wrk on PATH).
@@ -42,6 +44,7 @@ from _common import (
     Child,
     Children,
     command_line,
+    cpu_seconds,
     ensure_tools,
     find_meshgate,
     free_port,
@@ -196,12 +199,17 @@ def main() -> int:
                     for child in procs.values():
                         if not child.alive():
                             raise RuntimeError(f"{child.name} died:\n{child.log_tail()}")
+                    cpu0 = cpu_seconds(procs[name].pid)
                     res, shown = run_wrk(tools["wrk"], ports[name], paths[name], args)
+                    # The CPU the target spent per request (all its processes
+                    # and threads): steadier than req/s on a shared machine.
+                    res["cpu_us"] = (cpu_seconds(procs[name].pid) - cpu0) / res["requests"] * 1e6
                     result.setdefault("wrk", {})[name] = shlex.join(shown)
                     round_res[name] = res
                     log(
                         f"round {rnd} {name}: {res['rps']:,.0f} req/s p50 {res['p50_ms']:.2f} ms "
-                        f"p99 {res['p99_ms']:.2f} ms non-2xx {res['non_2xx']}"
+                        f"p99 {res['p99_ms']:.2f} ms CPU {res['cpu_us']:.1f} us/req "
+                        f"non-2xx {res['non_2xx']}"
                     )
                     time.sleep(args.pause)
                 result["rounds"].append(round_res)
@@ -229,6 +237,10 @@ def main() -> int:
             "vs_nginx": statistics.median(
                 r[name]["rps"] / r["nginx"]["rps"] for r in result["rounds"]
             ),
+            "cpu_us": statistics.median(r["cpu_us"] for r in runs),
+            "cpu_vs_off": statistics.median(
+                r[name]["cpu_us"] / r["off"]["cpu_us"] for r in result["rounds"]
+            ),
             "rps_rounds": [r["rps"] for r in runs],
             "errors": sum(r["non_2xx"] + sum(r["socket_errors"].values()) for r in runs),
         }
@@ -238,13 +250,15 @@ def main() -> int:
         f"-c{args.connections}, targets interleaved; ratios are medians of per-round ratios; "
         f"every target serves the same {len(DOC)}-byte JSON document)",
         "",
-        "| target | req/s | p50 ms | p99 ms | vs off | vs nginx | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| target | req/s | p50 ms | p99 ms | vs off | vs nginx | CPU us/req | CPU vs off "
+        "| errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in summary.items():
         lines_out.append(
             f"| {name} | {s['rps']:,.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
-            f"{s['vs_off']:.3f} | {s['vs_nginx']:.3f} | {s['errors']} |"
+            f"{s['vs_off']:.3f} | {s['vs_nginx']:.3f} | {s['cpu_us']:.1f} | "
+            f"{s['cpu_vs_off']:.3f} | {s['errors']} |"
         )
     lines_out += [
         "",
