@@ -17,7 +17,9 @@ def _metrics(streams: list[Any], now: float) -> str:
         propagation=[0.01, 0.02],
         reports={"accepted": 4, "malformed": 1, "too_often": 0},
     )
-    cp: Any = SimpleNamespace(generation=3, issued=5, refused=1)
+    cp: Any = SimpleNamespace(
+        generation=3, issued=5, refused=1, metrics_source_state=lambda: {"kind": "reports"}
+    )
     return render_metrics(cp, push, now=now)
 
 

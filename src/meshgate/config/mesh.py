@@ -17,6 +17,7 @@ control:
   lease: 15s                     # an instance missing this long is unhealthy; 3x: removed
   debounce: 20ms                 # changes within this window go out as one version
   csr_rate: {limit: 30, period: 1m}   # certificate requests per caller
+  metrics_source: reports        # or {prometheus: http://127.0.0.1:9090, interval: 5s}
 attestation:                     # node-local identity, as SPIRE's unix attestor
   socket: /run/meshgate/attest.sock
   rules:
@@ -51,7 +52,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from meshgate.config.authz import AuthzConfig, AuthzRule
-from meshgate.config.base import _Model
+from meshgate.config.base import _Model, redact_url
 from meshgate.config.schema import (
     Address,
     CircuitBreakerConfig,
@@ -77,6 +78,7 @@ __all__ = [
     "AuthzRule",
     "ControlConfig",
     "MeshConfig",
+    "PrometheusSourceConfig",
     "ServiceConfig",
     "ServiceRateLimit",
     "TrafficPolicy",
@@ -186,6 +188,62 @@ class CsrRate(_Model):
     period: Duration = 60.0
 
 
+class PrometheusSourceConfig(_Model):
+    """`metrics_source: {prometheus: URL}`: the dashboard's numbers from a
+    Prometheus that scrapes the proxies' admin listeners, as Kiali reads
+    them (`mesh/control/promsource.py`)."""
+
+    prometheus: str
+    """The Prometheus server's base URL (its HTTP API is `<URL>/api/v1/`)."""
+    interval: Duration = 5.0
+    """How often it is asked (each answer is kept once per scrape it holds)."""
+    timeout: Duration | None = None
+    """How long one query may take (default: the interval, at most 3 s); a
+    slower one counts as an error."""
+
+    @field_validator("prometheus")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        scheme, sep, rest = v.partition("://")
+        if not sep or scheme not in ("http", "https") or not rest.split("/", 1)[0]:
+            raise ValueError(f"expected an http:// or https:// URL, found {redact_url(v)!r}")
+        if "?" in rest or "#" in rest:
+            raise ValueError("the URL is Prometheus's base, without a query or fragment")
+        return v.rstrip("/")
+
+    @field_validator("interval")
+    @classmethod
+    def _check_interval(cls, v: float) -> float:
+        if not 0.2 <= v <= 300:
+            raise ValueError("an interval is between 200ms and 5m")
+        return v
+
+    @model_validator(mode="after")
+    def _check_timeout(self) -> PrometheusSourceConfig:
+        if self.timeout is not None and self.timeout > self.interval:
+            raise ValueError(
+                f"timeout ({self.timeout:g}s) is longer than interval ({self.interval:g}s)"
+            )
+        return self
+
+    @property
+    def query_timeout(self) -> float:
+        return self.timeout if self.timeout is not None else min(self.interval, 3.0)
+
+
+def _metrics_source(v: Any) -> Any:
+    """`reports` (None) or `{prometheus: URL, ...}`."""
+    if v is None or v == "reports":
+        return None
+    if v == "prometheus":
+        raise ValueError(
+            "prometheus needs its URL: metrics_source: {prometheus: http://127.0.0.1:9090}"
+        )
+    if not isinstance(v, dict):
+        raise ValueError(f"expected reports or {{prometheus: URL, interval: 5s}}, found {v!r}")
+    return v
+
+
 class ControlConfig(_Model):
     """The control plane process."""
 
@@ -201,6 +259,12 @@ class ControlConfig(_Model):
     lease: Duration = 15.0
     debounce: Duration = 0.02
     csr_rate: CsrRate = CsrRate()
+    metrics_source: Annotated[PrometheusSourceConfig | None, BeforeValidator(_metrics_source)] = (
+        None
+    )
+    """Where the dashboard's numbers come from: `reports` (None, the
+    default: the proxies' reports on their push streams) or `{prometheus:
+    URL, interval: 5s, timeout: 3s}`. Denials always come from the reports."""
 
     @field_validator("store")
     @classmethod

@@ -22,7 +22,7 @@ from meshgate.admin.hooks import HOOKS
 from meshgate.config.schema import Config, GatewayMeshConfig
 from meshgate.filters.authz import DenialRing
 from meshgate.mesh.agent import MeshAgent
-from meshgate.mesh.report import Reporter
+from meshgate.mesh.report import Reporter, proxy_info
 from meshgate.mesh.translate import with_mesh_endpoints
 from meshgate.mesh.wire import control_addresses
 from meshgate.observability.hub import HUB, MetricsHub
@@ -68,6 +68,7 @@ class MeshMember:
             on_certificate=self._certificate,
             reporter=Reporter(hub, DenialRing() if denials is None else denials, cfg.service),
         )
+        proxy_info(hub, self.agent.state.proxy_id)
 
     def _certificate(self) -> None:
         creds = self.agent.credentials()

@@ -10,7 +10,10 @@ stream it keeps, what its `Reporter` makes (docs/dashboard-api.md):
   (`filters.authz.DenialRing`, at most 50).
 
 The agent knows none of this: it calls the reporter, and sends what it
-returns. The control plane takes a report only as the word of the stream's
+returns. `proxy_info` puts the proxy's id on its `/metrics` too
+(`meshgate_proxy_info{proxy_id} 1`, one series per worker), so that a
+Prometheus target can be told to be this proxy (`control.promsource`).
+The control plane takes a report only as the word of the stream's
 authenticated identity about itself (`mesh.control.reports`).
 """
 
@@ -23,7 +26,7 @@ from meshgate.filters.authz import DenialRing
 from meshgate.observability.exposition import REPORT_FAMILIES
 from meshgate.observability.hub import MetricsHub
 
-__all__ = ["Reporter"]
+__all__ = ["Reporter", "proxy_info"]
 
 
 class Reporter:
@@ -49,3 +52,9 @@ class Reporter:
             "samples": self.hub.collect(REPORT_FAMILIES, scrape=False),
             "denials": denials,
         }
+
+
+def proxy_info(hub: MetricsHub, proxy_id: str) -> None:
+    """Report `meshgate_proxy_info{proxy_id} 1` in `hub`'s samples: this
+    worker's id, the one of its push stream's hello."""
+    hub.register("proxy_info", lambda: {"meshgate_proxy_info": [[(proxy_id,), 1]]})

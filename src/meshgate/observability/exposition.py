@@ -1,6 +1,7 @@
 """Metric families: what each one is (`SPECS`), how the workers' samples
 add up (`merge`), and the Prometheus text format (0.0.4) they are served in
-(`render`).
+(`render`), and back (`from_scrape`: a parsed page, or what a Prometheus
+holds of one, as samples again).
 
 A sample is `[labels, value]` or `[labels, value, last]`, where `labels`
 is the tuple of the family's label values in `Spec.labels` order and
@@ -15,13 +16,16 @@ EWMA) keep the largest value (`Spec.merge`).
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from meshgate.observability.requests import BUCKETS
+from meshgate.observability.scrape import Scrape
 
-__all__ = ["REPORT_FAMILIES", "SPECS", "Spec", "merge", "render"]
+__all__ = ["REPORT_FAMILIES", "SPECS", "Spec", "from_scrape", "merge", "render"]
 
 Samples = dict[str, list[list[Any]]]
 
@@ -152,6 +156,13 @@ SPECS: dict[str, Spec] = {
     ),
     "meshgate_workers_scraped": Spec(
         "gauge", "Workers whose samples this scrape holds.", (), merge="sum"
+    ),
+    "meshgate_proxy_info": Spec(
+        "gauge",
+        "1 for each worker of this proxy, by its proxy id in the mesh (its push stream's):"
+        " how the control plane tells which proxy a Prometheus target is.",
+        ("proxy_id",),
+        merge="max",
     ),
     # -- filters -------------------------------------------------------------------
     "meshgate_auth_requests_total": Spec(
@@ -326,3 +337,56 @@ def render(samples: Samples) -> str:
             for sample in rows:
                 lines.append(f"{name}{_labels(spec.labels, tuple(sample[0]))} {_num(sample[1])}")
     return "\n".join(lines) + "\n"
+
+
+_BOUNDS = (*(float(b) for b in BUCKETS), math.inf)
+
+
+class NotSamples(ValueError):
+    """A page (or a Prometheus's copy of it) that is not what `render` makes."""
+
+
+def from_scrape(scrape: Scrape, families: Iterable[str] | None = None) -> Samples:
+    """The samples of a parsed page (`scrape.parse`), those of `families`
+    (all of `SPECS` without it), as `render` was given them: labels in
+    `Spec.labels` order (one a page lacks is "", as Prometheus drops empty
+    ones; others are left out: `job`, `instance`...), histograms as
+    `[buckets, sum, count]` with their buckets no longer cumulative. A
+    histogram series without every bucket of `requests.BUCKETS`, its sum
+    and its count is `NotSamples`."""
+    out: Samples = {}
+    for name in SPECS if families is None else families:
+        spec = SPECS.get(name)
+        if spec is None or name not in scrape.families:
+            continue
+        if spec.type != "histogram":
+            plain = [
+                [tuple(s.label(n) for n in spec.labels), s.value] for s in scrape.samples(name)
+            ]
+            if plain:
+                out[name] = plain
+            continue
+        cumulative: dict[tuple[str, ...], dict[float, float]] = {}
+        for s in scrape.samples(name, "_bucket"):
+            key = tuple(s.label(n) for n in spec.labels)
+            try:
+                le = float(s.label("le"))
+            except ValueError:
+                raise NotSamples(f"{name}_bucket: le={s.label('le')!r}") from None
+            cumulative.setdefault(key, {})[le] = s.value
+        sums = {
+            tuple(s.label(n) for n in spec.labels): s.value for s in scrape.samples(name, "_sum")
+        }
+        counts = {
+            tuple(s.label(n) for n in spec.labels): s.value for s in scrape.samples(name, "_count")
+        }
+        rows: list[list[Any]] = []
+        for key, by_le in cumulative.items():
+            if set(by_le) != set(_BOUNDS) or key not in sums or key not in counts:
+                raise NotSamples(f"{name}{dict(zip(spec.labels, key, strict=True))}: not whole")
+            acc = [by_le[b] for b in _BOUNDS]
+            buckets = [acc[0], *(b - a for a, b in itertools.pairwise(acc))]
+            rows.append([key, buckets, sums[key], counts[key]])
+        if rows:
+            out[name] = rows
+    return out

@@ -2,12 +2,13 @@
 
 Plain HTTP, meant for loopback (`control.admin`). `/metrics` is the
 Prometheus text format: proxies connected, config generation, NACKs,
-proxies' reports taken and ignored,
-certificates issued and refused, the propagation time of pushes, and each
-connected proxy's certificate expiry, with `meshgate_identity_cert_expiring`
-at 1 when a certificate is within 20% of its life and not yet renewed (a
-warning is logged once per certificate, too). Labels are identities and
-proxy ids, both bounded by what joined.
+proxies' reports taken and ignored, the metrics source's health and
+failed polls (`control.metrics_source`), certificates issued and refused,
+the propagation time of pushes, and each connected proxy's certificate
+expiry, with `meshgate_identity_cert_expiring` at 1 when a certificate is
+within 20% of its life and not yet renewed (a warning is logged once per
+certificate, too). Labels are identities and proxy ids, both bounded by
+what joined.
 
 `PUT /config` takes a whole mesh.yaml as its body and makes it the next
 generation, with the same validation as the file (a refusal names the line);
@@ -69,6 +70,21 @@ def render_metrics(cp: AdminState, push: Push, now: float | None = None) -> str:
         "# TYPE meshgate_control_certificates_total counter",
         f'meshgate_control_certificates_total{{outcome="issued"}} {cp.issued}',
         f'meshgate_control_certificates_total{{outcome="refused"}} {cp.refused}',
+    ]
+    source = cp.metrics_source_state()
+    kind = _label(str(source.get("kind")))
+    up = 1 if source.get("healthy", True) else 0  # None: not asked yet
+    lines += [
+        "# HELP meshgate_control_metrics_source_up 1 while the dashboard's metrics source answers"
+        " (the reports always do).",
+        "# TYPE meshgate_control_metrics_source_up gauge",
+        f'meshgate_control_metrics_source_up{{kind="{kind}"}} {up}',
+        "# HELP meshgate_control_metrics_source_errors_total Polls of the metrics source that"
+        " failed (Prometheus unreachable, slow, or not answering an instant vector).",
+        "# TYPE meshgate_control_metrics_source_errors_total counter",
+        f'meshgate_control_metrics_source_errors_total{{kind="{kind}"}} {source.get("errors", 0)}',
+    ]
+    lines += [
         "# HELP meshgate_control_propagation_seconds From a change to a proxy's ACK of it.",
         "# TYPE meshgate_control_propagation_seconds summary",
     ]
@@ -141,6 +157,7 @@ class AdminApi:
                 proxies=store.proxies(),
                 generations=store.generations(GENERATIONS_KEPT),
                 telemetry=cp.telemetry,
+                metrics_source=cp.metrics_source_state(),
             )
         )
 

@@ -49,6 +49,8 @@ class MeshView:
     """The store's record of each proxy (those not connected too)."""
     generations: list[dict[str, Any]]
     telemetry: Telemetry
+    metrics_source: Mapping[str, Any] | None = None
+    """Where the numbers come from (`ControlPlane.metrics_source_state`)."""
 
 
 def _rows(w: ProxyWindow, family: str) -> dict[tuple[str, ...], Any]:
@@ -452,6 +454,7 @@ class _Builder:
             "denials": denials,
             "config": self.config(),
             "edge": self.edge(),
+            "metrics_source": dict(self.view.metrics_source or {"kind": "reports"}),
         }
 
 

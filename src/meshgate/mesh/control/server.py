@@ -42,6 +42,7 @@ from meshgate.config.mesh import MeshConfig
 from meshgate.engine.load import load_mesh, load_mesh_text
 from meshgate.mesh.ca import CertificateAuthority, CsrRefused
 from meshgate.mesh.control.admin import AdminApi
+from meshgate.mesh.control.promsource import PrometheusSource
 from meshgate.mesh.control.push import ProxyStream, Push
 from meshgate.mesh.control.store import SqliteStore, Store, TokenError
 from meshgate.mesh.control.telemetry import History, Telemetry
@@ -102,6 +103,9 @@ class ControlPlane:
         self.telemetry = Telemetry()
         """What the proxies report, for the dashboard (`/ui` on the admin listener)."""
         self.push.on_report = self._report
+        self.metrics_source: PrometheusSource | None = None
+        """The poller of `control.metrics_source: {prometheus: URL}`, or None
+        (the reports' samples are kept)."""
         self.servers: list[asyncio.base_events.Server] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.mtime = os.stat(mesh_path).st_mtime_ns
@@ -146,6 +150,7 @@ class ControlPlane:
             os.chmod(path, 0o666)  # any local process may ask; SO_PEERCRED says who it is
             self.servers.append(unix)
         self.push.start()
+        self._sync_metrics_source()
         admin = self.mesh.control.admin
         if admin is not None:
             api = AdminApi(self, self.push, admin.host)
@@ -177,6 +182,8 @@ class ControlPlane:
         for server in self.servers:
             server.close()
         await self.push.close()
+        if self.metrics_source is not None:
+            await self.metrics_source.close()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -398,11 +405,43 @@ class ControlPlane:
             self._trust_changed(f"retired root(s) {', '.join(fp[:16] for fp in dropped)}")
         if self.cert_renew_at and time.time() >= self.cert_renew_at:
             self.current = self._server_context()
+        self._sync_metrics_source()
         if self.telemetry.proxies:
             self._forget_gone()
 
+    def _sync_metrics_source(self) -> None:
+        """Run the poller `control.metrics_source` asks for (a reload may
+        change it). A change of source starts the windows afresh: the
+        histories of one are not those of the other (a gateway's workers
+        report one by one, and are one Prometheus target)."""
+        cfg = self.mesh.control.metrics_source
+        running = self.metrics_source
+        if (running.cfg if running is not None else None) == cfg:
+            return
+        if running is not None and running.task is not None:
+            running.task.cancel()
+        if running is not None or self.telemetry.proxies:
+            self.telemetry.proxies.clear()
+        self.metrics_source = None
+        if cfg is not None:
+            self.metrics_source = PrometheusSource(cfg, self.telemetry, lambda: self.push.streams)
+            self.metrics_source.start()
+        else:
+            log.info("metrics source: the proxies' reports")
+
+    def metrics_source_state(self) -> dict[str, Any]:
+        """The state's `metrics_source`: where the numbers come from, and
+        whether that works."""
+        if self.metrics_source is None:
+            return {"kind": "reports"}
+        return self.metrics_source.doc()
+
     def _report(self, stream: ProxyStream, msg: dict[str, Any]) -> None:
         try:
+            if self.metrics_source is not None:
+                # The numbers are Prometheus's; the denials only the proxy has.
+                self.telemetry.add_denials(stream.proxy_id, stream.service, msg.get("denials"))
+                return
             self.telemetry.add(
                 stream.proxy_id,
                 stream.service,

@@ -8,7 +8,7 @@ replaces `mesh` and `generation`, and `meshgate trust` the `ca`.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from meshgate.config.mesh import MeshConfig
 from meshgate.mesh.ca import CertificateAuthority
@@ -57,6 +57,11 @@ class AdminState(Protocol):
 
     @property
     def refused(self) -> int: ...
+
+    def metrics_source_state(self) -> dict[str, Any]:
+        """Where the dashboard's numbers come from (`{kind: reports}`, or
+        the Prometheus poller's state)."""
+        ...
 
     def apply(self, mesh: MeshConfig, text: str, source: str) -> int | None:
         """Serve a validated mesh config as the next generation (None: refused)."""

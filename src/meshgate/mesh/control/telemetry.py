@@ -11,6 +11,11 @@ before that, up to 16 minutes: enough for windows of 1, 5 and 15 minutes
 (the difference between the newest snapshot and the oldest one inside the
 window), and a bounded memory per proxy.
 
+The snapshots come from the reports, or, with `control.metrics_source:
+prometheus`, from a Prometheus that scrapes the proxies
+(`control.promsource`): the same cumulative numbers, at the scrape's time;
+the denials always come from the reports.
+
 A proxy's history goes when its instance is gone for good (the registry
 removed it) and its stream is closed, or, for a proxy without an instance
 (a gateway), once it has sent nothing for the longest window.
@@ -102,15 +107,38 @@ class Telemetry:
         at: float | None = None,
     ) -> None:
         """Take one report of a proxy (its identity and service are its
-        certificate's)."""
+        certificate's): its samples and its denials."""
+        self.add_samples(
+            proxy_id, service, identity, report.get("samples"), instance=instance, at=at
+        )
+        self.add_denials(proxy_id, service, report.get("denials"))
+
+    def add_samples(
+        self,
+        proxy_id: str,
+        service: str,
+        identity: str,
+        samples: Any,
+        *,
+        instance: bool = True,
+        at: float | None = None,
+    ) -> bool:
+        """Keep one cumulative snapshot of a proxy, taken at `at` (this
+        clock; now without one). One older than the proxy's newest is not
+        kept (False): windows need snapshots in order."""
         now = self.clock() if at is None else at
         hist = self.proxies.get(proxy_id)
         if hist is None or hist.service != service:
             hist = self.proxies[proxy_id] = History(proxy_id, service, identity, instance)
+        elif hist.recent and now < hist.last:
+            return False
         hist.instance = instance
-        hist.add(now, index(report.get("samples"), families=REPORT_FAMILIES))
+        hist.add(now, index(samples, families=REPORT_FAMILIES))
         self.reports += 1
-        denials = report.get("denials")
+        return True
+
+    def add_denials(self, proxy_id: str, service: str, denials: Any) -> None:
+        """Keep a proxy's new denials (those of its report)."""
         if isinstance(denials, list):
             for d in denials[-MAX_DENIALS:]:
                 if isinstance(d, dict):

@@ -48,7 +48,7 @@ from meshgate.engine.listener import ListenerSpec, Serving, bind_socket, start_l
 from meshgate.engine.runtime import Runtime
 from meshgate.filters.build import FilterServices
 from meshgate.mesh.agent import MeshAgent
-from meshgate.mesh.report import Reporter
+from meshgate.mesh.report import Reporter, proxy_info
 from meshgate.mesh.sidecar.capture import Capture, destinations, original_destination
 from meshgate.mesh.translate import inbound_config, outbound_config
 from meshgate.observability import peers
@@ -194,6 +194,7 @@ class Sidecar:
             on_certificate=self._certificate,
             reporter=Reporter(self.hub, self.services.denials, opts.service),
         )
+        proxy_info(self.hub, self.agent.state.proxy_id)
         HOOKS.snapshot = self._snapshot_version
 
     # -- identity and config --------------------------------------------------------
