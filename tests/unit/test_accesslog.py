@@ -149,3 +149,44 @@ def test_a_hostile_host_stays_one_json_string() -> None:
     assert [line["authority"] for line in lines] == [hostile.decode("latin-1")] * 2
     assert [line["status"] for line in lines] == [200, 200]
     assert lines[0]["consumer"] == 'a"b'
+
+
+def test_a_block_goes_to_a_pipe_in_writes_of_whole_lines_within_pipe_buf() -> None:
+    """What keeps several workers' lines apart on one pipe: every write is
+    whole lines of at most PIPE_BUF bytes (a line longer than that alone)."""
+    from select import PIPE_BUF
+
+    sent: list[bytes] = []
+
+    class Recording(AccessLog):
+        def _send(self, fd: int, data: bytes) -> bool:
+            sent.append(bytes(data))
+            return super()._send(fd, data)
+
+    lines = [b"%d:%s\n" % (i, b"x" * (i * 37 % 900)) for i in range(300)]
+    lines.insert(150, b"long:" + b"y" * (PIPE_BUF * 2) + b"\n")
+    block = b"".join(lines)
+    r, w = os.pipe()
+    got = bytearray()
+    reader = threading.Thread(target=lambda: _drain(r, got, len(block)))
+    reader.start()
+    try:
+        Recording(time.monotonic)._write(w, block)
+    finally:
+        os.close(w)
+        reader.join(10)
+        os.close(r)
+    assert bytes(got) == block
+    assert b"".join(sent) == block
+    for chunk in sent:
+        assert chunk.endswith(b"\n")
+        assert len(chunk) <= PIPE_BUF or chunk.count(b"\n") == 1, len(chunk)
+    assert len(sent) > len(block) // PIPE_BUF
+
+
+def _drain(fd: int, into: bytearray, size: int) -> None:
+    while len(into) < size:
+        data = os.read(fd, 65536)
+        if not data:
+            return
+        into += data

@@ -180,8 +180,9 @@ class AccessLog:
         self._thread: threading.Thread | None = None
         self._write_error = False
         self._json = {}
-        self.batches: collections.deque[list[bytes]] = collections.deque()
-        """Lines formatted on the loop, for the writer."""
+        self.batches: collections.deque[tuple[bytes, int]] = collections.deque()
+        """Blocks of lines formatted on the loop, for the writer, with their
+        number of lines."""
         self.formatted = 0  # lines put in `batches` (the loop counts)
         self.taken = 0  # lines taken from `batches` (the writer counts)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -330,19 +331,21 @@ class AccessLog:
             self._wake.set()
 
     def _format_batch(self, more: bool = True) -> None:
-        """Format up to `BATCH` queued tuples for the writer (on the loop);
-        with `more`, come back at the next turn while some are left."""
+        """Format up to `BATCH` queued tuples for the writer (on the loop),
+        joined into one block; with `more`, come back at the next turn
+        while some are left."""
         queue = self.queue
         fmt = self.format
-        lines: list[bytes] = []
-        for _ in range(min(BATCH, len(queue))):
-            lines.append(fmt(queue.popleft()))
-        if lines:
+        n = min(BATCH, len(queue))
+        if n:
             if self.formatted - self.taken >= self.bound:
-                self.dropped += len(lines)  # the writer is stuck: memory stays bounded
+                self.dropped += n  # the writer is stuck: memory stays bounded
+                for _ in range(n):
+                    queue.popleft()
             else:
-                self.formatted += len(lines)
-                self.batches.append(lines)
+                block = b"".join([fmt(queue.popleft()) for _ in range(n)])
+                self.formatted += n
+                self.batches.append((block, n))
                 self._wake.set()
         loop = self._loop
         if more and queue and loop is not None:
@@ -376,9 +379,9 @@ class AccessLog:
         _close(old)
         batches = self.batches
         while batches:
-            batch = batches.popleft()
-            self.taken += len(batch)
-            self._write(fd, batch)
+            block, n = batches.popleft()
+            self.taken += n
+            self._write(fd, block)
         queue = self.queue
         fmt = self.format
         while queue and (self._loop is None or self._stopping):
@@ -390,36 +393,41 @@ class AccessLog:
                     # else this thread keeps it for the interpreter's whole
                     # switch interval (5 ms), and requests wait that long.
                     time.sleep(0)
-            self._write(fd, lines)
+            self._write(fd, b"".join(lines))
 
-    def _write(self, fd: int, lines: list[bytes]) -> None:
+    def _write(self, fd: int, block: bytes) -> None:
+        """Write whole lines: a regular file takes the block in writes of
+        up to FILE_CHUNK bytes, a pipe in writes of at most PIPE_BUF, each
+        cut after a newline (a single line longer than that goes alone)."""
         try:
             regular = stat.S_ISREG(os.fstat(fd).st_mode)
         except OSError:
             regular = False
         limit = FILE_CHUNK if regular else PIPE_BUF
-        chunk: list[bytes] = []
-        size = 0
-        for i, line in enumerate(lines):
-            if size and size + len(line) > limit:
-                if not self._send(fd, b"".join(chunk), len(lines) - i + len(chunk)):
-                    return
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line)
-        if chunk:
-            self._send(fd, b"".join(chunk), len(chunk))
+        size = len(block)
+        start = 0
+        while size - start > limit:
+            cut = block.rfind(b"\n", start, start + limit)
+            if cut < 0:
+                cut = block.find(b"\n", start + limit)  # one long line
+                if cut < 0:
+                    break
+            if not self._send(fd, block[start : cut + 1]):
+                self.unwritten += block.count(b"\n", start)
+                return
+            start = cut + 1
+        if start < size and not self._send(fd, block[start:] if start else block):
+            self.unwritten += block.count(b"\n", start)
 
-    def _send(self, fd: int, data: bytes, lines: int) -> bool:
-        """Write all of `data`; on an error, the `lines` not yet written are
-        dropped (and the error logged once until a write succeeds)."""
+    def _send(self, fd: int, data: bytes) -> bool:
+        """Write all of `data`; False on an error (logged once until a
+        write succeeds): the caller counts the lines not written."""
         view = memoryview(data)
         try:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
         except OSError as exc:
-            self.unwritten += lines
             if not self._write_error:
                 self._write_error = True
                 log.error("access log: cannot write: %s", exc)
