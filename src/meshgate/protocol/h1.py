@@ -516,7 +516,16 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
                 raise self.refusal
         parser = self.parser
         method = parser.get_method()
-        http10 = parser.get_http_version() == "1.0"
+        version = parser.get_http_version()
+        http10 = version == "1.0"
+        if not http10 and version != "1.1":
+            # llhttp takes `GET /` (HTTP/0.9, headers and all) and `HTTP/2.0`
+            # in HTTP/1 syntax; neither can be forwarded as the HTTP/1.1
+            # request it is not, and a front end may frame them otherwise.
+            self.refusal = _Refused(
+                505, "version-not-supported", "only HTTP/1.1 and HTTP/1.0 are served"
+            )
+            raise self.refusal
         if http10 and self.chunked_in:
             # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has
             # faulty framing, whatever else it says; it is answered and the
