@@ -6,6 +6,7 @@ refused malformed names, so a name is compared with plain `in` on a frozenset.
 
 from __future__ import annotations
 
+import itertools
 from http import HTTPStatus
 
 # RFC 9110 section 7.6.1: hop-by-hop fields a proxy must not forward, plus the
@@ -57,8 +58,27 @@ CLIENT_FORGEABLE = frozenset(
         b"x-real-ip",
     }
 )
-# What is never copied from the client's own header lines.
-REQUEST_OWN = REQUEST_WRITTEN | CLIENT_FORGEABLE
+
+
+def _underscore_spellings(names: frozenset[bytes]) -> frozenset[bytes]:
+    """Each of `names` with some or all of its dashes written as underscores."""
+    out: set[bytes] = set()
+    for name in names:
+        parts = name.split(b"-")
+        for seps in itertools.product((b"-", b"_"), repeat=len(parts) - 1):
+            spelled = parts[0] + b"".join(sep + part for sep, part in zip(seps, parts[1:]))
+            if spelled != name:
+                out.add(spelled)
+    return frozenset(out)
+
+
+# What is never copied from the client's own header lines: those, and their
+# underscore spellings, which CGI-style servers (WSGI, PHP, Rack) read as the
+# same header (`X_Forwarded_For` and `X-Forwarded-For` are both
+# HTTP_X_FORWARDED_FOR), so that a client could forge what meshgate writes.
+REQUEST_OWN = (
+    REQUEST_WRITTEN | CLIENT_FORGEABLE | _underscore_spellings(REQUEST_WRITTEN | CLIENT_FORGEABLE)
+)
 
 
 def _status_line(code: int) -> bytes:
