@@ -136,7 +136,9 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
         self.bytes_in += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # (HttpParserUpgrade is not an HttpParserError: a 101 nobody asked
+            # for escaped to the event loop, which closed the transport.)
             self.keep_alive = False
             if isinstance(exc, httptools.HttpParserUpgrade):
                 reason = "the upstream switched protocols unasked"
