@@ -491,7 +491,15 @@ class ProxyExchange(UpstreamAttempt):
             parts[0] = status_line(self.status)
             parts = phase.apply_parts(parts)
         if conn.no_body or status in NO_BODY_STATUS:
-            pass
+            if status == 204 and conn.has_length:
+                # RFC 9110 8.6: a 204 has no Content-Length. Forwarded, it
+                # would have a client that believes it wait for a body that
+                # is the next response (the upstream's bytes are dropped).
+                kept = [parts[0]]
+                for i in range(1, len(parts), 4):
+                    if parts[i] != b"content-length":
+                        kept += parts[i : i + 4]
+                parts = kept
         elif not conn.has_length:
             if not conn.chunked:
                 # Neither length nor chunked: the body ends when the upstream
