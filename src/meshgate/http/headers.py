@@ -66,7 +66,9 @@ def _underscore_spellings(names: frozenset[bytes]) -> frozenset[bytes]:
     for name in names:
         parts = name.split(b"-")
         for seps in itertools.product((b"-", b"_"), repeat=len(parts) - 1):
-            spelled = parts[0] + b"".join(sep + part for sep, part in zip(seps, parts[1:]))
+            spelled = parts[0] + b"".join(
+                sep + part for sep, part in zip(seps, parts[1:], strict=True)
+            )
             if spelled != name:
                 out.add(spelled)
     return frozenset(out)
