@@ -35,6 +35,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "browser: drives the dashboard in a real Chromium (Playwright); `pytest -m browser` "
         "runs them alone, `-m 'not browser'` skips them",
     )
+    config.addinivalue_line(
+        "markers",
+        "adversarial: raw-socket attacks on the real gateway (tests/adversarial/, issue 16); "
+        "`pytest -m adversarial` runs them alone, `-m 'not adversarial'` skips them",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
