@@ -330,3 +330,34 @@ def test_with_a_token_the_page_sends_it_and_streams_with_fetch(
         assert page.locator("#conn").get_attribute("data-state") == "live"
         errors.check()
         page.context.close()
+
+
+def test_the_header_says_where_the_numbers_come_from(
+    browser: Any, api: FixtureApi, state: dict[str, Any]
+) -> None:
+    """`metrics_source`: the proxies' reports, or a Prometheus, and whether
+    that Prometheus answers (docs/dashboard-api.md)."""
+    page, errors = open_dashboard(browser, api.url)
+    api.wait_streams(1)
+    source = page.locator("#metrics-source")
+    eventually(lambda: source.inner_text() == "proxy reports", 10, "reports by default")
+    later = copy.deepcopy(state)
+    later["metrics_source"] = {
+        "kind": "prometheus",
+        "url": "http://127.0.0.1:9090",
+        "healthy": False,
+        "last_error": "connection refused",
+    }
+    api.push(later)
+    eventually(
+        lambda: source.inner_text() == "Prometheus (failing: connection refused)",
+        10,
+        "a failing Prometheus is shown",
+    )
+    assert source.get_attribute("data-state") == "failing"
+    assert source.get_attribute("title") == "http://127.0.0.1:9090"
+    later["metrics_source"] = {"kind": "prometheus", "url": "http://127.0.0.1:9090", "healthy": True}
+    api.push(later)
+    eventually(lambda: source.inner_text() == "Prometheus (answering)", 10, "it answers again")
+    assert source.get_attribute("data-state") == "ok"
+    errors.check()

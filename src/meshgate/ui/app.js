@@ -754,6 +754,16 @@
     $("trust-domain").textContent = st.trust_domain || "—";
     $("window").textContent = (st.window || "—") + (st.counts_window ? " (counts " + st.counts_window + ")" : "");
     $("updated").textContent = fmtTime(st.generated_at);
+    const src = st.metrics_source || { kind: "reports" };
+    const el = $("metrics-source");
+    if (src.kind === "prometheus") {
+      el.textContent = "Prometheus " + (src.healthy ? "(answering)" : "(failing: " + (src.last_error || "no answer yet") + ")");
+      el.title = src.url || "";
+    } else {
+      el.textContent = st.scope === "gateway" ? "this gateway's counters" : "proxy reports";
+      el.title = "";
+    }
+    el.setAttribute("data-state", src.kind === "prometheus" && !src.healthy ? "failing" : "ok");
   }
 
   function apply(st) {
