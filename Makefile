@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= src/meshgate/demo/seed.yaml
 
-.PHONY: demo test lint fmt bench check clean
+.PHONY: demo test fuzz lint fmt bench check clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The fuzz harnesses of tests/fuzz at length: MESHGATE_FUZZ_EXAMPLES random
+# examples per test (`make test` runs them briefly, derandomized), with no
+# per-test timeout. See docs/fuzzing.md.
+MESHGATE_FUZZ_EXAMPLES ?= 10000
+fuzz: $(STAMP)
+	MESHGATE_FUZZ_EXAMPLES=$(MESHGATE_FUZZ_EXAMPLES) $(PY) -m pytest -q -o timeout=0 tests/fuzz
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
