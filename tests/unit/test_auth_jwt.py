@@ -535,11 +535,11 @@ def test_cache_rechecks_time_on_every_hit() -> None:
     v = verifier(public_key=pem(RSA_KEY), leeway=0)
     tok = token(RSA_KEY, "RS256", claims(exp=int(NOW) + 10, nbf=int(NOW) - 10))
     assert v.verify(tok, now=NOW)
-    assert tok in v._cache
+    assert tok in v.cache
     assert v.verify(tok, now=NOW + 5)
     assert_invalid(v, tok, "the token is not valid yet", now=NOW - 20)
     assert_invalid(v, tok, "the token has expired", now=NOW + 10)
-    assert tok not in v._cache
+    assert tok not in v.cache
 
 
 def test_cache_returns_copies() -> None:
@@ -550,29 +550,112 @@ def test_cache_returns_copies() -> None:
     assert v.verify(tok, now=NOW)["sub"] == "alice"
 
 
-def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import meshgate.auth.jwt as mod
-
-    monkeypatch.setattr(mod, "CACHE_SIZE", 8)
-    v = verifier(secret=SECRET)
+def test_cache_is_bounded_least_recently_used_first_out() -> None:
+    v = verifier(secret=SECRET, cache_size=8)
     tokens = [token(SECRET, "HS256", claims(n=i)) for i in range(20)]
-    for t in tokens:
+    for t in tokens[:8]:
         v.verify(t, now=NOW)
-    assert len(v._cache) <= 8
-    assert tokens[-1] in v._cache and tokens[0] not in v._cache
+    v.verify(tokens[0], now=NOW)  # used again: the last to go
+    for t in tokens[8:]:
+        v.verify(t, now=NOW)
+    assert len(v.cache) == 8
+    assert tokens[-1] in v.cache and tokens[1] not in v.cache
+    assert tokens[0] not in v.cache  # 12 newer ones pushed it out too
+    v2 = verifier(secret=SECRET, cache_size=2)
+    a, b, c = tokens[:3]
+    for t in (a, b, a, c):
+        v2.verify(t, now=NOW)
+    assert a in v2.cache and c in v2.cache and b not in v2.cache
+
+
+def test_cache_size_zero_verifies_every_time() -> None:
+    v = verifier(public_key=pem(RSA_KEY), cache_size=0)
+    tok = token(RSA_KEY, "RS256")
+    assert v.verify(tok, now=NOW) == v.verify(tok, now=NOW)
+    assert len(v.cache) == 0 and v.cache.hits == 0
+
+
+def test_cache_hits_skip_the_signature_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    v = verifier(public_key=pem(RSA_KEY))
+    tok = token(RSA_KEY, "RS256")
+    calls = []
+    real = JwtVerifier._signed_by
+    monkeypatch.setattr(
+        JwtVerifier, "_signed_by", staticmethod(lambda *a: calls.append(1) or real(*a))
+    )
+    for _ in range(5):
+        assert v.verify(tok, now=NOW)["sub"] == "alice"
+    assert len(calls) == 1
+    assert (v.cache.hits, v.cache.misses) == (4, 1)
+
+
+def test_cache_entry_ends_at_exp() -> None:
+    v = verifier(secret=SECRET, leeway=5)
+    tok = token(SECRET, "HS256", claims(exp=int(NOW) + 60))
+    assert v.verify(tok, now=NOW)
+    assert v.cache.get(tok, NOW + 64.9) is not None
+    assert v.cache.get(tok, NOW + 65) is None  # exp + leeway: gone
+    assert tok not in v.cache
+    assert_invalid(v, tok, "the token has expired", now=NOW + 65)
+    assert tok not in v.cache
+
+
+def test_cache_entry_ends_after_max_age_without_exp() -> None:
+    v = verifier(public_key=pem(RSA_KEY))
+    tok = token(RSA_KEY, "RS256", claims(exp=None, iat=None))
+    assert v.verify(tok, now=NOW)
+    assert v.verify(tok, now=NOW + 299)
+    assert v.cache.hits == 1
+    assert v.verify(tok, now=NOW + 300)  # verified again, then cached again
+    assert (v.cache.hits, v.cache.misses) == (1, 2)
+    assert v.cache.get(tok, NOW + 599) is not None
+
+
+def test_a_token_not_valid_yet_is_never_cached() -> None:
+    v = verifier(secret=SECRET, leeway=0)
+    tok = token(SECRET, "HS256", claims(nbf=int(NOW) + 60, exp=int(NOW) + 600))
+    assert_invalid(v, tok, "the token is not valid yet")
+    assert tok not in v.cache
+    # Once it is valid, it is verified (and cached) as any other.
+    assert v.verify(tok, now=NOW + 60)
+    assert tok in v.cache
+    # A clock that goes back is still held to nbf on a hit.
+    assert_invalid(v, tok, "the token is not valid yet", now=NOW + 30)
+    assert tok not in v.cache
+
+
+def test_cache_key_is_the_whole_token() -> None:
+    v = verifier(public_key=pem(RSA_KEY))
+    tok = token(RSA_KEY, "RS256")
+    assert v.verify(tok, now=NOW)
+    head, payload, sig = tok.split(".")
+    forged = f"{head}.{payload}.{sig[:-2]}{'AA' if sig[-2:] != 'AA' else 'BA'}"
+    assert_invalid(v, forged, BAD_SIG)
+    assert forged not in v.cache
+
+
+def test_route_scopes_are_checked_on_cached_claims() -> None:
+    v = verifier(secret=SECRET)
+    tok = token(SECRET, "HS256", claims(scope="orders:read"))
+    JwtVerifier.check_claims(v.verify(tok, now=NOW), ["orders:read"], [])
+    cached = v.verify(tok, now=NOW)
+    assert v.cache.hits == 1
+    with pytest.raises(AuthError) as info:
+        JwtVerifier.check_claims(cached, ["orders:write"], [])
+    assert (info.value.status, info.value.error) == (403, "insufficient_scope")
 
 
 def test_cache_is_dropped_when_the_key_set_changes() -> None:
     j = jwks_verifier(jwk(RSA_KEY, "a"), jwk(RSA_KEY_2, "b"))
     tok = token(RSA_KEY, "RS256", kid="a")
     assert j.verify(tok, now=NOW)
-    assert tok in j._cache
+    assert tok in j.cache
     # the same set again: the cache stays
     j._apply_jwks(orjson.dumps({"keys": [jwk(RSA_KEY_2, "b"), jwk(RSA_KEY, "a")]}))
-    assert tok in j._cache
+    assert tok in j.cache
     # key a is withdrawn: its tokens stop verifying at once
     j._apply_jwks(orjson.dumps({"keys": [jwk(RSA_KEY_2, "b")]}))
-    assert not j._cache
+    assert not j.cache
     j._refetch_at = time.monotonic() + 60
     assert_invalid(j, tok, "the token's key id is unknown")
 
@@ -581,7 +664,7 @@ def test_bad_tokens_are_not_cached() -> None:
     v = verifier(secret=SECRET, issuer="i")
     tok = token(SECRET, "HS256", claims(iss="j"))
     refused(v, tok)
-    assert not v._cache
+    assert not v.cache
 
 
 # ---------------------------------------------------------------------------

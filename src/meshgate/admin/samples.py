@@ -120,6 +120,8 @@ def runtime_samples(runtime: Runtime, seen_pools: set[int] | None = None) -> Sam
                 add("meshgate_fault_injected_total", (label, kind), n)
     for verifier in filters.verifiers:
         add("meshgate_jwks_fetches_total", (verifier.name,), verifier.fetches)
+        add("meshgate_jwt_cache_lookups_total", (verifier.name, "hit"), verifier.cache.hits)
+        add("meshgate_jwt_cache_lookups_total", (verifier.name, "miss"), verifier.cache.misses)
     for route in runtime.router.routes:
         splitter = route.target.splitter
         if splitter is not None:

@@ -1,1 +1,2 @@
-"""Credential verification used by the auth filter (see `meshgate.auth.jwt`)."""
+"""Credential verification used by the auth filter: `jwt` (JWT verification,
+JWKS fetch and refresh) and `jwtcache` (the tokens it verified)."""

@@ -21,9 +21,11 @@ Security rules, all enforced here rather than left to a library default:
 * `exp`, `nbf` and `iat` are checked when present (with `leeway`), `iss` and
   `aud` when the config names them.
 
-Verified tokens are cached (token -> claims, bounded, cleared whenever the key
-set changes; `exp`/`nbf` are checked again on every hit), so a client that
-repeats its token costs a dict lookup instead of an RSA verification.
+Verified tokens are cached (`auth.jwtcache`: token -> claims, LRU-bounded by
+`cache_size`, each entry until the token's `exp` or 5 minutes, cleared
+whenever the key set changes; `exp`/`nbf` are checked again on every hit), so
+a client that repeats its token costs a dict lookup instead of an RSA
+verification.
 
 An unknown `kid` makes `verify()` raise `UnknownKeyId` when a JWKS refetch is
 allowed right now; `verify_async()` then refetches (single-flight, at most once
@@ -65,6 +67,7 @@ from jwt import PyJWK
 from jwt.algorithms import Algorithm, get_default_algorithms
 from jwt.exceptions import PyJWTError
 
+from meshgate.auth.jwtcache import TokenCache
 from meshgate.config.schema import JwtAuthConfig
 
 __all__ = ["AuthError", "JwtVerifier", "UnknownKeyId"]
@@ -85,8 +88,6 @@ _ALGORITHMS: dict[str, Algorithm] = {
 _JWK_CURVES = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
 
 MIN_RSA_BITS = 2048
-CACHE_SIZE = 4096
-"""Verified tokens kept per verifier."""
 MAX_CANDIDATES = 8
 """Keys tried for a token without `kid` (they all accept its algorithm)."""
 MAX_JWKS_BYTES = 1 << 20
@@ -414,7 +415,7 @@ class JwtVerifier:
         self._jwks_fingerprint: tuple[bytes, ...] | None = None
         self._by_kid: dict[str, tuple[_Key, ...]] = {}
         self._by_alg = self._static_by_alg
-        self._cache: dict[str, tuple[dict[str, Any], float | None, float | None, float | None]] = {}
+        self.cache = TokenCache(size=cfg.cache_size)
 
         # JWKS fetching state
         self._opener = urllib.request.build_opener(_NoDowngrade)
@@ -520,15 +521,14 @@ class JwtVerifier:
     def _verify(self, token: str, now: float, *, refetch: bool) -> dict[str, Any]:
         if len(token) > self._max_size:
             raise _invalid(TOO_LARGE)
-        cached = self._cache.get(token)
+        cached = self.cache.get(token, now)
         if cached is not None:
-            claims, exp, nbf, iat = cached
             try:
-                self._check_window(exp, nbf, iat, now)
+                self._check_window(cached.exp, cached.nbf, cached.iat, now)
             except AuthError:
-                self._cache.pop(token, None)
+                self.cache.discard(token)
                 raise
-            return dict(claims)
+            return dict(cached.claims)
 
         m = _JWS_RE.fullmatch(token)
         if m is None:
@@ -585,11 +585,7 @@ class JwtVerifier:
             if not ok:
                 raise _invalid(BAD_AUDIENCE)
 
-        cache = self._cache
-        if len(cache) >= CACHE_SIZE:
-            with contextlib.suppress(StopIteration, KeyError):
-                del cache[next(iter(cache))]  # the oldest entry
-        cache[token] = (claims, exp, nbf, iat)
+        self.cache.put(token, claims, exp=exp, nbf=nbf, iat=iat, leeway=self._leeway, now=now)
         return dict(claims)
 
     def _check_window(
@@ -652,7 +648,7 @@ class JwtVerifier:
         self._jwks_fingerprint = fingerprint
         self._by_kid = {kid: tuple(found) for kid, found in by_kid.items()}
         self._by_alg = self._index_by_alg([*self._static, *keys])
-        self._cache.clear()
+        self.cache.clear()
         return True
 
     def _load_jwk(self, jwk: Any) -> _Key | None:

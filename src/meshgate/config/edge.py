@@ -185,6 +185,10 @@ class JwtAuthConfig(_Model):
     consumer_claim: str = "sub"
     """The claim matched against each consumer's `jwt_subjects`."""
     max_token_size: Size = 8192
+    cache_size: int = Field(default=10_000, ge=0)
+    """Verified tokens remembered per worker (least recently used first out;
+    0: verify every request). An entry lasts until the token's `exp`, or 5
+    minutes, and a JWKS rotation drops them all."""
 
     @model_validator(mode="after")
     def _check_keys(self) -> JwtAuthConfig:

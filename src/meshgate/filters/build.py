@@ -110,8 +110,12 @@ class FilterServices:
             await asyncio.gather(*starting)
 
     async def activate(self, used: CompiledFilters) -> None:
-        """`prepare`, then close what `used` does not use."""
+        """`prepare`, then close what `used` does not use. The verifiers kept
+        forget the tokens they verified: after a reload a token is checked
+        again, once, under the config now served."""
         await self.prepare(used)
+        for verifier in used.verifiers:
+            verifier.cache.clear()
         keep = {id(v) for v in used.verifiers} | {id(r) for r in used.limiters}
         closing = []
         for key, verifier in list(self.verifiers.items()):

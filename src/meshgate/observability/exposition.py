@@ -206,6 +206,12 @@ SPECS: dict[str, Spec] = {
     "meshgate_jwks_fetches_total": Spec(
         "counter", "JWKS fetch attempts, per auth entry.", ("auth",)
     ),
+    "meshgate_jwt_cache_lookups_total": Spec(
+        "counter",
+        "Bearer tokens looked up in a jwt entry's verified-token cache: hit (no signature"
+        " check), or miss.",
+        ("auth", "outcome"),
+    ),
     "meshgate_split_requests_total": Spec(
         "counter",
         "Requests a route with split: sent to each upstream (canary matches included).",
