@@ -7,11 +7,14 @@ CONFIG ?= src/meshgate/demo/seed.yaml
 
 .PHONY: demo test fuzz lint fmt bench check clean
 
+# The lock pins setuptools (75.8: bdist_wheel built in, as the editable build
+# needs), so meshgate is built with it, in the venv, at the first try; pip
+# checks pyproject's build requirement rather than failing on an old one.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
-		|| $(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
+		--check-build-dependencies -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
