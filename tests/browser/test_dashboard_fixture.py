@@ -356,7 +356,11 @@ def test_the_header_says_where_the_numbers_come_from(
     )
     assert source.get_attribute("data-state") == "failing"
     assert source.get_attribute("title") == "http://127.0.0.1:9090"
-    later["metrics_source"] = {"kind": "prometheus", "url": "http://127.0.0.1:9090", "healthy": True}
+    later["metrics_source"] = {
+        "kind": "prometheus",
+        "url": "http://127.0.0.1:9090",
+        "healthy": True,
+    }
     api.push(later)
     eventually(lambda: source.inner_text() == "Prometheus (answering)", 10, "it answers again")
     assert source.get_attribute("data-state") == "ok"

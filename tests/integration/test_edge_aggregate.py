@@ -47,6 +47,7 @@ CUSTOMER_NAMES = {
     "Zoë 1+1": "Zoë",
 }
 SLOW = 1.5
+DEEP = 400
 """How long the slow paths take to answer: past every deadline they meet."""
 KEY_ALICE = "mg_alice_" + "a1" * 16
 
@@ -80,6 +81,9 @@ def _envelope(req: JsonRequest) -> tuple[int, Any]:
         return 200, {"data": {"invoice": {"no": "INV-7", "paid": False}, "a/b": "slash-key"}}
     if req.path.startswith("/list/"):
         return 200, [1, 2, 3]
+    if req.path.startswith("/deep/"):
+        # Deeper than orjson encodes (254 levels), which it still parses.
+        return 200, Raw(b'{"d":' + b"[" * DEEP + b"1" + b"]" * DEEP + b"}", "application/json")
     return 404, {"error": "no"}
 
 
@@ -226,6 +230,7 @@ def _config(apis: Apis) -> dict[str, Any]:
                 _b("envelope-service", "/wrapped/{id}", "escaped", target="/data/a~1b"),
                 ORDER,
             ),
+            _agg("/api/deep/{id}", ORDER, _b("envelope-service", "/deep/{id}", "deep")),
             _agg(
                 "/api/merged-bad/{id}",
                 ORDER,
@@ -712,6 +717,19 @@ def test_merge_backend_and_target_pointers(proxy: ProxyProcess, apis: Apis) -> N
         "order": ORDERS["o-1"],
     }
     assert sorted(apis.envelope.paths) == ["/profiles/o-1", "/wrapped/o-1", "/wrapped/o-1"]
+
+
+def test_a_backend_document_nested_deeper_than_orjson_encodes_is_composed(
+    proxy: ProxyProcess,
+) -> None:
+    r = _get(proxy, "/api/deep/o-1")
+    assert r.status == 200, r.describe()
+    doc = _json(r)
+    assert doc["order"] == ORDERS["o-1"]
+    node, depth = doc["deep"]["d"], 0
+    while isinstance(node, list):
+        node, depth = node[0], depth + 1
+    assert (node, depth) == (1, DEEP)
 
 
 def test_merge_of_a_non_object_and_a_missing_pointer_are_reported(

@@ -43,7 +43,7 @@ from meshgate.handlers.transform import apply_edits
 from meshgate.http.headers import phrase
 from meshgate.http.problem import PROBLEM_BASE
 from meshgate.http.router import route_params
-from meshgate.transform.jsonmap import MISSING, lookup, parse_pointer, path_of
+from meshgate.transform.jsonmap import MISSING, NotJson, encode, lookup, parse_pointer, path_of
 from meshgate.upstream.client import UpstreamFailure, send
 
 if TYPE_CHECKING:
@@ -486,4 +486,8 @@ class Aggregator:
             self.partial += 1
         else:
             self.complete += 1
-        return HandlerResponse(200, headers, orjson.dumps(doc))
+        try:
+            body = encode(doc)  # a backend's document may nest deeper than orjson encodes
+        except NotJson as exc:
+            return problem(502, "backend-not-json", str(exc), req.request_id)
+        return HandlerResponse(200, headers, body)

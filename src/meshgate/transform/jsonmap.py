@@ -520,6 +520,16 @@ def _drop_nulls(doc: Json) -> None:
             stack.extend(sub for sub in node if isinstance(sub, _CONTAINERS))
 
 
+def encode(doc: Json) -> bytes:
+    """A document as compact JSON: orjson, or the standard library for one
+    nested deeper than orjson encodes (`NotJson` past Python's recursion
+    limit)."""
+    try:
+        return orjson.dumps(doc)
+    except TypeError:  # orjson.JSONEncodeError: nested deeper than orjson encodes
+        return _encode_deep(doc)
+
+
 def _encode_deep(doc: Json) -> bytes:
     """orjson refuses documents nested deeper than 254 levels (it parses up
     to 1024): the standard library encodes those."""
@@ -632,8 +642,4 @@ class JsonMap:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as e:
             raise NotJson(f"not JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-        out = self.apply(doc)
-        try:
-            return orjson.dumps(out)
-        except TypeError:  # orjson.JSONEncodeError: nested deeper than orjson encodes
-            return _encode_deep(out)
+        return encode(self.apply(doc))
