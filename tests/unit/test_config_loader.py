@@ -885,3 +885,17 @@ def test_an_endpoint_identity_must_be_a_spiffe_id(tmp_path: Path) -> None:
     problem = only_problem(path)
     assert problem.line == 4
     assert "is not a SPIFFE ID" in problem.message
+
+
+def test_an_unknown_field_in_mesh_yaml_lists_the_mesh_fields_allowed_there() -> None:
+    """The "allowed here" list is the mesh file's model's, not the gateway
+    config's (a `control:` block has listen, store..., not routes)."""
+    text = "trust_domain: example.org\ncontrol:\n  bogus: 1\n  listen: 127.0.0.1:15012\n"
+    with pytest.raises(ConfigError) as info:
+        load_mesh_text(text, "mesh.yaml")
+    (problem,) = info.value.problems
+    assert (problem.file, problem.line, problem.field) == ("mesh.yaml", 3, "control.bogus")
+    assert "unknown field 'bogus'" in problem.message
+    allowed = problem.message.split("allowed here: ")[1]
+    assert "listen" in allowed and "store" in allowed and "metrics_source" in allowed
+    assert "routes" not in allowed and "upstreams" not in allowed

@@ -39,7 +39,7 @@ from yaml.error import Mark
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
-from meshgate.config.schema import Config, CrossReferenceError
+from meshgate.config.schema import CrossReferenceError
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -192,8 +192,8 @@ def load_model_text(
         try:
             value = model.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(_Explainer(filename, data, builder).explain(exc)) from None
-        return value, SourceMap(filename, data, builder)
+            raise ConfigError(_Explainer(filename, data, builder, model).explain(exc)) from None
+        return value, SourceMap(filename, data, builder, model)
     except RecursionError:
         raise _file_error(filename, "the document is nested too deeply") from None
 
@@ -203,9 +203,11 @@ class SourceMap:
     validation: what they find is named by file, line and field as a
     validation error is."""
 
-    def __init__(self, filename: str, data: dict[str, Any], builder: _Builder) -> None:
+    def __init__(
+        self, filename: str, data: dict[str, Any], builder: _Builder, model: type[BaseModel]
+    ) -> None:
         self.filename = filename
-        self._explainer = _Explainer(filename, data, builder)
+        self._explainer = _Explainer(filename, data, builder, model)
 
     def has(self, path: Sequence[str | int]) -> bool:
         """Whether the file has a mark for the field at `path`."""
@@ -557,8 +559,12 @@ def _has_child(data: Any, elem: str | int) -> bool:
 
 
 class _Explainer:
-    def __init__(self, filename: str, data: dict[str, Any], builder: _Builder) -> None:
+    def __init__(
+        self, filename: str, data: dict[str, Any], builder: _Builder, model: type[BaseModel]
+    ) -> None:
         self.filename = filename
+        self.model = model
+        """The file's top-level model: where the fields allowed at a path are looked up."""
         self.data = data
         self.marks = builder.marks
         self.key_marks = builder.key_marks
@@ -649,7 +655,7 @@ class _Explainer:
             line, column = self._mark_for(path, key=True)
             name = str(path[-1]) if path else "?"
             message = f"unknown field {name!r}"
-            allowed = _allowed_fields(loc[:-1])
+            allowed = _allowed_fields(self.model, loc[:-1])
             if allowed:
                 close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
                 if close:
@@ -718,9 +724,10 @@ def _is_model(t: Any) -> bool:
     return isinstance(t, type) and issubclass(t, BaseModel)
 
 
-def _allowed_fields(loc: Sequence[str | int]) -> list[str]:
-    """The field names of the model at `loc` (skipping pydantic's tags), if one is there."""
-    candidates: list[Any] = [Config]
+def _allowed_fields(root: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
+    """The field names of the model at `loc` in `root` (skipping pydantic's
+    tags), if one is there."""
+    candidates: list[Any] = [root]
     for elem in loc:
         following: list[Any] = []
         for t in _unwrap(candidates):
