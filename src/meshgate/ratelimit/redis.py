@@ -48,6 +48,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 
 from meshgate.config.schema import RedisConfig, redact_url
 from meshgate.ratelimit import Decision, LimitSpec
+from meshgate.ratelimit.resp import RespConnection, RespError, RespFailure, command
 
 __all__ = ["GCRA_LUA", "SLIDING_WINDOW_LUA", "RedisLimiter", "RedisTarget", "parse_redis_url"]
 
@@ -256,6 +257,10 @@ def parse_redis_url(url: str) -> RedisTarget:
     )
 
 
+def _ignore(reply: Any) -> None:
+    """A SCRIPT LOAD's reply: the EVALSHA after it says whether it worked."""
+
+
 # What "Redis could not answer" looks like. RedisClusterException is not a
 # RedisError; TimeoutError is asyncio.timeout's.
 _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
@@ -300,6 +305,15 @@ class RedisLimiter:
             "gcra": self._gcra.sha.encode(),
             "sliding_window": self._sliding.sha.encode(),
         }
+        # One server: decisions go through a pipelined connection of our
+        # own (`resp`); sentinel and cluster stay with redis-py.
+        self._resp: RespConnection | None = None
+        if parse_redis_url(cfg.url).kind == "url":
+            self._resp = RespConnection(cfg.url, cfg.timeout)
+        self._commands: dict[LimitSpec, tuple[bytes, bytes, bytes]] = {}
+        """Per limit: its EVALSHA's head and tail (only the key changes),
+        and its script's SCRIPT LOAD (for a server that lost it)."""
+        self._prefix_bytes = cfg.key_prefix.encode()
 
     def _build_client(self, cfg: RedisConfig) -> Redis | RedisCluster:
         target = parse_redis_url(cfg.url)
@@ -366,9 +380,28 @@ class RedisLimiter:
             )
         return _reply(raw)
 
+    def _command(self, spec: LimitSpec) -> tuple[bytes, bytes, bytes]:
+        """`_commands[spec]`, made the first time a limit is decided."""
+        got = self._commands.get(spec)
+        if got is None:
+            args: tuple[int, ...]
+            if spec.algorithm == "gcra":
+                sha, lua, args = self._shas["gcra"], GCRA_LUA, (spec.interval_us, spec.burst)
+            else:
+                sha, lua = self._shas["sliding_window"], SLIDING_WINDOW_LUA
+                args = (spec.tick_us, spec.period_ticks, spec.limit)
+            full = command(b"EVALSHA", sha, b"1", b"\0", *(b"%d" % a for a in args))
+            head, _, tail = full.partition(b"$1\r\n\0\r\n")
+            # The head's element count is right already: the key is one bulk.
+            got = (head, tail, command(b"SCRIPT", b"LOAD", lua.encode()))
+            self._commands[spec] = got
+        return got
+
     async def decide(self, key: str, spec: LimitSpec) -> Decision | None:
         """The decision for `key`, or None when Redis could not answer
         within `cfg.timeout` (or is being skipped after a failure)."""
+        if self._resp is not None:
+            return await self._decide_resp(self._resp, key, spec)
         probe = False
         if self._down:
             if self._probing or time.monotonic() < self._retry_at:
@@ -403,6 +436,61 @@ class RedisLimiter:
             self.errors += 1
             log.warning("rate limit store redis refused a decision: %s", exc)
             return None
+        except _FAILURES as exc:
+            self.errors += 1
+            self._failed(exc, epoch)
+            return None
+        finally:
+            if probe:
+                self._probing = False
+        if probe and self._down and self._epoch == epoch:
+            self._down = False
+            self._epoch += 1
+            log.info("rate limit store redis answers again; redis limits are enforced again")
+        return Decision(bool(allowed), remaining, reset_us / 1e6, retry_us / 1e6, spec.limit)
+
+    async def _decide_resp(
+        self, resp: RespConnection, key: str, spec: LimitSpec
+    ) -> Decision | None:
+        """`decide` through the pipelined connection: the EVALSHA goes with
+        this turn's others; a NOSCRIPT answer (a restarted server) loads the
+        script and runs it again, once (a NOSCRIPT call did not run)."""
+        probe = False
+        if self._down:
+            if self._probing or time.monotonic() < self._retry_at:
+                self.skipped += 1
+                return None
+            self._probing = probe = True
+        epoch = self._epoch
+        name = self._prefix_bytes + key.encode("latin-1")
+        head, tail, load = self._command(spec)
+        cmd = b"%s$%d\r\n%s\r\n%s" % (head, len(name), name, tail)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        retried = False
+
+        def settle(reply: Any) -> None:
+            nonlocal retried
+            if fut.done():
+                return
+            if isinstance(reply, RespError) and not retried and str(reply).startswith("NOSCRIPT"):
+                retried = True
+                resp.submit(load, _ignore)
+                resp.submit(cmd, settle)
+                return
+            fut.set_result(reply)
+
+        resp.submit(cmd, settle)
+        try:
+            reply = await fut
+            if isinstance(reply, RespError):
+                # This call's own error (OOM, a key of another type): the server
+                # answers, so it is not marked down for everyone.
+                self.errors += 1
+                log.warning("rate limit store redis refused a decision: %s", reply)
+                return None
+            if isinstance(reply, BaseException):
+                raise reply
+            allowed, remaining, reset_us, retry_us = _reply(reply)
         except _FAILURES as exc:
             self.errors += 1
             self._failed(exc, epoch)
@@ -508,7 +596,8 @@ class RedisLimiter:
         if isinstance(exc, TimeoutError) and not isinstance(exc, RedisError):
             reason = f"no answer within {self._timeout:g}s"
         else:
-            reason = f"{type(exc).__name__}: {exc}"
+            kind = "ConnectionError" if isinstance(exc, RespFailure) else type(exc).__name__
+            reason = f"{kind}: {exc}"
         log.warning(
             "rate limit store redis is down (%s); redis limits apply on_store_error "
             "and redis is retried every %gs",
@@ -519,6 +608,8 @@ class RedisLimiter:
     async def close(self) -> None:
         """Fail what is queued, stop the batches in flight, and close the
         connections (and the sentinels')."""
+        if self._resp is not None:
+            await self._resp.close()
         batch, self._batch = self._batch, []
         for _, fut in batch:
             if not fut.done():
