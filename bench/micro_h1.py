@@ -12,7 +12,7 @@ event loop, so it is the number to watch while optimising (profile with
 `off` (no request series, no access log), `metrics` (the default), `default`
 (metrics and the JSON access log, to /dev/null, formatted on the "loop" every
 256 requests as the worker does), `trace0` and `trace1` (the default plus
-tracing at 0% and 1%, exporting to a closed port: the spans are dropped).
+tracing at 0%, 1% and 100%, exporting to a closed port: the spans are dropped).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class MemTransport:
         self.closing = True
 
 
-OBS = ("off", "metrics", "default", "trace0", "trace1")
+OBS = ("off", "metrics", "default", "trace0", "trace1", "trace100")
 
 
 async def main(n: int, profile: bool, obs: str = "metrics") -> None:
@@ -103,7 +103,7 @@ async def main(n: int, profile: bool, obs: str = "metrics") -> None:
         access = AccessLog(time.monotonic, state.hub)
         access.apply(AccessLogConfig(path="/dev/null"))
     if obs.startswith("trace"):
-        ratio = 0.0 if obs == "trace0" else 0.01
+        ratio = {"trace0": 0.0, "trace1": 0.01}.get(obs, 1.0)
         state.tracing = Tracing.from_config(
             TracingConfig(endpoint="http://127.0.0.1:9/v1/traces", sample_ratio=ratio), state.hub
         )

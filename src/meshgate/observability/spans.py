@@ -1,12 +1,14 @@
-"""The OpenTelemetry SDK's pipeline, as meshgate feeds it: a TracerProvider,
-a BatchSpanProcessor and an OTLP/HTTP exporter (`SpanSink`).
+"""The OpenTelemetry SDK's pipeline, as meshgate feeds it: a
+BatchSpanProcessor and an OTLP/HTTP exporter (`SpanSink`).
 
 The sampling decision is made before anything here is called
 (`tracing.Tracing.begin`), and the ids too: a try's span id goes out in its
-`traceparent` before the span exists. So the provider samples everything
-it is given (`ALWAYS_ON`), its id generator hands out the ids meshgate
-chose (`_GivenIds`), and each span is made and ended at once, with its
-explicit parent, start and end times (`SpanSink.emit`).
+`traceparent` before the span exists, and a span is known only once it has
+ended. So no Tracer makes spans here: each finished span is an SDK
+`ReadableSpan` made at once, with meshgate's ids, its explicit parent, start
+and end times, and handed to the processor (`SpanSink.emit`). The Tracer's
+path (a live Span, its attributes cleaned one by one, a lock, the span
+processors' dispatch) cost about 60 µs per span, on the event loop.
 
 The exporter runs on the processor's own thread; `SpanCounts` counts what
 it sent and what was dropped (export failures, a full queue, spans ended
@@ -21,36 +23,27 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import (
-    NonRecordingSpan,
-    SpanContext,
-    SpanKind,
-    Status,
-    StatusCode,
-    TraceFlags,
-    set_span_in_context,
-)
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 __all__ = ["SpanCounts", "SpanSink"]
 
 SERVER = SpanKind.SERVER
 CLIENT = SpanKind.CLIENT
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_ROOT = Context()
-# Attributes come partly from the client (path, Host): bounded per span.
-_LIMITS = SpanLimits(max_attributes=64, max_attribute_length=1024, max_events=0, max_links=0)
+# Attributes come partly from the client (path, Host): bounded per span
+# (their number is meshgate's own, a dozen or so).
+_MAX_VALUE = 1024
+_OK = Status(StatusCode.UNSET)
 
 
 class SpanCounts:
@@ -68,23 +61,6 @@ class SpanCounts:
                 [("dropped",), self.failed + self.queue_dropped],
             ]
         }
-
-
-class _GivenIds(IdGenerator):
-    """Hands the SDK the ids meshgate chose for the span it makes next."""
-
-    def __init__(self) -> None:
-        self.trace_id = 0
-        self.span_id = 0
-
-    def generate_span_id(self) -> int:
-        return self.span_id
-
-    def generate_trace_id(self) -> int:
-        return self.trace_id
-
-    def is_trace_id_random(self) -> bool:
-        return True
 
 
 class _CountingExporter(SpanExporter):
@@ -138,14 +114,8 @@ class SpanSink:
         self.handed = 0
         """Spans given to the processor (written on the loop's thread only)."""
         self.pushed_out = 0
-        self.ids = _GivenIds()
-        self.provider = TracerProvider(
-            sampler=ALWAYS_ON,
-            resource=Resource.create(dict(resource)),
-            id_generator=self.ids,
-            span_limits=_LIMITS,
-            shutdown_on_exit=False,
-        )
+        self.resource = Resource.create(dict(resource))
+        self.scope = InstrumentationScope("meshgate")
         exporter = OTLPSpanExporter(
             endpoint=endpoint,
             timeout=timeout,
@@ -159,8 +129,6 @@ class SpanSink:
             schedule_delay_millis=schedule_delay * 1000,
             max_export_batch_size=max_batch,
         )
-        self.provider.add_span_processor(self.processor)
-        self.tracer = self.provider.get_tracer("meshgate")
 
     def emit(
         self,
@@ -188,24 +156,31 @@ class SpanSink:
             self.pushed_out += 1
             counts.queue_dropped += 1
         self.handed += 1
-        ids = self.ids
-        ids.trace_id = trace_id
-        ids.span_id = span_id
-        if parent_id:
-            parent = SpanContext(trace_id, parent_id, is_remote=remote_parent, trace_flags=_SAMPLED)
-            context = set_span_in_context(NonRecordingSpan(parent))
-        else:
-            context = _ROOT
-        span = self.tracer.start_span(
-            name,
-            context=context,
-            kind=SERVER if server else CLIENT,
-            attributes=attributes,
-            start_time=start_ns,
+        context = SpanContext(trace_id, span_id, is_remote=False, trace_flags=_SAMPLED)
+        parent = (
+            SpanContext(trace_id, parent_id, is_remote=remote_parent, trace_flags=_SAMPLED)
+            if parent_id
+            else None
         )
-        if error is not None:
-            span.set_status(Status(StatusCode.ERROR, error))
-        span.end(end_time=end_ns)
+        for key, value in attributes.items():
+            # Some values come from the client (path, Host): bounded, as the
+            # SDK's span limits would.
+            if type(value) is str and len(value) > _MAX_VALUE:
+                attributes[key] = value[:_MAX_VALUE]
+        self.processor.on_end(
+            ReadableSpan(
+                name,
+                context=context,
+                parent=parent,
+                resource=self.resource,
+                attributes=attributes,
+                kind=SERVER if server else CLIENT,
+                status=_OK if error is None else Status(StatusCode.ERROR, error),
+                start_time=start_ns,
+                end_time=end_ns,
+                instrumentation_scope=self.scope,
+            )
+        )
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued (for at most `timeout` seconds), then stop.
@@ -214,4 +189,4 @@ class SpanSink:
             return
         self.closed = True
         self.processor.force_flush(int(timeout * 1000))
-        self.provider.shutdown()
+        self.processor.shutdown()  # type: ignore[no-untyped-call]
