@@ -177,6 +177,10 @@ class ServerLimits(_Model):
     """An idle client connection is closed after this."""
     drain_timeout: Duration = 30.0
     """On SIGTERM, how long requests in flight may take to finish."""
+    max_response_header_bytes: Size = 61440
+    """All the header lines of an upstream's response head together (60 KiB,
+    Envoy's default); past it the client gets 502 and that upstream
+    connection is closed."""
     rate_limit_slots: int = Field(default=65536, ge=64, le=1 << 24)
     """Keys the shared table of `policy: local` limits holds (32 bytes each);
     a full table forgets the key closest to being refilled."""

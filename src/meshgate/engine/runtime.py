@@ -123,7 +123,11 @@ class Runtime:
     ) -> Runtime:
         """Compile `config`. A key file that cannot be read or parsed raises
         ValueError naming its `auth.<name>` entry."""
-        clusters = {name: Cluster(name, up, registry) for name, up in config.upstreams.items()}
+        head_limit = config.limits.max_response_header_bytes
+        clusters = {
+            name: Cluster(name, up, registry, head_limit=head_limit)
+            for name, up in config.upstreams.items()
+        }
         labels = [route.name or f"routes[{i}]" for i, route in enumerate(config.routes)]
         base_dir = pathlib.Path(source).resolve().parent if source else pathlib.Path.cwd()
         filters = compile_filters(config, services or FilterServices(), labels, base_dir=base_dir)

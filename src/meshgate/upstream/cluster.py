@@ -18,7 +18,7 @@ from meshgate.upstream import reachability
 from meshgate.upstream.balancer import BALANCERS, Balancer, Endpoint
 from meshgate.upstream.health import HealthChecker
 from meshgate.upstream.outlier import OutlierDetector
-from meshgate.upstream.pool import EndpointPool
+from meshgate.upstream.pool import DEFAULT_HEAD_LIMIT, EndpointPool
 from meshgate.upstream.retry import RetryBudget, RetryPolicy
 
 if TYPE_CHECKING:
@@ -47,7 +47,13 @@ class PoolRegistry:
         """This proxy's mesh identity, for endpoints that have one (mTLS)."""
 
     def get(
-        self, host: str, port: int, cfg: UpstreamConfig, identity: str | None = None
+        self,
+        host: str,
+        port: int,
+        cfg: UpstreamConfig,
+        identity: str | None = None,
+        *,
+        head_limit: int = DEFAULT_HEAD_LIMIT,
     ) -> EndpointPool:
         p = cfg.pool
         key = (
@@ -58,6 +64,7 @@ class PoolRegistry:
             p.max_idle,
             p.idle_timeout,
             cfg.timeouts.connect,
+            head_limit,
         )
         pool = self.pools.get(key)
         if pool is None:
@@ -72,6 +79,7 @@ class PoolRegistry:
                 batcher=self.batcher,
                 identity=identity,
                 tls=self.tls,
+                head_limit=head_limit,
             )
             self.pools[key] = pool
         return pool
@@ -121,11 +129,21 @@ class Cluster:
         "try_failures",
     )
 
-    def __init__(self, name: str, cfg: UpstreamConfig, registry: PoolRegistry) -> None:
+    def __init__(
+        self,
+        name: str,
+        cfg: UpstreamConfig,
+        registry: PoolRegistry,
+        *,
+        head_limit: int = DEFAULT_HEAD_LIMIT,
+    ) -> None:
         self.name = name
         self.config = cfg
         self.endpoints = tuple(
-            Endpoint(registry.get(ep.host, ep.port, cfg, ep.identity), ep.authority.encode("idna"))
+            Endpoint(
+                registry.get(ep.host, ep.port, cfg, ep.identity, head_limit=head_limit),
+                ep.authority.encode("idna"),
+            )
             for ep in cfg.endpoints
         )
         self.balancer: Balancer = BALANCERS[cfg.balancer](self.endpoints)

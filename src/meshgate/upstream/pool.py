@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 MAX_CONNECTING = 8
 """Connections one endpoint pool opens at once, at most."""
+DEFAULT_HEAD_LIMIT = 60 * 1024
+"""The header lines of one response head, in bytes, at most
+(`limits.max_response_header_bytes`)."""
 
 log = logging.getLogger("meshgate.upstream")
 
@@ -75,6 +78,8 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
         "closed",
         "drop",
         "has_length",
+        "head_limit",
+        "head_size",
         "idle_since",
         "in_body",
         "keep_alive",
@@ -86,6 +91,7 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
         "sink",
         "status",
         "transport",
+        "unmetered",
         "wbuf",
     )
 
@@ -110,6 +116,11 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
         self.chunked = False
         self.in_body = False
         self.drop: frozenset[bytes] | None = None
+        # The response head's size is counted per read, as the client side
+        # counts request heads (`protocol.h1`): exactly only past the limit.
+        self.head_limit = pool.head_limit
+        self.head_size = 0
+        self.unmetered = False
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -134,6 +145,8 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
             self.abort()
             return
         self.bytes_in += len(data)
+        if not self.in_body:
+            self.head_size += len(data)
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -142,6 +155,8 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
             self.keep_alive = False
             if isinstance(exc, httptools.HttpParserUpgrade):
                 reason = "the upstream switched protocols unasked"
+            elif isinstance(exc.__context__, HeadTooLarge):
+                reason = self._too_large()
             elif isinstance(exc.__context__, UnexpectedResponse):
                 log.warning("%s sent a response nobody asked for; closing", self.pool.address)
                 reason = "unexpected response from upstream"
@@ -159,7 +174,22 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
             return
         sink = self.sink
         if sink is not None:
+            if not self.in_body and self.head_size > self.head_limit:
+                # Still in the head, and more of it than the limit (llhttp
+                # would keep buffering it): the upstream is cut off.
+                self.keep_alive = False
+                self.sink = None
+                sink.on_upstream_error(self, self._too_large())
+                return
             sink.flush_out()
+
+    def _too_large(self) -> str:
+        log.warning(
+            "%s sent a response head larger than %d bytes; closing",
+            self.pool.address,
+            self.head_limit,
+        )
+        return f"the upstream's response head is larger than {self.head_limit} bytes"
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -216,7 +246,21 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
             self.parts = [b""]
             self.has_length = self.chunked = self.in_body = False
             self.drop = None
+            # The next head is counted afresh; what follows this one in the
+            # same read was not counted per read.
+            self.head_size = 0
+            self.unmetered = True
             return
+        if self.head_size > self.head_limit or self.unmetered:
+            # The reads held more than the limit (body bytes may be among
+            # them), or followed an interim head: count the lines exactly.
+            self.unmetered = False
+            size = 0
+            for part in self.parts:
+                size += len(part)
+            if size > self.head_limit:
+                self.keep_alive = False
+                raise HeadTooLarge
         self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
         sink = self.sink
         if sink is None:
@@ -263,6 +307,7 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
         self.parts = [b""]
         self.has_length = self.chunked = self.in_body = False
         self.drop = None
+        self.head_size = 0
 
     def close(self) -> None:
         """Close gracefully (buffered request bytes are still flushed)."""
@@ -284,6 +329,10 @@ class UnexpectedResponse(Exception):
     """Response bytes arrived with no request waiting for them."""
 
 
+class HeadTooLarge(Exception):
+    """A response head's header lines add up to more than the limit."""
+
+
 class PoolTimeout(Exception):
     """No connection became free within the acquire timeout."""
 
@@ -297,6 +346,7 @@ class EndpointPool:
         "batcher",
         "connect_timeout",
         "connecting",
+        "head_limit",
         "host",
         "identity",
         "idle",
@@ -324,8 +374,11 @@ class EndpointPool:
         batcher: WriteBatcher | None = None,
         identity: str | None = None,
         tls: IdentityContexts | None = None,
+        head_limit: int = DEFAULT_HEAD_LIMIT,
     ) -> None:
         self.host = host
+        self.head_limit = head_limit
+        """The largest response head its connections take, in bytes."""
         self.port = port
         self.identity = identity
         """The SPIFFE ID the endpoint must present (mutual TLS), or None
