@@ -251,6 +251,9 @@ FORGED: dict[str, tuple[bytes, dict[str, list[str]]]] = {
         },
     ),
     "request-id-unsafe": (b"X-Request-Id: <script>\r\n", {}),
+    # httpoxy: CGI-style servers read `Proxy` as HTTP_PROXY, the proxy their
+    # own outgoing calls use.
+    "httpoxy": (b"Proxy: http://evil.test:3128\r\nPROXY: http://evil2.test\r\n", {"proxy": []}),
 }
 
 

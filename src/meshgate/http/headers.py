@@ -56,6 +56,9 @@ CLIENT_FORGEABLE = frozenset(
         b"x-forwarded-scheme",
         b"x-forwarded-client-cert",
         b"x-real-ip",
+        # httpoxy (CVE-2016-5385 and kin): CGI-style servers read `Proxy` as
+        # HTTP_PROXY, which their HTTP clients take as the proxy to use.
+        b"proxy",
     }
 )
 
