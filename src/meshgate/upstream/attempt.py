@@ -231,6 +231,7 @@ class UpstreamAttempt:
         conn.parts = [b""]
         conn.has_length = conn.chunked = conn.in_body = False
         conn.drop = None
+        conn.head_size = 0
         end = self.deadline
         if self.try_deadline and self.try_deadline < end:
             end = self.try_deadline
