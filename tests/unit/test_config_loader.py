@@ -188,6 +188,47 @@ def test_bad_duration(tmp_path: Path) -> None:
     assert "Value error" not in problem.message
 
 
+def test_resource_limits_and_their_errors(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            BASE
+            + "limits:\n"
+            + "  body_timeout: 5s\n"
+            + "  write_timeout: 250ms\n"
+            + "  max_connections: 100\n"
+            + "  max_connections_per_ip: 10\n"
+            + "  max_requests_per_connection: 1000\n"
+            + "  max_body: 1MiB\n"
+            + "  max_response_header_bytes: 16KiB\n",
+        ),
+        env={},
+    )
+    limits = config.limits
+    assert (limits.body_timeout, limits.write_timeout) == (5.0, 0.25)
+    assert (limits.max_connections, limits.max_connections_per_ip) == (100, 10)
+    assert limits.max_requests_per_connection == 1000
+    assert (limits.max_body, limits.max_response_header_bytes) == (1 << 20, 16 << 10)
+    path = write(
+        tmp_path,
+        """\
+        upstreams:
+          orders:
+            endpoints: [127.0.0.1:9001]
+        routes:
+        - path: /api/**
+          upstream: orders
+          max_body: lots
+        limits:
+          max_connections_per_ip: -1
+        """,
+    )
+    problems = {p.field: p for p in problems_of(path)}
+    assert problems["routes[0].max_body"].line == 7, problems
+    assert problems["routes[0].max_body"].message.startswith("expected a size")
+    assert problems["limits.max_connections_per_ip"].line == 9, problems
+
+
 def test_bad_endpoint(tmp_path: Path) -> None:
     path = write(
         tmp_path,

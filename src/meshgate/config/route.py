@@ -570,6 +570,13 @@ class RouteConfig(_Model):
     transform: TransformConfig | None = None
     """Request and response transformation (headers, path, query, JSON
     bodies, status)."""
+    max_body: Size | None = None
+    """The largest request body this route takes (else `limits.max_body`):
+    a larger `Content-Length` is answered 413 before a byte of the body is
+    read; a chunked body that grows past it is cut off (the upstream request
+    is reset) with 413, or the connection closed if the answer had begun.
+    A route that buffers bodies (`aggregate:`, a body `transform:`) keeps
+    its own buffering limit too."""
 
     @field_validator("path")
     @classmethod

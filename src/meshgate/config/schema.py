@@ -177,6 +177,26 @@ class ServerLimits(_Model):
     """An idle client connection is closed after this."""
     drain_timeout: Duration = 30.0
     """On SIGTERM, how long requests in flight may take to finish."""
+    body_timeout: Duration = 60.0
+    """Longest silence between two reads of a request body (slow POST): past
+    it the answer is 408 and the connection closes. Time during which the
+    gateway itself stopped reading (the upstream is slower) does not count."""
+    write_timeout: Duration = 60.0
+    """Longest time a client may leave its response unread (the gateway's
+    write buffer full, no byte taken): past it the connection is reset and
+    the upstream connection closed."""
+    max_connections: int = Field(default=0, ge=0)
+    """Open client connections per listener and worker; one more is closed
+    as soon as it is accepted (0: no limit)."""
+    max_connections_per_ip: int = Field(default=0, ge=0)
+    """Open client connections from one client address, per listener and
+    worker; one more is closed as soon as it is accepted (0: no limit)."""
+    max_requests_per_connection: int = Field(default=0, ge=0)
+    """Requests one client connection may carry; the last one's response says
+    `Connection: close` (0: no limit)."""
+    max_body: Size | None = None
+    """The largest request body a route takes, unless it sets its own
+    `max_body:` (413); absent: no limit."""
     max_response_header_bytes: Size = 61440
     """All the header lines of an upstream's response head together (60 KiB,
     Envoy's default); past it the client gets 502 and that upstream

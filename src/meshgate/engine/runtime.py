@@ -37,6 +37,7 @@ class RouteTarget:
         "drop",
         "handler",
         "label",
+        "max_body",
         "passthrough",
         "path",
         "rate_limited",
@@ -63,8 +64,12 @@ class RouteTarget:
         response_drop: frozenset[bytes] | None = None,
         path: str = "",
         rate_limited: bool = False,
+        max_body: int = 0,
     ) -> None:
         self.cluster = cluster
+        self.max_body = max_body
+        """The largest request body the route takes, in bytes (0: no limit):
+        the route's `max_body:`, else `limits.max_body`."""
         self.path = path
         """The route's configured path pattern (`/api/orders/**`), as the
         access log names it: never the request's own path or query."""
@@ -181,10 +186,16 @@ class Runtime:
                 response_drop=UPSTREAM_DROPPED if config.route_cors(route) is not None else None,
                 path=route.path,
                 rate_limited=bool(route.rate_limits()),
+                max_body=route.max_body or config.limits.max_body or 0,
             )
             pairs.append((route, target))
         shortest = min(
-            [config.limits.header_timeout, config.limits.keepalive_timeout]
+            [
+                config.limits.header_timeout,
+                config.limits.keepalive_timeout,
+                config.limits.body_timeout,
+                config.limits.write_timeout,
+            ]
             + [min(u.timeouts.read, u.timeouts.total) for u in config.upstreams.values()]
             + [
                 t

@@ -77,6 +77,7 @@ REASONS: dict[str, str] = {
     "upstream-timeout": "timeout",
     "handler-timeout": "timeout",
     "request-timeout": "timeout",
+    "body-timeout": "timeout",
     "upstream-connect-failed": "upstream_unavailable",
     "upstream-connect-timeout": "upstream_unavailable",
     "upstream-unavailable": "upstream_unavailable",

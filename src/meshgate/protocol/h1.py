@@ -45,6 +45,7 @@ from meshgate.protocol.api import (
     Stream,
     StreamFactory,
 )
+from meshgate.protocol.limits import Admission, SlowClientTimeouts
 from meshgate.tls.identity import peer_spiffe_id
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ class ServerState:
     (for drain), and the pools."""
 
     __slots__ = (
+        "admission",
         "batcher",
         "conn_counts",
         "connections",
@@ -134,6 +136,9 @@ class ServerState:
         connection's requests by (its original destination's service), or
         None to route by each request's Host."""
         self.connections: set[ServerProtocol] = set()
+        self.admission = Admission()
+        """Open connections in all and by client address, against the
+        connection limits."""
         self.draining = False
         tls = scheme == b"https"
         self.direction = DIRECTIONS.get(role, "inbound")
@@ -180,10 +185,11 @@ def _new_request_id() -> bytes:
     return b"%032x" % _getrandbits(128)
 
 
-class ServerProtocol(BatchedWriter, asyncio.Protocol):
+class ServerProtocol(BatchedWriter, SlowClientTimeouts, asyncio.Protocol):
     """One client connection."""
 
     __slots__ = (
+        "admitted",
         "batcher",
         "budget",
         "chunk_fresh",
@@ -213,6 +219,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         "queue",
         "refusal",
         "request_id",
+        "requests",
         "route_host",
         "state",
         "trace_headers",
@@ -238,6 +245,11 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         self.current: Stream | None = None
         self.pause_reasons = 0
         self.write_paused = False
+        self.write_since = 0.0
+        self.admitted = False  # counted in the listener's `Admission`
+        self.requests = 0  # request heads parsed on this connection
+        self.body_reads = self.body_mark = 0
+        self.body_since = 0.0
         # Timeouts are deadlines checked by `ServerState.check_timeouts` on a
         # coarse tick, not timer handles: a uvloop TimerHandle costs about
         # 4 us to create and cancel, and a request would need three.
@@ -280,13 +292,19 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast("asyncio.Transport", transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client = str(peer[0]).encode()
+        if not self.state.admission.admit(self.client, self.limits):
+            # Over a connection limit: closed unanswered (`protocol.limits`).
+            self.pause_reasons = PAUSE_DONE
+            self.transport.abort()
+            return
+        self.admitted = True
         self.state.connections.add(self)
         counts = self.state.conn_counts
         counts[0] += 1
         counts[2] += 1  # open now: meshgate_tcp_connections_active
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.client = str(peer[0]).encode()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -307,6 +325,10 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         self.deadline_kind = DEADLINE_HEAD
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.admitted:
+            return
+        self.admitted = False
+        self.state.admission.leave(self.client)
         self.state.connections.discard(self)
         counts = self.state.conn_counts
         counts[1] += 1
@@ -336,6 +358,8 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
                 self.deadline = self.loop.time() + limits.header_timeout
                 self.deadline_kind = DEADLINE_HEAD
             self.head_size += len(data)
+        else:
+            self.body_reads += 1  # (the body-read timeout's clock: `check_body`)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -394,6 +418,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_since = 0.0  # the write timeout's clock starts on the next tick
         if self.queue:
             self.queue[0].on_client_pause_writing()
 
@@ -493,6 +518,7 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
         self.deadline = 0.0
         self.in_head = False
         self.trailer_size = 0
+        self.body_since = 0.0
         if self.pause_reasons & PAUSE_DONE:
             # A request pipelined after one that ends the connection: llhttp
             # is still parsing the same read. It is never answered or sent.
@@ -544,7 +570,12 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
             or not _ID_CHARS.issuperset(request_id)
         ):
             request_id = _new_request_id()
-        ex = self.state.streams(self, method, http10, parser.should_keep_alive(), request_id)
+        keep_alive = parser.should_keep_alive()
+        self.requests += 1
+        cap = self.limits.max_requests_per_connection
+        if cap and self.requests >= cap:
+            keep_alive = False  # the last one: its answer says `Connection: close`
+        ex = self.state.streams(self, method, http10, keep_alive, request_id)
         self.current = ex
         ex.on_request_head(self)  # routes it, runs its request filters
         self._reset_head()  # ready for the next request on this connection
@@ -643,8 +674,15 @@ class ServerProtocol(BatchedWriter, asyncio.Protocol):
                 self._on_keepalive_timeout()
             elif self.transport is not None:
                 self.transport.abort()  # DEADLINE_CLOSING
+        if self.write_paused:
+            self.check_write(now)
+        if not self.in_head and self.current is not None:
+            self.check_body(now)
         if self.queue:
             self.queue[0].check_timeout(now)
+
+    def body_stalled(self, detail: str) -> None:
+        self._refuse(_Refused(408, "body-timeout", detail))
 
     def _on_head_timeout(self) -> None:
         if self.queue:

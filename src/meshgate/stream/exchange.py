@@ -99,6 +99,8 @@ class ProxyExchange(UpstreamAttempt):
     response_phase: ResponseHook | None = None
     response_drop: frozenset[bytes] | None = None  # upstream headers the route owns
     max_body = 0  # a buffered route: the largest body read (0: streamed)
+    body_limit = 0  # a streamed chunked body: the route's max_body (0: none)
+    body_seen = 0
     handler: Handler | None = None
     buffered: BufferedRequest | None = None
     response_started = False
@@ -369,6 +371,11 @@ class ProxyExchange(UpstreamAttempt):
     def on_request_body(self, data: bytes) -> None:
         if self.finished:
             return
+        if self.body_limit:
+            self.body_seen += len(data)
+            if self.body_seen > self.body_limit:
+                self._stream_too_large()
+                return
         conn = self.conn
         if conn is not None and conn.transport is not None:
             if self.chunked_in:
@@ -429,6 +436,10 @@ class ProxyExchange(UpstreamAttempt):
         )
         self.proto.pause_reading(PAUSE_DONE)
         self.local_reply_now()
+
+    def _stream_too_large(self) -> None:
+        """A chunked body grew past `body_limit` (`ProxyStream`)."""
+        raise NotImplementedError
 
     def _run_handler(self) -> None:
         """The whole body is in: the route's handler answers (`ProxyStream`)."""

@@ -317,6 +317,8 @@ class ProxyStream(ProxyExchange):
         self.route_read = rt.read_timeout
         chain = rt.chain
         handler = rt.handler
+        if rt.max_body and handler is None and self._over_limit(parsed, rt):
+            return
         if chain is None and handler is None:
             splitter = rt.splitter
             self.set_target(
@@ -344,18 +346,11 @@ class ProxyStream(ProxyExchange):
         if handler is not None:
             # The whole body is read (up to this) before the handler runs,
             # and must arrive by the route's (or its upstream's) total timeout.
-            self.max_body = handler.max_body
+            # (the route's own max_body, when it is smaller than the handler's)
+            self.max_body = min(handler.max_body, rt.max_body or handler.max_body)
             self.deadline = self.loop.time() + (rt.total_timeout or rt.cluster.total_timeout)
-            if parsed.has_length and int(parsed.length) > handler.max_body:
-                # Refused before a byte of it is read (and before any
-                # `100 Continue` invites it).
-                self.reply_local(
-                    413,
-                    "body-too-large",
-                    f"the request body is larger than this route's {handler.max_body} bytes",
-                    close=True,
-                )
-                self.proto.pause_reading(PAUSE_DONE)
+            if parsed.has_length and int(parsed.length) > self.max_body:
+                self._refuse_body(self.max_body)
                 return
         head = _Head(
             rt,
@@ -388,6 +383,41 @@ class ProxyStream(ProxyExchange):
             )
         else:
             self.pending = self.loop.create_task(self.await_filters(result, head, req))
+
+    def _over_limit(self, parsed: RequestHead, rt: RouteTarget) -> bool:
+        """A streamed route's `max_body`: a larger Content-Length is refused
+        now; a chunked body is counted as it streams (`on_request_body`)."""
+        if parsed.has_length:
+            if int(parsed.length) > rt.max_body:
+                self.route_label = rt.label
+                self._refuse_body(rt.max_body)
+                return True
+        elif parsed.chunked_in:
+            self.body_limit = rt.max_body
+        return False
+
+    def _stream_too_large(self) -> None:
+        """A chunked body grew past the route's `max_body`: the bytes that
+        crossed it never go upstream, whose request is reset (413 if the
+        answer has not begun, else the client's connection is reset too)."""
+        limit = self.body_limit
+        self.body_limit = 0
+        self.body_buf = []
+        self.proto.pause_reading(PAUSE_DONE)
+        self.abort_request(
+            413, "body-too-large", f"the request body is larger than this route's {limit} bytes"
+        )
+
+    def _refuse_body(self, limit: int) -> None:
+        # Refused before a byte of it is read (and before any `100 Continue`
+        # invites it).
+        self.reply_local(
+            413,
+            "body-too-large",
+            f"the request body is larger than this route's {limit} bytes",
+            close=True,
+        )
+        self.proto.pause_reading(PAUSE_DONE)
 
     # -- set-up of the exchange ---------------------------------------------------
 
