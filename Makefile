@@ -43,7 +43,7 @@ check: $(STAMP)
 	$(VENV)/bin/meshgate check -c $(CONFIG)
 
 bench: $(STAMP)
-	$(PY) bench/run.py
+	$(PY) bench/gateway.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -9,7 +9,7 @@ and measures latency from the *scheduled* instant, as wrk2 does, so a slow
 server cannot hide its delay by slowing the client down (no coordinated
 omission).
 
-    .venv/bin/python bench/paced.py URL [--rate 1000] [--duration 10] [--json]
+    .venv/bin/python bench/paced.py URL [--rate 1000] [--duration 10] [--json] [-H 'Name: v']
 
 It is also used by bench/run.py for the paced-latency table. The client
 runs on uvloop in one process; its own overhead is the same for every
@@ -59,13 +59,21 @@ class _Conn(asyncio.Protocol):
         self.transport = None
 
 
-async def run(url: str, rate: float, duration: float, warmup: float = 1.0) -> dict[str, float]:
+async def run(
+    url: str,
+    rate: float,
+    duration: float,
+    warmup: float = 1.0,
+    headers: tuple[str, ...] = (),
+) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     u = urllib.parse.urlsplit(url)
     host, port = u.hostname or "127.0.0.1", u.port or 80
     request = (
         f"GET {u.path or '/'}{'?' + u.query if u.query else ''} HTTP/1.1\r\n"
-        f"Host: {u.netloc}\r\nUser-Agent: meshgate-paced\r\n\r\n"
+        f"Host: {u.netloc}\r\nUser-Agent: meshgate-paced\r\n"
+        + "".join(f"{h}\r\n" for h in headers)
+        + "\r\n"
     ).encode()
     idle: collections.deque[_Conn] = collections.deque()
     latencies: list[float] = []
@@ -154,8 +162,11 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds sent but not counted")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument(
+        "-H", "--header", action="append", default=[], help="a request header, 'Name: value'"
+    )
     args = ap.parse_args()
-    result = uvloop.run(run(args.url, args.rate, args.duration, args.warmup))
+    result = uvloop.run(run(args.url, args.rate, args.duration, args.warmup, tuple(args.header)))
     if args.json:
         print(json.dumps(result))
     else:
