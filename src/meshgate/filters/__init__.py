@@ -31,6 +31,7 @@ included (CORS), go on `response_extra`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
@@ -209,7 +210,12 @@ class FilterRequest:
         return n
 
 
-FilterResult = LocalReply | None | Coroutine[Any, Any, LocalReply | None]
+FilterResult = (
+    LocalReply | None | Coroutine[Any, Any, LocalReply | None] | asyncio.Future[LocalReply | None]
+)
+"""A filter's verdict: go on (None), a reply, or one to wait for: a
+coroutine (run in a task), or a future another party settles (a Redis rate
+limit's decision: no task)."""
 Filter = Callable[[FilterRequest], FilterResult]
 
 
@@ -230,13 +236,15 @@ class Chain:
                 continue
             if isinstance(result, LocalReply):
                 return result
+            if i + 1 == len(filters):
+                return result  # the last filter: nothing to resume after it
             return self._resume(req, result, i + 1)
         return None
 
     async def _resume(
         self,
         req: FilterRequest,
-        pending: Coroutine[Any, Any, LocalReply | None],
+        pending: Coroutine[Any, Any, LocalReply | None] | asyncio.Future[LocalReply | None],
         start: int,
     ) -> LocalReply | None:
         reply = await pending

@@ -31,6 +31,7 @@ Fields (draft-ietf-httpapi-ratelimit-headers-09/10, and the older ones):
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -174,12 +175,29 @@ class RateLimitFilter:
 
     def __call__(
         self, req: FilterRequest
-    ) -> LocalReply | Coroutine[Any, Any, LocalReply | None] | None:
+    ) -> (
+        LocalReply
+        | Coroutine[Any, Any, LocalReply | None]
+        | asyncio.Future[LocalReply | None]
+        | None
+    ):
         key = self.prefix + self.key(req)
         spec = self.spec_for(req)
         table = self.table
         if table is not None:
             return self.apply(req, table.decide(key, spec), spec)
+        redis = self.redis
+        assert redis is not None
+        if redis.pipelined:
+            # One server: a future the reply settles (no coroutine, no task).
+            fut: asyncio.Future[LocalReply | None] = asyncio.get_running_loop().create_future()
+
+            def done(decision: Decision | None) -> None:
+                if not fut.done():
+                    fut.set_result(self._settle(req, decision, spec))
+
+            redis.decide_cb(key.decode("latin-1"), spec, done)
+            return fut
         return self._decide_redis(req, key.decode("latin-1"), spec)
 
     async def _decide_redis(
@@ -187,8 +205,16 @@ class RateLimitFilter:
     ) -> LocalReply | None:
         redis = self.redis
         assert redis is not None
-        decision = await redis.decide(key, spec)
+        return self._settle(req, await redis.decide(key, spec), spec)
+
+    def _settle(
+        self, req: FilterRequest, decision: Decision | None, spec: LimitSpec
+    ) -> LocalReply | None:
+        """A Redis decision as the filter's verdict; None (no answer) is
+        what `on_store_error` says."""
         if decision is None:
+            redis = self.redis
+            assert redis is not None
             self.store_errors += 1
             if self.deny_on_error:
                 retry = max(1.0, redis.cfg.down_interval)

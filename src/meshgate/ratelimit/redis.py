@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import unquote
@@ -401,7 +402,7 @@ class RedisLimiter:
         """The decision for `key`, or None when Redis could not answer
         within `cfg.timeout` (or is being skipped after a failure)."""
         if self._resp is not None:
-            return await self._decide_resp(self._resp, key, spec)
+            return await self._decide_resp(key, spec)
         probe = False
         if self._down:
             if self._probing or time.monotonic() < self._retry_at:
@@ -449,60 +450,79 @@ class RedisLimiter:
             log.info("rate limit store redis answers again; redis limits are enforced again")
         return Decision(bool(allowed), remaining, reset_us / 1e6, retry_us / 1e6, spec.limit)
 
-    async def _decide_resp(
-        self, resp: RespConnection, key: str, spec: LimitSpec
-    ) -> Decision | None:
-        """`decide` through the pipelined connection: the EVALSHA goes with
-        this turn's others; a NOSCRIPT answer (a restarted server) loads the
-        script and runs it again, once (a NOSCRIPT call did not run)."""
+    @property
+    def pipelined(self) -> bool:
+        """Decisions can be asked with a callback (`decide_cb`): one server."""
+        return self._resp is not None
+
+    def decide_cb(self, key: str, spec: LimitSpec, cb: Callable[[Decision | None], None]) -> None:
+        """`decide` without a coroutine (`pipelined` only): `cb` gets the
+        decision, or None, once Redis answers (at once when it is skipped).
+        The EVALSHA goes with this turn's others; a NOSCRIPT answer (a
+        restarted server) loads the script and runs it again, once (a
+        NOSCRIPT call did not run)."""
+        resp = self._resp
+        assert resp is not None
         probe = False
         if self._down:
             if self._probing or time.monotonic() < self._retry_at:
                 self.skipped += 1
-                return None
+                cb(None)
+                return
             self._probing = probe = True
         epoch = self._epoch
         name = self._prefix_bytes + key.encode("latin-1")
         head, tail, load = self._command(spec)
         cmd = b"%s$%d\r\n%s\r\n%s" % (head, len(name), name, tail)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         retried = False
 
         def settle(reply: Any) -> None:
             nonlocal retried
-            if fut.done():
-                return
             if isinstance(reply, RespError) and not retried and str(reply).startswith("NOSCRIPT"):
                 retried = True
                 resp.submit(load, _ignore)
                 resp.submit(cmd, settle)
                 return
-            fut.set_result(reply)
-
-        resp.submit(cmd, settle)
-        try:
-            reply = await fut
-            if isinstance(reply, RespError):
-                # This call's own error (OOM, a key of another type): the server
-                # answers, so it is not marked down for everyone.
-                self.errors += 1
-                log.warning("rate limit store redis refused a decision: %s", reply)
-                return None
-            if isinstance(reply, BaseException):
-                raise reply
-            allowed, remaining, reset_us, retry_us = _reply(reply)
-        except _FAILURES as exc:
-            self.errors += 1
-            self._failed(exc, epoch)
-            return None
-        finally:
             if probe:
                 self._probing = False
-        if probe and self._down and self._epoch == epoch:
-            self._down = False
-            self._epoch += 1
-            log.info("rate limit store redis answers again; redis limits are enforced again")
-        return Decision(bool(allowed), remaining, reset_us / 1e6, retry_us / 1e6, spec.limit)
+            decision: Decision | None = None
+            if isinstance(reply, RespError):
+                # This call's own error (OOM, a key of another type): the
+                # server answers, so it is not marked down for everyone.
+                self.errors += 1
+                log.warning("rate limit store redis refused a decision: %s", reply)
+            elif isinstance(reply, BaseException):
+                self.errors += 1
+                self._failed(reply, epoch)
+            else:
+                try:
+                    allowed, remaining, reset_us, retry_us = _reply(reply)
+                except InvalidResponse as exc:
+                    self.errors += 1
+                    self._failed(exc, epoch)
+                else:
+                    if probe and self._down and self._epoch == epoch:
+                        self._down = False
+                        self._epoch += 1
+                        log.info(
+                            "rate limit store redis answers again; redis limits are enforced again"
+                        )
+                    decision = Decision(
+                        bool(allowed), remaining, reset_us / 1e6, retry_us / 1e6, spec.limit
+                    )
+            cb(decision)
+
+        resp.submit(cmd, settle)
+
+    async def _decide_resp(self, key: str, spec: LimitSpec) -> Decision | None:
+        fut: asyncio.Future[Decision | None] = asyncio.get_running_loop().create_future()
+
+        def done(decision: Decision | None) -> None:
+            if not fut.done():
+                fut.set_result(decision)
+
+        self.decide_cb(key, spec, done)
+        return await fut
 
     def _flush(self) -> None:
         batch = self._batch

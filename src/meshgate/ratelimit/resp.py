@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import ssl as _ssl
 import time
 import urllib.parse
@@ -31,6 +32,8 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = ["RespConnection", "RespError", "RespFailure", "RespTimeout", "command", "parse_reply"]
+
+log = logging.getLogger("meshgate.ratelimit")
 
 Reply = Any
 """A parsed reply: int, bytes, None, a list of replies, or a `RespError`."""
@@ -130,7 +133,7 @@ class _Protocol(asyncio.Protocol):
                 if not waiting:
                     raise ValueError("a reply nobody asked for")
                 cb, _ = waiting.popleft()
-                cb(reply)
+                _call(cb, reply)
         except ValueError as exc:
             self.owner.lost(RespFailure(f"redis sent what is not a reply: {exc}"), self)
             return
@@ -254,7 +257,7 @@ class RespConnection:
                 self.lost(failure, proto)
             cbs, self.queued, self.queued_cbs = self.queued_cbs, [], []
             for cb in cbs:
-                cb(failure)
+                _call(cb, failure)
         finally:
             self.connecting = None
         if self.proto is not None and self.queued:
@@ -277,7 +280,7 @@ class RespConnection:
                 proto.transport.abort()
         waiting, self.waiting = self.waiting, collections.deque()
         for cb, _ in waiting:
-            cb(failure)
+            _call(cb, failure)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -290,8 +293,17 @@ class RespConnection:
                 await self.connecting
         cbs, self.queued, self.queued_cbs = self.queued_cbs, [], []
         for cb in cbs:
-            cb(RespFailure("the redis connection was closed"))
+            _call(cb, RespFailure("the redis connection was closed"))
         self.lost(RespFailure("the redis connection was closed"))
+
+
+def _call(cb: Callback, reply: Reply | BaseException) -> None:
+    """A reply to its callback; a callback's failure is logged, never lets
+    the reply stream fall out of step."""
+    try:
+        cb(reply)
+    except Exception:
+        log.exception("a redis reply's callback failed")
 
 
 def _settle(fut: asyncio.Future[Reply]) -> Callback:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshgate.handlers import BufferedRequest, Handler
 from meshgate.http.headers import IDEMPOTENT, status_line
@@ -77,7 +77,7 @@ class ProxyExchange(UpstreamAttempt):
     conn: UpstreamConnection | None = None
     endpoint: Endpoint | None = None
     task: asyncio.Task[None] | None = None
-    pending: asyncio.Task[None] | None = None  # the route's filters are waiting
+    pending: asyncio.Future[Any] | None = None  # filters waiting (a task or a future)
     begun = False  # start() ran
     in_cluster = False  # counted in its cluster's requests in flight
     refused = False  # by a circuit breaker

@@ -181,6 +181,12 @@ class _Head:
         )
 
 
+_UNAVAILABLE = LocalReply(
+    503, "filter-unavailable", "the gateway could not finish checking this request"
+)
+_FAILED = LocalReply(500, "filter-error", "the gateway failed to process this request")
+
+
 class ProxyStream(ProxyExchange):
     """One request: routed, filtered, then proxied (or answered locally)."""
 
@@ -381,6 +387,11 @@ class ProxyStream(ProxyExchange):
                 close=result.close or _unsent_body(parsed.expect, False),
                 extra=result.headers + header_pairs(req.response_extra),
             )
+        elif isinstance(result, asyncio.Future):
+            # A decision another party settles (a Redis rate limit): no
+            # task, its callback goes on.
+            self.pending = result
+            result.add_done_callback(lambda fut: self._filter_future_done(fut, head, req))
         else:
             self.pending = self.loop.create_task(self.await_filters(result, head, req))
 
@@ -505,14 +516,31 @@ class ProxyStream(ProxyExchange):
                 raise  # this exchange was dropped (the client left)
             # Something the filter awaited was cancelled under it (a JWKS
             # fetch closed by a reload): answer rather than hang.
-            reply = LocalReply(
-                503, "filter-unavailable", "the gateway could not finish checking this request"
-            )
+            reply = _UNAVAILABLE
         except Exception:
             log.exception("route %s: a filter failed", head.rt.label)
-            reply = LocalReply(500, "filter-error", "the gateway failed to process this request")
+            reply = _FAILED
         finally:
             self.pending = None
+        self._filters_decided(reply, head, req)
+
+    def _filter_future_done(
+        self, fut: asyncio.Future[LocalReply | None], head: _Head, req: FilterRequest
+    ) -> None:
+        """`await_filters` for a filter that answered with a future."""
+        if self.pending is not fut:
+            return  # dropped meanwhile (whoever cancelled it moved on)
+        self.pending = None
+        if fut.cancelled():
+            reply: LocalReply | None = _UNAVAILABLE
+        elif fut.exception() is not None:
+            log.error("route %s: a filter failed", head.rt.label, exc_info=fut.exception())
+            reply = _FAILED
+        else:
+            reply = fut.result()
+        self._filters_decided(reply, head, req)
+
+    def _filters_decided(self, reply: LocalReply | None, head: _Head, req: FilterRequest) -> None:
         if self.finished:
             return
         if self.local_reply is not None:
