@@ -40,6 +40,12 @@ def pytest_configure(config: pytest.Config) -> None:
         "adversarial: raw-socket attacks on the real gateway (tests/adversarial/, issue 16); "
         "`pytest -m adversarial` runs them alone, `-m 'not adversarial'` skips them",
     )
+    config.addinivalue_line(
+        "markers",
+        "chaos: the real gateway under load while workers, upstreams and Redis fail "
+        "(tests/chaos/, issue 16); `pytest -m chaos` runs them alone, `-m 'not chaos'` "
+        "skips them",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

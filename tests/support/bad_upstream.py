@@ -9,7 +9,9 @@ desynchronised server would, and it records when the proxy closes it.
 The answer is chosen by the request's path:
 
     /bad/<kind>    the bytes `answers[kind]` (given to the constructor), as they
-                   are, in one write; the connection stays open.
+                   are, in one write; the connection stays open, unless `kind`
+                   is in `resets`: then it is reset (closed with SO_LINGER 0,
+                   an RST) right after the write.
     anything else  `200 OK` with a content-length and the body
                    `conn=<id> seq=<n> target=<target>`, so a client can tell
                    which connection answered it and that the answer is its own.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,6 +39,8 @@ class ScriptedConnection:
     targets: list[str] = field(default_factory=list)
     answered_bad: bool = False
     """A `/bad/<kind>` answer went out on this connection."""
+    reset: bool = False
+    """This server reset the connection (a kind in `resets`)."""
     closed_by_peer: bool = False
     """The proxy closed (or reset) this connection."""
     closed_at: float = 0.0
@@ -44,8 +49,9 @@ class ScriptedConnection:
 class ScriptedUpstream:
     """A loopback upstream on an ephemeral port; `close()` stops it."""
 
-    def __init__(self, answers: dict[str, bytes]) -> None:
+    def __init__(self, answers: dict[str, bytes], *, resets: frozenset[str] = frozenset()) -> None:
         self.answers = answers
+        self.resets = resets
         self._lock = threading.Condition()
         self._conns: list[ScriptedConnection] = []
         self._socks: list[socket.socket] = []
@@ -73,6 +79,7 @@ class ScriptedUpstream:
                     list(c.heads),
                     list(c.targets),
                     c.answered_bad,
+                    c.reset,
                     c.closed_by_peer,
                     c.closed_at,
                 )
@@ -153,12 +160,14 @@ class ScriptedUpstream:
                         break
                     head, buf = buf[:end], buf[end + 4 :]
                     skip = _content_length(head)
-                    self._answer(sock, conn, head)
+                    if self._answer(sock, conn, head):
+                        return
         finally:
             with contextlib.suppress(OSError):
                 sock.close()
 
-    def _answer(self, sock: socket.socket, conn: ScriptedConnection, head: bytes) -> None:
+    def _answer(self, sock: socket.socket, conn: ScriptedConnection, head: bytes) -> bool:
+        """Send the answer to `head`; True if the connection is to be reset."""
         line = head.split(b"\r\n", 1)[0].decode("latin-1")
         parts = line.split(" ")
         target = parts[1] if len(parts) > 1 else ""
@@ -170,13 +179,24 @@ class ScriptedUpstream:
             if bad:
                 conn.answered_bad = True
             self._lock.notify_all()
+        kind = target[len("/bad/") :].split("?")[0] if bad else ""
         if bad:
-            answer = self.answers[target[len("/bad/") :].split("?")[0]]
+            answer = self.answers[kind]
         else:
             body = f"conn={conn.conn_id} seq={seq} target={target}".encode()
             answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         with contextlib.suppress(OSError):
             sock.sendall(answer)
+        if kind not in self.resets:
+            return False
+        with self._lock:
+            conn.reset = True
+            self._lock.notify_all()
+        # Long enough for the proxy to pass the bytes sent on; then, with
+        # linger 0, the close (in _serve) sends an RST instead of a FIN.
+        time.sleep(0.1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return True
 
     def close(self) -> None:
         with self._lock:

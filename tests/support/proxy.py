@@ -297,6 +297,18 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def children(pid: int) -> list[int]:
+    """The live direct children of `pid` (a supervisor's workers), from
+    /proc/<pid>/task/*/children."""
+    out: set[int] = set()
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+                out.update(int(c) for c in text.split())
+    return sorted(out)
+
+
 def socket_owners(
     local_ports: Iterable[int], pids: Iterable[int], *, accepted_on: int | None = None
 ) -> dict[int, int]:
