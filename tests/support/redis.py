@@ -3,7 +3,7 @@
 `RedisServer` runs one on 127.0.0.1 on a free ephemeral port, without
 persistence, in its own directory; `stop()` and `start()` again reuse the
 same port, so clients configured with `url` see a server going away and
-coming back.
+coming back; `kill()` is the same going away as a crash (SIGKILL).
 """
 
 from __future__ import annotations
@@ -135,6 +135,21 @@ class RedisServer:
         """SIGTERM, and wait until the process is gone (the port is free)."""
         if self.proc is not None:
             self._terminate(self.proc)
+            self.proc = None
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError("the server is not running")
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """`kill -9`, as a crash: no shutdown of its own; returns once the
+        process is gone (the port is free for `start()` again)."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(10)
             self.proc = None
 
     def close(self) -> None:
