@@ -17,6 +17,7 @@ import re
 import signal
 import time
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,15 @@ def admin_worker_pid(proxy: ProxyProcess) -> int:
     assert status == 200, body[:300]
     pid: int = json.loads(body)["worker"]
     return pid
+
+
+def gone(pid: int) -> bool:
+    """Dead: no /proc entry, or a zombie (its sockets are closed either way)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
 
 
 def workers_scraped(proxy: ProxyProcess) -> float:
@@ -77,6 +87,12 @@ def test_kill_9_of_a_worker_costs_only_its_connections(stack: Stack) -> None:
 
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
+        wait_until(lambda: gone(victim), timeout=5, what=f"worker {victim} to die")
+        # Meanwhile a scrape is answered by the survivor, which leaves the
+        # dead worker out (its socket refuses) rather than waiting for it.
+        scrape_at = time.monotonic()
+        scraped_alone = workers_scraped(proxy)
+        scrape_took = time.monotonic() - scrape_at
 
         def new_worker() -> int | None:
             fresh = set(children(proxy.pid)) - set(before)
@@ -105,9 +121,11 @@ def test_kill_9_of_a_worker_costs_only_its_connections(stack: Stack) -> None:
     print(
         f"\nkill -9 of worker {victim} ({len(victim_ports)} of {CONNECTIONS} connections): "
         f"{len(outcomes)} requests, {len(errors)} connection errors, new worker {replacement} "
-        f"after {restarted_at - killed_at:.2f}s, {len(survived_gap)} answered meanwhile"
+        f"after {restarted_at - killed_at:.2f}s, {len(survived_gap)} answered meanwhile; "
+        f"a scrape meanwhile took {scrape_took * 1000:.0f} ms, {scraped_alone:g} worker in"
     )
     assert wrong == [], [o.describe() for o in wrong[:5]]
+    assert (scraped_alone, scrape_took < 1.0) == (1, True), (scraped_alone, scrape_took)
     # The errors are the killed worker's connections', one each, and nothing else.
     per_port = Counter(o.port for o in errors)
     assert set(per_port) <= victim_ports, [o.describe() for o in errors]
