@@ -11,12 +11,28 @@ instead of once per request. Measured on the benchmark's 2-core machine: a
 bare pass-through proxy gains 12% requests/s from this alone. Order is kept
 because every write to a transport goes through its owner's list, and
 `close()` paths flush first.
+
+What a batch holds is not yet in its transport's buffer, so the transport's
+high-water mark (and `pause_writing`, which pauses reading from the other
+side of the exchange) cannot see it. That matters because one wake-up is not
+one read: libuv reads a readable socket up to 32 times in a row (256 kB each
+with uvloop), so a body streamed through would gather up to 8 MB per
+connection before the end of the turn. Whoever streams a body into a batched
+writer therefore flushes it every `FLUSH_AT` bytes (`flush_writes`): the
+transport sees the bytes, pauses the writer's peer once past its high-water
+mark, and the reads stop within the turn. A stalled reader then costs about
+its transports' high-water marks plus a read, and small answers still leave
+once per batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import Protocol
+
+FLUSH_AT = 64 * 1024
+"""Bytes of a streamed body past which a batch is handed to its transport
+at once, within the loop turn."""
 
 
 class Batched(Protocol):

@@ -23,6 +23,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from meshgate.handlers import BufferedRequest, Handler
+from meshgate.http.batch import FLUSH_AT
 from meshgate.http.headers import IDEMPOTENT, status_line
 from meshgate.protocol.api import PAUSE_BUFFER, PAUSE_DONE, PAUSE_UPSTREAM, StreamSink
 from meshgate.stream.heads import (
@@ -109,6 +110,11 @@ class ProxyExchange(UpstreamAttempt):
     finished = False
     replay: list[bytes] | None = None
     sent_body = 0
+    # Where a streamed body's batched bytes go to the transport at once
+    # (`http.batch.FLUSH_AT`): the request's, by `sent_body`, and the
+    # response's, by the upstream connection's `bytes_in`.
+    send_next = FLUSH_AT
+    recv_next = FLUSH_AT
     stale_retried = False
     status = 0
     started = 0.0
@@ -256,6 +262,7 @@ class ProxyExchange(UpstreamAttempt):
             self.body_buf = self.replay + self.body_buf
         self.replay = None
         self.sent_body = 0
+        self.send_next = FLUSH_AT
         self.response_started = False
         self.chunked_out = False
         self.out = []
@@ -382,13 +389,18 @@ class ProxyExchange(UpstreamAttempt):
                 conn.writelines([b"%x\r\n" % len(data), data, CRLF])
             else:
                 conn.write(data)
-            self.sent_body += len(data)
+            sent = self.sent_body = self.sent_body + len(data)
             if self.replay is not None:
-                if self.sent_body <= REPLAY_LIMIT:
+                if sent <= REPLAY_LIMIT:
                     self.replay.append(data)
                 else:
                     self.replay = None
             self.last_activity = self.loop.time()
+            if sent >= self.send_next:
+                # A large body: to the transport now, whose flow control then
+                # pauses reading from the client within this turn's reads.
+                self.send_next = sent + FLUSH_AT
+                conn.flush_writes()
         elif self.local_reply is None:
             self.body_buf.append(data)
             self.body_buffered += len(data)
@@ -560,7 +572,15 @@ class ProxyExchange(UpstreamAttempt):
         if out:
             self.out = []
             self.head_sent = True
-            self.proto.writelines(out)
+            proto = self.proto
+            proto.writelines(out)
+            conn = self.conn
+            if conn is not None and conn.bytes_in >= self.recv_next:
+                # A large body: to the client's transport now, not at the end
+                # of the turn, so that its high-water mark pauses reading from
+                # the upstream before libuv's next read in this turn.
+                self.recv_next = conn.bytes_in + FLUSH_AT
+                proto.flush_writes()
 
     def on_upstream_end(self, conn: UpstreamConnection) -> None:
         # The common ending, kept flat: flush, free the endpoint, pool the
@@ -633,6 +653,7 @@ class ProxyExchange(UpstreamAttempt):
             self.replay = None
             self.body_buf = replay + self.body_buf
             self.sent_body = 0
+            self.send_next = FLUSH_AT
             self.task = self.loop.create_task(self._connect(fresh))
             return
         delay = self._reset_retry(conn_ep)
