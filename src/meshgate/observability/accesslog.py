@@ -472,11 +472,11 @@ class AccessLog:
             part,
             row[16],
             (now - t_start) * 1000,
-            b"%.3f" % ((now - row[3]) * 1000) if started else b"null",
+            b"%.3f" % ((now - row[3]) * 1000) if started else _NULL,
             row[17],
             row[18],
             row[19] - 1 if started else 0,
-            cache.get(reason) or _json(cache, reason or None),
+            _NULL if not reason else cache.get(reason) or _json(cache, reason),
         )
 
     def _middle(self, fields: tuple[Any, ...]) -> bytes:
