@@ -221,3 +221,29 @@ async def test_nothing_listening_is_a_failure_not_a_hang() -> None:
         assert isinstance(got, RespFailure)
     finally:
         await conn.close()
+
+
+def test_decision_replies_split_anywhere_read_the_same_as_the_general_parser() -> None:
+    """The four-integer fast path and `parse_reply` agree, whatever the reads."""
+    from meshgate.ratelimit.resp import _Protocol
+
+    replies = [b"*4\r\n:1\r\n:-2\r\n:3\r\n:4\r\n", b"*4\r\n:0\r\n:0\r\n:12345678901\r\n:7\r\n"]
+    replies += [
+        b"-NOSCRIPT no\r\n",
+        b"*3\r\n:1\r\n:2\r\n:3\r\n",
+        b"*4\r\n:1\r\n:2\r\n:3\r\n$1\r\nx\r\n",
+    ]
+    stream = b"".join(replies)
+    expected = [parse_reply(r, 0)[0] for r in replies]  # type: ignore[index]
+    for cut in range(1, len(stream)):
+        conn = RespConnection("redis://127.0.0.1:1/0", timeout=1)
+        got: list[Any] = []
+        for _ in replies:
+            conn.waiting.append((got.append, 0.0))
+        proto = _Protocol(conn)
+        proto.data_received(stream[:cut])
+        proto.data_received(stream[cut:])
+        assert [str(g) if isinstance(g, RespError) else g for g in got] == [
+            str(e) if isinstance(e, RespError) else e for e in expected
+        ], cut
+        assert not proto.buf

@@ -196,7 +196,7 @@ class RateLimitFilter:
                 if not fut.done():
                     fut.set_result(self._settle(req, decision, spec))
 
-            redis.decide_cb(key.decode("latin-1"), spec, done)
+            redis.decide_cb(key, spec, done)
             return fut
         return self._decide_redis(req, key.decode("latin-1"), spec)
 

@@ -455,7 +455,7 @@ class RedisLimiter:
         """Decisions can be asked with a callback (`decide_cb`): one server."""
         return self._resp is not None
 
-    def decide_cb(self, key: str, spec: LimitSpec, cb: Callable[[Decision | None], None]) -> None:
+    def decide_cb(self, key: bytes, spec: LimitSpec, cb: Callable[[Decision | None], None]) -> None:
         """`decide` without a coroutine (`pipelined` only): `cb` gets the
         decision, or None, once Redis answers (at once when it is skipped).
         The EVALSHA goes with this turn's others; a NOSCRIPT answer (a
@@ -471,7 +471,7 @@ class RedisLimiter:
                 return
             self._probing = probe = True
         epoch = self._epoch
-        name = self._prefix_bytes + key.encode("latin-1")
+        name = self._prefix_bytes + key
         head, tail, load = self._command(spec)
         cmd = b"%s$%d\r\n%s\r\n%s" % (head, len(name), name, tail)
         retried = False
@@ -521,7 +521,7 @@ class RedisLimiter:
             if not fut.done():
                 fut.set_result(decision)
 
-        self.decide_cb(key, spec, done)
+        self.decide_cb(key.encode("latin-1"), spec, done)
         return await fut
 
     def _flush(self) -> None:

@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import ssl as _ssl
 import time
 import urllib.parse
@@ -62,6 +63,11 @@ def command(*parts: bytes) -> bytes:
 
 
 _MAX_BULK = 512 * 1024 * 1024
+_DECISION = re.compile(
+    rb"\*4\r\n:(-?\d{1,19})\r\n:(-?\d{1,19})\r\n:(-?\d{1,19})\r\n:(-?\d{1,19})\r\n"
+)
+"""An array of four integers, what the rate limit scripts answer (the
+common reply, matched before the general parser)."""
 _MAX_ITEMS = 1 << 20
 
 
@@ -124,16 +130,28 @@ class _Protocol(asyncio.Protocol):
         buf += data
         waiting = self.owner.waiting
         pos = 0
+        size = len(buf)
+        fast = _DECISION.match
         try:
-            while pos < len(buf):
-                got = parse_reply(buf, pos)
-                if got is None:
-                    break
-                reply, pos = got
+            while pos < size:
+                m = fast(buf, pos)
+                if m is not None:
+                    # A decision script's reply, read in one go.
+                    a, b, c, d = m.groups()
+                    reply: Reply = [int(a), int(b), int(c), int(d)]
+                    pos = m.end()
+                else:
+                    got = parse_reply(buf, pos)
+                    if got is None:
+                        break
+                    reply, pos = got
                 if not waiting:
                     raise ValueError("a reply nobody asked for")
                 cb, _ = waiting.popleft()
-                _call(cb, reply)
+                try:
+                    cb(reply)
+                except Exception:
+                    log.exception("a redis reply's callback failed")
         except ValueError as exc:
             self.owner.lost(RespFailure(f"redis sent what is not a reply: {exc}"), self)
             return
