@@ -354,3 +354,30 @@ async def test_a_silent_redis_costs_at_most_the_timeout(
         assert "no answer within 0.2s" in records[0].getMessage()
     finally:
         await limiter.close()
+
+
+async def test_a_turns_decisions_are_one_script_call_per_algorithm_and_exact(
+    module_redis: RedisServer,  # noqa: F811
+):
+    """Forty decisions asked in one turn, on two keys of each algorithm: one
+    batch call per algorithm (INFO commandstats), and exactly the limit
+    allowed on every key, in the order they were asked."""
+    away_from_window_edge(60)
+    limiter = RedisLimiter(config(module_redis.url, timeout=5))
+    client = module_redis.client()
+    try:
+        # One warm-up call per algorithm loads the batch scripts.
+        g, w = spec(5, 60), spec(5, 60, algorithm="sliding_window")
+        await asyncio.gather(limiter.decide(unique("warm"), g), limiter.decide(unique("warm"), w))
+        client.config_resetstat()
+        keys = [(unique(f"batch-{i}"), s) for i in range(2) for s in (g, w)]
+        asked = [keys[n % 4] for n in range(40)]
+        got = await asyncio.gather(*(limiter.decide(k, s) for k, s in asked))
+        calls = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls")
+        assert calls == 2, client.info("commandstats")
+        for key, s in keys:
+            allowed = [d.allowed for (k, _), d in zip(asked, got, strict=True) if k == key]  # type: ignore[union-attr]
+            assert allowed == [True] * 5 + [False] * 5, (key, s.algorithm, allowed)
+    finally:
+        client.close()
+        await limiter.close()

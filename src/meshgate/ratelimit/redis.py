@@ -9,10 +9,14 @@ instant their state stops mattering) and vanish once they are back to a
 full quota.
 
 Decisions are coalesced: those asked for in one turn of the event loop go
-to Redis together, as one pipeline of EVALSHA calls on one connection (one
-write, one round trip), and each request gets its own script's answer. Each
-script is still atomic on its own, so batching changes no decision; it
-removes most of the client's per-call cost, which dominates on loopback.
+to Redis together. On one server (`redis://`, `rediss://`, `unix://`) they
+are one call of a batch script per algorithm (`lua`), on a pipelined
+connection of our own (`resp`): one write, one round trip, one script call
+for the turn's decisions, each request getting its own four integers. With
+sentinel and cluster (keys of one batch may live on different nodes) they
+are one pipeline of single-key EVALSHA calls through redis-py. Each
+decision is atomic either way, so batching changes no decision; it removes
+most of the per-call cost, which dominates on loopback.
 
 Redis is never allowed to slow a request down: a decision waits at most
 `RedisConfig.timeout`, then `decide` returns None and the caller applies
@@ -25,6 +29,7 @@ request. Going down logs one warning, coming back one info line.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -49,111 +54,17 @@ from redis.maint_notifications import MaintNotificationsConfig
 
 from meshgate.config.schema import RedisConfig, redact_url
 from meshgate.ratelimit import Decision, LimitSpec
+from meshgate.ratelimit.lua import (
+    GCRA_BATCH_LUA,
+    GCRA_LUA,
+    SLIDING_WINDOW_BATCH_LUA,
+    SLIDING_WINDOW_LUA,
+)
 from meshgate.ratelimit.resp import RespConnection, RespError, RespFailure, command
 
 __all__ = ["GCRA_LUA", "SLIDING_WINDOW_LUA", "RedisLimiter", "RedisTarget", "parse_redis_url"]
 
 log = logging.getLogger("meshgate.ratelimit")
-
-# Shared by both scripts. Lua 5.1 numbers are doubles: integers below 2**53
-# are exact, and `LimitSpec` keeps every value under that. `idiv` is floor
-# division made exact (a / b rounds before math.floor sees it);
-# `string.format('%d')` writes an integer without the exponent `tostring`
-# would use past 1e14.
-_LUA_PRELUDE = """
-pcall(redis.replicate_commands)
-local function idiv(a, b)
-  local q = math.floor(a / b)
-  if q * b > a then
-    q = q - 1
-  elseif (q + 1) * b <= a then
-    q = q + 1
-  end
-  return q
-end
-local function clock(arg)
-  if arg then
-    return tonumber(arg)
-  end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-"""
-
-GCRA_LUA = (
-    _LUA_PRELUDE
-    + """
--- KEYS[1]: the key. ARGV: interval_us, burst, [now_us (tests only)].
--- Stored: the TAT in microseconds, expiring when it is reached.
--- Expiries are absolute (PEXPIREAT, on the same clock as TIME), so they also
--- hold when a test passes its own now_us.
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2]) * interval
-local now = clock(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-if tat < now then
-  tat = now
-end
-local new_tat = tat + interval
-local allow_at = new_tat - tolerance
-if now < allow_at then
-  return {0, 0, tat - now, allow_at - now}
-end
-redis.call('SET', KEYS[1], string.format('%d', new_tat))
-redis.call('PEXPIREAT', KEYS[1], string.format('%d', idiv(new_tat + 999, 1000)))
-return {1, idiv(now + tolerance - new_tat, interval), new_tat - now, 0}
-"""
-)
-
-SLIDING_WINDOW_LUA = (
-    _LUA_PRELUDE
-    + """
--- KEYS[1]: the key. ARGV: tick_us, period_ticks, limit, [now_us (tests only)].
--- Stored: "window_start_us prev cur", expiring at window_start + 2 * period.
-local tick = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local limit = tonumber(ARGV[3])
-local now_us = clock(ARGV[4])
-local now = idiv(now_us, tick)
-local start = idiv(now, period) * period
-local stored, prev, cur = 0, 0, 0
-local value = redis.call('GET', KEYS[1])
-if value then
-  local s, p, c = string.match(value, '^(%d+) (%d+) (%d+)$')
-  if s then
-    stored = idiv(tonumber(s), tick)
-    prev = tonumber(p)
-    cur = tonumber(c)
-  end
-end
-if stored ~= start then
-  if stored + period == start then
-    prev = cur
-    cur = 0
-  else
-    prev = 0
-    cur = 0
-  end
-end
-local elapsed = now - start
-local estimate = idiv(prev * (period - elapsed), period) + cur
-local reset = (start + period) * tick - now_us
-if estimate < limit then
-  redis.call('SET', KEYS[1], string.format('%d %d %d', start * tick, prev, cur + 1))
-  local expiry_us = (start + 2 * period) * tick
-  redis.call('PEXPIREAT', KEYS[1], string.format('%d', idiv(expiry_us + 999, 1000)))
-  return {1, limit - estimate - 1, reset, 0}
-end
-local room = limit - 1 - cur
-local allow_at
-if room >= 0 then
-  allow_at = start + period - idiv((room + 1) * period - 1, prev)
-else
-  allow_at = start + 2 * period - idiv(limit * period - 1, cur)
-end
-return {0, 0, reset, allow_at * tick - now_us}
-"""
-)
 
 _DEFAULT_PORTS = {"sentinel": 26379, "cluster": 6379}
 
@@ -258,6 +169,20 @@ def parse_redis_url(url: str) -> RedisTarget:
     )
 
 
+_Asked = tuple[bytes, LimitSpec, Callable[[Decision | None], None], bool]
+"""A decision asked for: its Redis key, its limit, who wants it, and
+whether it probes a Redis taken for down."""
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def _sha(script: str) -> bytes:
+    """A script's SHA1, as Redis names it (hex)."""
+    return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest().encode()
+
+
 def _ignore(reply: Any) -> None:
     """A SCRIPT LOAD's reply: the EVALSHA after it says whether it worked."""
 
@@ -311,10 +236,19 @@ class RedisLimiter:
         self._resp: RespConnection | None = None
         if parse_redis_url(cfg.url).kind == "url":
             self._resp = RespConnection(cfg.url, cfg.timeout)
-        self._commands: dict[LimitSpec, tuple[bytes, bytes, bytes]] = {}
-        """Per limit: its EVALSHA's head and tail (only the key changes),
-        and its script's SCRIPT LOAD (for a server that lost it)."""
         self._prefix_bytes = cfg.key_prefix.encode()
+        self._turn: list[_Asked] = []
+        """The decisions asked for in this turn of the loop (`decide_cb`)."""
+        self._args: dict[LimitSpec, bytes] = {}
+        self._batch_scripts = {
+            name: (_sha(lua), command(b"SCRIPT", b"LOAD", lua.encode()))
+            for name, lua in (
+                ("gcra", GCRA_BATCH_LUA),
+                ("sliding_window", SLIDING_WINDOW_BATCH_LUA),
+            )
+        }
+        """Per algorithm: its batch script's SHA1, and its SCRIPT LOAD (for a
+        server that does not have it)."""
 
     def _build_client(self, cfg: RedisConfig) -> Redis | RedisCluster:
         target = parse_redis_url(cfg.url)
@@ -381,23 +315,6 @@ class RedisLimiter:
             )
         return _reply(raw)
 
-    def _command(self, spec: LimitSpec) -> tuple[bytes, bytes, bytes]:
-        """`_commands[spec]`, made the first time a limit is decided."""
-        got = self._commands.get(spec)
-        if got is None:
-            args: tuple[int, ...]
-            if spec.algorithm == "gcra":
-                sha, lua, args = self._shas["gcra"], GCRA_LUA, (spec.interval_us, spec.burst)
-            else:
-                sha, lua = self._shas["sliding_window"], SLIDING_WINDOW_LUA
-                args = (spec.tick_us, spec.period_ticks, spec.limit)
-            full = command(b"EVALSHA", sha, b"1", b"\0", *(b"%d" % a for a in args))
-            head, _, tail = full.partition(b"$1\r\n\0\r\n")
-            # The head's element count is right already: the key is one bulk.
-            got = (head, tail, command(b"SCRIPT", b"LOAD", lua.encode()))
-            self._commands[spec] = got
-        return got
-
     async def decide(self, key: str, spec: LimitSpec) -> Decision | None:
         """The decision for `key`, or None when Redis could not answer
         within `cfg.timeout` (or is being skipped after a failure)."""
@@ -458,11 +375,7 @@ class RedisLimiter:
     def decide_cb(self, key: bytes, spec: LimitSpec, cb: Callable[[Decision | None], None]) -> None:
         """`decide` without a coroutine (`pipelined` only): `cb` gets the
         decision, or None, once Redis answers (at once when it is skipped).
-        The EVALSHA goes with this turn's others; a NOSCRIPT answer (a
-        restarted server) loads the script and runs it again, once (a
-        NOSCRIPT call did not run)."""
-        resp = self._resp
-        assert resp is not None
+        The decision joins this turn's batch (`_send_batches`)."""
         probe = False
         if self._down:
             if self._probing or time.monotonic() < self._retry_at:
@@ -470,49 +383,100 @@ class RedisLimiter:
                 cb(None)
                 return
             self._probing = probe = True
+        batch = self._turn
+        if not batch:
+            asyncio.get_running_loop().call_soon(self._send_batches)
+        batch.append((self._prefix_bytes + key, spec, cb, probe))
+
+    def _send_batches(self) -> None:
+        """This turn's decisions: one batch script call per algorithm."""
+        batch, self._turn = self._turn, []
+        gcra = [d for d in batch if d[1].algorithm == "gcra"]
+        sliding = [d for d in batch if d[1].algorithm != "gcra"] if len(gcra) < len(batch) else []
+        for group, name in ((gcra, "gcra"), (sliding, "sliding_window")):
+            if group:
+                self._send_batch(group, name)
+
+    def _send_batch(self, group: list[_Asked], algorithm: str) -> None:
+        resp = self._resp
+        assert resp is not None
+        sha, load = self._batch_scripts[algorithm]
+        parts = [
+            b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n"
+            % (3 + len(group) * (3 if algorithm == "gcra" else 4), sha),
+            _bulk(b"%d" % len(group)),
+        ]
+        for name, _, _, _ in group:
+            parts.append(b"$%d\r\n%s\r\n" % (len(name), name))
+        for _, spec, _, _ in group:
+            parts.append(self._batch_args(spec))
+        cmd = b"".join(parts)
         epoch = self._epoch
-        name = self._prefix_bytes + key
-        head, tail, load = self._command(spec)
-        cmd = b"%s$%d\r\n%s\r\n%s" % (head, len(name), name, tail)
         retried = False
 
         def settle(reply: Any) -> None:
             nonlocal retried
             if isinstance(reply, RespError) and not retried and str(reply).startswith("NOSCRIPT"):
-                retried = True
+                retried = True  # a NOSCRIPT call did not run: running it again is safe
                 resp.submit(load, _ignore)
                 resp.submit(cmd, settle)
                 return
-            if probe:
-                self._probing = False
-            decision: Decision | None = None
-            if isinstance(reply, RespError):
-                # This call's own error (OOM, a key of another type): the
-                # server answers, so it is not marked down for everyone.
-                self.errors += 1
-                log.warning("rate limit store redis refused a decision: %s", reply)
-            elif isinstance(reply, BaseException):
-                self.errors += 1
-                self._failed(reply, epoch)
-            else:
-                try:
-                    allowed, remaining, reset_us, retry_us = _reply(reply)
-                except InvalidResponse as exc:
-                    self.errors += 1
-                    self._failed(exc, epoch)
-                else:
-                    if probe and self._down and self._epoch == epoch:
-                        self._down = False
-                        self._epoch += 1
-                        log.info(
-                            "rate limit store redis answers again; redis limits are enforced again"
-                        )
-                    decision = Decision(
-                        bool(allowed), remaining, reset_us / 1e6, retry_us / 1e6, spec.limit
-                    )
-            cb(decision)
+            self._settle_batch(group, reply, epoch)
 
         resp.submit(cmd, settle)
+
+    def _settle_batch(self, group: list[_Asked], reply: Any, epoch: int) -> None:
+        if any(d[3] for d in group):
+            self._probing = False
+        failure: BaseException | None = None
+        if isinstance(reply, RespError):
+            # The script's own error (OOM, a key of another type): the
+            # server answers, so it is not marked down for everyone.
+            self.errors += len(group)
+            log.warning("rate limit store redis refused a decision: %s", reply)
+            reply = None
+        elif isinstance(reply, BaseException):
+            failure = reply
+        elif (
+            not isinstance(reply, list)
+            or len(reply) != 4 * len(group)
+            or not all(type(v) is int for v in reply)
+        ):
+            failure = InvalidResponse(f"unexpected rate limit script reply {reply!r:.200}")
+        if failure is not None:
+            self.errors += len(group)
+            self._failed(failure, epoch)
+            reply = None
+        if reply is None:
+            for d in group:
+                d[2](None)
+            return
+        if self._down and self._epoch == epoch and any(d[3] for d in group):
+            self._down = False
+            self._epoch += 1
+            log.info("rate limit store redis answers again; redis limits are enforced again")
+        for i, (_, spec, cb, _) in enumerate(group):
+            j = 4 * i
+            cb(
+                Decision(
+                    bool(reply[j]),
+                    reply[j + 1],
+                    reply[j + 2] / 1e6,
+                    reply[j + 3] / 1e6,
+                    spec.limit,
+                )
+            )
+
+    def _batch_args(self, spec: LimitSpec) -> bytes:
+        """A limit's arguments in a batch call, as RESP (made once per limit)."""
+        got = self._args.get(spec)
+        if got is None:
+            if spec.algorithm == "gcra":
+                values: tuple[int, ...] = (spec.interval_us, spec.burst)
+            else:
+                values = (spec.tick_us, spec.period_ticks, spec.limit)
+            got = self._args[spec] = b"".join(_bulk(b"%d" % v) for v in values)
+        return got
 
     async def _decide_resp(self, key: str, spec: LimitSpec) -> Decision | None:
         fut: asyncio.Future[Decision | None] = asyncio.get_running_loop().create_future()
