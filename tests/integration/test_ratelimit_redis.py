@@ -381,3 +381,38 @@ async def test_a_turns_decisions_are_one_script_call_per_algorithm_and_exact(
     finally:
         client.close()
         await limiter.close()
+
+
+def test_which_urls_take_the_pipelined_connection() -> None:
+    from meshgate.ratelimit.redis import _pipelinable
+
+    assert _pipelinable("redis://127.0.0.1:6379/0")
+    assert _pipelinable("redis://:secret@127.0.0.1:6379/2")
+    assert _pipelinable("unix:///run/redis.sock?db=1")
+    # TLS and its options, sentinel, cluster, other options: redis-py.
+    assert not _pipelinable("rediss://127.0.0.1:6380/0")
+    assert not _pipelinable("redis://127.0.0.1:6379/0?socket_keepalive=true")
+    assert not _pipelinable("redis+sentinel://127.0.0.1:26379/mymaster")
+    assert not _pipelinable("redis+cluster://127.0.0.1:7000")
+
+
+async def test_a_turn_past_the_batch_size_goes_in_several_calls_and_stays_exact(
+    module_redis: RedisServer,  # noqa: F811
+):
+    from meshgate.ratelimit.redis import MAX_BATCH
+
+    limiter = RedisLimiter(config(module_redis.url, timeout=5))
+    client = module_redis.client()
+    try:
+        g = spec(300, 60)
+        await limiter.decide(unique("warm"), g)
+        client.config_resetstat()
+        key = unique("big")
+        got = await asyncio.gather(*(limiter.decide(key, g) for _ in range(2 * MAX_BATCH + 10)))
+        calls = client.info("commandstats")["cmdstat_evalsha"]["calls"]
+        assert calls == 3
+        allowed = [d.allowed for d in got]  # type: ignore[union-attr]
+        assert allowed == [True] * 300 + [False] * (2 * MAX_BATCH + 10 - 300)
+    finally:
+        client.close()
+        await limiter.close()

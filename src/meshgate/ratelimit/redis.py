@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -174,6 +174,20 @@ _Asked = tuple[bytes, LimitSpec, Callable[[Decision | None], None], bool]
 whether it probes a Redis taken for down."""
 
 
+MAX_BATCH = 512
+"""Decisions in one batch script call, at most (a turn's others go in more)."""
+
+
+def _pipelinable(url: str) -> bool:
+    """Whether `resp.RespConnection` speaks to this server: `redis://` or
+    `unix://`, with no query but `db`. TLS (`rediss://`, with its CA and
+    certificate options) and anything else stay with redis-py."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("redis", "unix"):
+        return False
+    return all(k == "db" for k in parse_qs(parts.query, keep_blank_values=True))
+
+
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
@@ -234,7 +248,7 @@ class RedisLimiter:
         # One server: decisions go through a pipelined connection of our
         # own (`resp`); sentinel and cluster stay with redis-py.
         self._resp: RespConnection | None = None
-        if parse_redis_url(cfg.url).kind == "url":
+        if _pipelinable(cfg.url):
             self._resp = RespConnection(cfg.url, cfg.timeout)
         self._prefix_bytes = cfg.key_prefix.encode()
         self._turn: list[_Asked] = []
@@ -394,8 +408,8 @@ class RedisLimiter:
         gcra = [d for d in batch if d[1].algorithm == "gcra"]
         sliding = [d for d in batch if d[1].algorithm != "gcra"] if len(gcra) < len(batch) else []
         for group, name in ((gcra, "gcra"), (sliding, "sliding_window")):
-            if group:
-                self._send_batch(group, name)
+            for at in range(0, len(group), MAX_BATCH):
+                self._send_batch(group[at : at + MAX_BATCH], name)
 
     def _send_batch(self, group: list[_Asked], algorithm: str) -> None:
         resp = self._resp

@@ -10,10 +10,11 @@ decisions of one limit), one `write` per batch, and the replies are parsed
 from the read buffer as they arrive and handed to each command's callback,
 in order.
 
-What it is not: a general client. It speaks to one server (`redis://`,
-`rediss://`, `unix://`; sentinel and cluster stay with redis-py), sends
-AUTH and SELECT when it connects, and knows the replies those scripts give
-(integers, arrays, strings, errors). Any reply it cannot parse, or a batch
+What it is not: a general client. It speaks to one server over TCP or a
+Unix socket (`redis://`, `unix://`; TLS, sentinel and cluster stay with
+redis-py, `redis._pipelinable`), sends AUTH and SELECT when it connects,
+and knows the replies those scripts give (integers, arrays, strings,
+errors). Any reply it cannot parse, or a batch
 not answered within the timeout, closes the connection and fails every
 command waiting on it: a reply stream out of step is never read on. The next
 batch connects again.
@@ -26,7 +27,6 @@ import collections
 import contextlib
 import logging
 import re
-import ssl as _ssl
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -173,7 +173,6 @@ class RespConnection:
         self.unix: str | None = u.path if scheme == "unix" else None
         self.host = u.hostname or "127.0.0.1"
         self.port = u.port or 6379
-        self.tls = scheme == "rediss"
         query = urllib.parse.parse_qs(u.query)
         db_text = (query.get("db") or [""])[0] or (u.path.strip("/") if scheme != "unix" else "")
         self.db = int(db_text) if db_text.isdigit() else 0
@@ -244,9 +243,8 @@ class RespConnection:
                 if self.unix is not None:
                     _, proto = await loop.create_unix_connection(lambda: _Protocol(self), self.unix)
                 else:
-                    ctx = _ssl.create_default_context() if self.tls else None
                     _, proto = await loop.create_connection(
-                        lambda: _Protocol(self), self.host, self.port, ssl=ctx
+                        lambda: _Protocol(self), self.host, self.port
                     )
                 hello: list[bytes] = []
                 if self.password is not None:
