@@ -73,6 +73,15 @@ BAD_502: dict[str, bytes] = {
     + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
     + LEFTOVER,
     "garbage": b"THIS IS NOT HTTP\r\n\r\n",
+    # Transfer codings meshgate does not undo: re-chunked, the client would
+    # get compressed bytes with nothing saying so.
+    "te-gzip-chunked": OK
+    + b"Transfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    + LEFTOVER,
+    "te-gzip-then-chunked": OK
+    + b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    + LEFTOVER,
+    "te-gzip-alone": OK + b"Transfer-Encoding: gzip\r\n\r\nhello",
     "switching-protocols-unasked": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
     b"Connection: Upgrade\r\n\r\n\x81\x05hello",
 }

@@ -157,6 +157,8 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
                 reason = "the upstream switched protocols unasked"
             elif isinstance(exc.__context__, HeadTooLarge):
                 reason = self._too_large()
+            elif isinstance(exc.__context__, UnknownCoding):
+                reason = "the upstream used a transfer coding other than chunked"
             elif isinstance(exc.__context__, UnexpectedResponse):
                 log.warning("%s sent a response nobody asked for; closing", self.pool.address)
                 reason = "unexpected response from upstream"
@@ -225,6 +227,10 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
             if name == b"content-length":
                 self.has_length = True
         elif name == b"transfer-encoding":
+            if value != b"chunked" and value.strip().lower() != b"chunked":
+                # A coding meshgate would not undo (gzip, chunked): re-chunked,
+                # the client would get its bytes with nothing saying so.
+                raise UnknownCoding
             self.chunked = True
         elif name == b"connection":
             tokens = connection_tokens(value)
@@ -327,6 +333,10 @@ class UpstreamConnection(BatchedWriter, asyncio.Protocol):
 
 class UnexpectedResponse(Exception):
     """Response bytes arrived with no request waiting for them."""
+
+
+class UnknownCoding(Exception):
+    """A response's Transfer-Encoding is other than `chunked` alone."""
 
 
 class HeadTooLarge(Exception):
