@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from support.client import curl, fetch, wait_until
+from support.client import curl, fetch, raw_request, wait_until
 from support.proxy import ProxyProcess, Stack, run_meshgate, upstream_block
 from support.upstream import UpstreamServer
 
@@ -81,6 +81,27 @@ def test_an_admin_api_off_loopback_without_a_token_is_refused(
     proc = run_meshgate("check", "-c", str(path))
     assert proc.returncode == 1 and "field 'admin_token'" in proc.stderr, proc.stderr
     assert "hunter2" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\n\r\n",
+        b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n",
+    ],
+    ids=["upgrade", "connect"],
+)
+def test_an_upgrade_or_connect_to_the_admin_api_is_a_400_and_logs_no_error(
+    stack: Stack, upstream: UpstreamServer, head: bytes
+) -> None:
+    proxy = stack.proxy(_routing(upstream.name, upstream))
+    reply = raw_request(proxy.admin_port, head, read_timeout=3)
+    assert reply.status == 400 and reply.closed, bytes(reply)
+    # The listener still answers, and nothing escaped to the event loop.
+    assert fetch(proxy.admin_url("/readyz")).status == 200
+    assert "Traceback" not in proxy.stderr_text(), proxy.stderr_text()
+    assert "Fatal error" not in proxy.stderr_text(), proxy.stderr_text()
 
 
 def test_the_token_guards_every_path_but_the_probes(

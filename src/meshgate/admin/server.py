@@ -131,7 +131,9 @@ class AdminProtocol(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # (An Upgrade or CONNECT request raises the latter, which is not
+            # an HttpParserError: the admin API upgrades to nothing.)
             self._answer((400, {"error": "malformed request"}), close=True)
             if self.transport is not None:
                 self.transport.pause_reading()
@@ -157,6 +159,11 @@ class AdminProtocol(asyncio.Protocol):
             self.headers[name] = value if name not in self.headers else b"\0"
 
     def on_headers_complete(self) -> None:
+        if self.parser.should_upgrade():
+            # Upgrade or CONNECT: the admin API switches to nothing, and what
+            # follows the head would not be HTTP (a 400, and the connection
+            # closes).
+            raise ValueError("upgrade")
         self.method = self.parser.get_method()
         self.keep_alive = self.parser.should_keep_alive()
 

@@ -265,6 +265,8 @@ async def serve_connection(
                 p.parser.feed_data(data)
         except ApiError as exc:
             _refuse(writer, exc.status, exc.reason)
+        except httptools.HttpParserUpgrade:
+            _refuse(writer, 400, "the control API upgrades to nothing")
         except httptools.HttpParserError as exc:
             if isinstance(exc.__context__, ApiError):
                 _refuse(writer, exc.__context__.status, exc.__context__.reason)

@@ -142,6 +142,8 @@ async def check_once(host: str, port: int, request: bytes, timeout: float) -> in
         if resp.status:
             return resp.status  # the head came in time: the status decides
         raise CheckFailed(f"no answer within {timeout:g}s") from None
+    except httptools.HttpParserUpgrade:
+        raise CheckFailed("invalid response: the upstream switched protocols unasked") from None
     except httptools.HttpParserError as exc:
         raise CheckFailed(f"invalid response: {exc}") from None
     except ConnectionRefusedError:
