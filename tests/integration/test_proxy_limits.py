@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from support.client import RawConnection, assert_problem, parse_response, wait_until
+from support.client import RawConnection, assert_problem, http_get, parse_response, wait_until
 from support.proxy import ProxyProcess, Stack, single_upstream_config, upstream_block
 from support.upstream import UpstreamServer
 
@@ -144,6 +144,15 @@ def test_connection_caps_per_client_address_and_per_listener(
         for sock in socks:
             sock.close()
     assert all(r.target == "/x" for r in up.requests)
+    # Each refusal is counted by the limit that made it.
+    status, body = http_get(proxy.admin_port, "/metrics")
+    assert status == 200
+    counted = {
+        line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in body.decode().splitlines()
+        if line.startswith("meshgate_tcp_connections_refused_total{")
+    }
+    assert counted["max_connections_per_ip"] >= 1 and counted["max_connections"] >= 1, counted
 
 
 def test_max_requests_per_connection(gateway: ProxyProcess) -> None:

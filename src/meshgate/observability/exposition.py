@@ -96,6 +96,11 @@ SPECS: dict[str, Spec] = {
     "meshgate_tcp_connections_active": Spec(
         "gauge", "Client connections open now.", ("direction", "tls")
     ),
+    "meshgate_tcp_connections_refused_total": Spec(
+        "counter",
+        "Client connections closed at accept, past a connection limit (the limit's key).",
+        ("direction", "tls", "reason"),
+    ),
     "meshgate_tls_handshakes_total": Spec(
         "counter",
         "TLS handshakes of clients, by outcome (ok, or the failure's reason).",

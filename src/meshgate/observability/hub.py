@@ -102,7 +102,9 @@ class MetricsHub:
         key = (DIRECTIONS.get(role, "inbound"), tls)
         got = self.connections.get(key)
         if got is None:
-            got = self.connections[key] = [0, 0, 0]
+            # opened, closed, active, refused by the listener's cap, by the
+            # client address's (`protocol.limits.Admission`)
+            got = self.connections[key] = [0, 0, 0, 0, 0]
         return got
 
     def handshake(self, role: str, outcome: str) -> None:
@@ -163,11 +165,15 @@ class MetricsHub:
         conns = out.setdefault("meshgate_tcp_connections_opened_total", [])
         closed = out.setdefault("meshgate_tcp_connections_closed_total", [])
         active = out.setdefault("meshgate_tcp_connections_active", [])
-        for (direction, tls), (o, c, a) in self.connections.items():
+        refused = out.setdefault("meshgate_tcp_connections_refused_total", [])
+        for (direction, tls), (o, c, a, by_listener, by_client) in self.connections.items():
             labels = (direction, "true" if tls else "false")
             conns.append([labels, o])
             closed.append([labels, c])
             active.append([labels, a])
+            if by_listener or by_client:
+                refused.append([(*labels, "max_connections"), by_listener])
+                refused.append([(*labels, "max_connections_per_ip"), by_client])
         out["meshgate_tls_handshakes_total"] = [[k, n] for k, n in self.handshakes.items()]
         out["meshgate_config_reloads_total"] = [[(k,), n] for k, n in self.reloads.items()]
         out["meshgate_config_generation"] = [[(), self.generation]]

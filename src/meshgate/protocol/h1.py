@@ -295,8 +295,11 @@ class ServerProtocol(BatchedWriter, SlowClientTimeouts, asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.client = str(peer[0]).encode()
-        if not self.state.admission.admit(self.client, self.limits):
-            # Over a connection limit: closed unanswered (`protocol.limits`).
+        refused = self.state.admission.admit(self.client, self.limits)
+        if refused:
+            # Over a connection limit: closed unanswered (`protocol.limits`),
+            # and counted by the limit's key.
+            self.state.conn_counts[refused] += 1
             self.pause_reasons = PAUSE_DONE
             self.transport.abort()
             return

@@ -28,7 +28,12 @@ if TYPE_CHECKING:
     from meshgate.config.schema import ServerLimits
     from meshgate.protocol.api import Stream
 
-__all__ = ["Admission", "SlowClientTimeouts"]
+__all__ = ["REFUSED_BY_CLIENT", "REFUSED_BY_LISTENER", "Admission", "SlowClientTimeouts"]
+
+REFUSED_BY_LISTENER = 3
+"""Where a refusal past `max_connections` is counted (`MetricsHub.connection_counters`)."""
+REFUSED_BY_CLIENT = 4
+"""... and one past `max_connections_per_ip`."""
 
 
 class Admission:
@@ -43,20 +48,22 @@ class Admission:
         self.refused = 0
         """Connections closed at accept since the listener started."""
 
-    def admit(self, client: bytes, limits: ServerLimits) -> bool:
-        """Count a new connection from `client` in, or refuse it (False)."""
+    def admit(self, client: bytes, limits: ServerLimits) -> int:
+        """Count a new connection from `client` in (0), or refuse it: the
+        index of its refusal in the hub's connection counters (`REFUSED_BY_*`:
+        `meshgate_tcp_connections_refused_total`)."""
         cap = limits.max_connections
         if cap and self.open >= cap:
             self.refused += 1
-            return False
+            return REFUSED_BY_LISTENER
         n = self.by_client.get(client, 0)
         cap = limits.max_connections_per_ip
         if cap and n >= cap:
             self.refused += 1
-            return False
+            return REFUSED_BY_CLIENT
         self.by_client[client] = n + 1
         self.open += 1
-        return True
+        return 0
 
     def leave(self, client: bytes) -> None:
         """An admitted connection from `client` closed."""
