@@ -6,6 +6,7 @@ with a reason until the engine's CLI exists, and never after that.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,20 @@ import pytest
 
 from support.proxy import ProxyProcess, Stack, engine_available
 from support.upstream import UpstreamServer
+
+
+def _absolute_pythonpath() -> None:
+    """The processes the tests start run in their own temporary directories:
+    a relative PYTHONPATH (`PYTHONPATH=src`) would quietly point them at
+    another tree (the venv's installed one) than the tests'."""
+    value = os.environ.get("PYTHONPATH")
+    if value:
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            os.path.abspath(p) if p else p for p in value.split(os.pathsep)
+        )
+
+
+_absolute_pythonpath()
 
 
 def pytest_configure(config: pytest.Config) -> None:
