@@ -327,6 +327,25 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+def start_redis(children: Children, redis_server: str, workdir: Path) -> tuple[Child, int]:
+    """A redis-server on a free loopback port, no persistence, in
+    workdir/redis; returned once it answers PING."""
+    port = free_port()
+    d = workdir / "redis"
+    d.mkdir()
+    argv = [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(d)]  # fmt: skip
+    child = children.start("redis", argv, d / "redis.log", cwd=d)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
+            s.sendall(b"PING\r\n")
+            if s.recv(64).startswith(b"+PONG"):
+                return child, port
+        time.sleep(0.1)
+    raise RuntimeError(f"redis-server did not answer:\n{child.log_tail()}")
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds of pid and its descendants, all their
     threads (from /proc/<pid>/stat; a process gone counts 0)."""

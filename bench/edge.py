@@ -52,6 +52,7 @@ from _common import (
     log,
     machine_info,
     run_script,
+    start_redis,
     wait_http,
 )
 from run import parse_wrk, proxy_block, start_nginx, upstream_block
@@ -64,6 +65,11 @@ TARGETS = {
     "meshgate-jwt-local": ("/api/partners/42", True),
     "meshgate-resilient": ("/api/resilient/42", False),
 }
+
+
+ISSUER = "https://id.example.com"
+AUDIENCE = "orders"
+"""What the token of `make_token` says, and the gateway checks."""
 
 
 def meshgate_config(port: int, admin: int, upstream: int, redis_port: int) -> str:
@@ -80,8 +86,8 @@ redis:
 auth:
   jwt:
     type: jwt
-    issuer: https://id.example.com
-    audience: orders
+    issuer: {ISSUER}
+    audience: {AUDIENCE}
     public_key_file: jwt.pub.pem
 upstreams:
   order-service:
@@ -111,6 +117,8 @@ routes:
 
 
 def make_token(workdir: Path) -> str:
+    """An RS256 token valid for an hour (PyJWT), and its public key in
+    workdir/jwt.pub.pem; the private key never leaves this process."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -118,8 +126,8 @@ def make_token(workdir: Path) -> str:
     (workdir / "jwt.pub.pem").write_bytes(pem)
     now = int(time.time())
     claims = {
-        "iss": "https://id.example.com",
-        "aud": "orders",
+        "iss": ISSUER,
+        "aud": AUDIENCE,
         "sub": "bench",
         "iat": now,
         "exp": now + 3600,
@@ -194,15 +202,7 @@ def main() -> int:
             procs["nginx"], ports["nginx"] = start_nginx(
                 children, tools["nginx"], tmp, "nginx", lambda port: proxy_block(port, up_port)
             )
-            redis_port = free_port()
-            (tmp / "redis").mkdir()
-            procs["redis"] = children.start(
-                "redis",
-                [tools["redis-server"], "--port", str(redis_port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no"],
-                tmp / "redis" / "redis.log",
-                cwd=tmp / "redis",
-            )  # fmt: skip
+            procs["redis"], redis_port = start_redis(children, tools["redis-server"], tmp)
             workdir = tmp / "meshgate"
             workdir.mkdir()
             token = make_token(workdir)

@@ -33,7 +33,6 @@ Usage: python bench/gateway.py [--quick] [--rounds 3] [--duration 8] [--connecti
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime as dt
 import json
 import shlex
@@ -61,45 +60,17 @@ from _common import (
     proc_status_kib,
     process_tree,
     run_script,
+    start_redis,
     wait_http,
 )
+from edge import AUDIENCE, ISSUER, make_token, run_wrk
 from observability import SINK
-from run import BODY, parse_wrk, start_nginx, upstream_block
+from run import BODY, start_nginx, upstream_block
 
 PATH = "/api/orders/42"
 TARGETS = ("direct", "nginx", "traefik", "meshgate-plain", "meshgate-full")
 MESHGATES = ("meshgate-plain", "meshgate-full")
 TRAEFIK_VERSION = "3.7.15"
-ISSUER = "https://id.bench.local"
-AUDIENCE = "orders"
-
-
-# ---------------------------------------------------------------- the token
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def make_token(workdir: Path) -> str:
-    """An RS256 token valid for an hour, and its public key in workdir/jwt.pub
-    (the key pair from `cryptography`; the private key never leaves this
-    process)."""
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import padding, rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pub = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    (workdir / "jwt.pub").write_bytes(pub)
-    now = int(time.time())
-    header = _b64(json.dumps({"alg": "RS256", "typ": "JWT"}).encode())
-    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "bench-client", "iat": now, "exp": now + 3600}
-    payload = _b64(json.dumps(claims).encode())
-    signed = f"{header}.{payload}".encode()
-    sig = key.sign(signed, padding.PKCS1v15(), hashes.SHA256())
-    return f"{header}.{payload}.{_b64(sig)}"
 
 
 # ---------------------------------------------------------------- the targets
@@ -224,22 +195,6 @@ def start_meshgate(
     return child, argv
 
 
-def start_redis(children: Children, workdir: Path) -> tuple[Child, int]:
-    port = free_port()
-    d = workdir / "redis"
-    d.mkdir()
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(d)]  # fmt: skip
-    child = children.start("redis", argv, d / "redis.log", cwd=d)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        r = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True)
-        if r.stdout.strip() == "PONG":
-            return child, port
-        time.sleep(0.1)
-    raise RuntimeError(f"redis-server did not answer:\n{child.log_tail()}")
-
-
 def workers_rss_mb(pid: int) -> list[float]:
     """VmRSS of each meshgate process serving requests: the workers (the
     master's children), or the process itself when it has none."""
@@ -249,21 +204,6 @@ def workers_rss_mb(pid: int) -> list[float]:
 
 
 # ---------------------------------------------------------------- measuring
-
-
-def run_wrk(
-    wrk: str, port: int, args: argparse.Namespace, token: str
-) -> tuple[dict[str, Any], list[str]]:
-    argv = [wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s",
-            "--latency", "-H", f"Authorization: Bearer {token}",
-            f"http://127.0.0.1:{port}{PATH}"]  # fmt: skip
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=args.duration + 60)
-    if r.returncode != 0:
-        raise RuntimeError(f"wrk exited {r.returncode}:\n{r.stdout}{r.stderr}")
-    res = parse_wrk(r.stdout)
-    res["raw"] = r.stdout
-    shown = [a if not a.startswith("Authorization") else "Authorization: Bearer …" for a in argv]
-    return res, shown
 
 
 def run_paced(port: int, rate: int, duration: int, token: str) -> dict[str, Any]:
@@ -341,7 +281,7 @@ def main() -> int:
             )
             procs["traefik"], ports["traefik"], argv = start_traefik(children, traefik, tmp, up)
             result["commands"]["traefik"] = shlex.join(argv)
-            _redis, redis_port = start_redis(children, tmp)
+            _redis, redis_port = start_redis(children, tools["redis-server"], tmp)
             sink_port = free_port()
             (tmp / "sink.py").write_text(SINK)
             sink = children.start(
@@ -357,7 +297,7 @@ def main() -> int:
                 port, admin = free_port(), free_port()
                 text = template.format(
                     port=port, admin=admin, upstream=up, sink=sink_port, redis=redis_port,
-                    log=tmp / name / "access.log", pub=tmp / "jwt.pub", issuer=ISSUER,
+                    log=tmp / name / "access.log", pub=tmp / "jwt.pub.pem", issuer=ISSUER,
                     audience=AUDIENCE,
                 )  # fmt: skip
                 procs[name], argv = start_meshgate(children, mg, tmp, name, text, admin)
@@ -373,7 +313,7 @@ def main() -> int:
             }
             for name in TARGETS:
                 log(f"warm-up {name}")
-                run_wrk(tools["wrk"], ports[name], _with(args, duration=args.warmup), token)
+                run_wrk(tools["wrk"], ports[name], PATH, token, _with(args, duration=args.warmup))
             for rnd in range(1, args.rounds + 1):
                 got: dict[str, Any] = {}
                 for name in TARGETS:
@@ -381,7 +321,7 @@ def main() -> int:
                         if not child.alive():
                             raise RuntimeError(f"{child.name} died:\n{child.log_tail()}")
                     cpu0 = cpu_seconds(procs[name].pid)
-                    res, shown = run_wrk(tools["wrk"], ports[name], args, token)
+                    res, shown = run_wrk(tools["wrk"], ports[name], PATH, token, args)
                     res["cpu_us"] = (cpu_seconds(procs[name].pid) - cpu0) / res["requests"] * 1e6
                     result["commands"].setdefault("wrk", shlex.join(shown))
                     got[name] = res
