@@ -69,7 +69,8 @@ class RouteTarget:
         self.cluster = cluster
         self.max_body = max_body
         """The largest request body the route takes, in bytes (0: no limit):
-        the route's `max_body:`, else `limits.max_body`."""
+        the route's `max_body:`, else `limits.max_body`; for a route with a
+        handler, the smaller of that and the handler's own."""
         self.path = path
         """The route's configured path pattern (`/api/orders/**`), as the
         access log names it: never the request's own path or query."""
@@ -172,6 +173,11 @@ class Runtime:
             first = route.upstream_names()[0]
             if handler is None and splitter is None and not clusters[first].endpoints:
                 handler = NoEndpoints(first, config.upstreams[first].service)
+            max_body = route.max_body or config.limits.max_body or 0
+            if handler is not None:
+                # A handler reads the whole body: up to its own limit, or the
+                # route's when that is smaller.
+                max_body = min(handler.max_body, max_body or handler.max_body)
             target = RouteTarget(
                 clusters[route.upstream_names()[0]],
                 label,
@@ -186,7 +192,7 @@ class Runtime:
                 response_drop=UPSTREAM_DROPPED if config.route_cors(route) is not None else None,
                 path=route.path,
                 rate_limited=bool(route.rate_limits()),
-                max_body=route.max_body or config.limits.max_body or 0,
+                max_body=max_body,
             )
             pairs.append((route, target))
         shortest = min(

