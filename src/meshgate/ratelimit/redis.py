@@ -334,12 +334,9 @@ class RedisLimiter:
         within `cfg.timeout` (or is being skipped after a failure)."""
         if self._resp is not None:
             return await self._decide_resp(key, spec)
-        probe = False
-        if self._down:
-            if self._probing or time.monotonic() < self._retry_at:
-                self.skipped += 1
-                return None
-            self._probing = probe = True
+        probe = self._may_ask()
+        if probe is None:
+            return None
         epoch = self._epoch
         name = (self._prefix + key).encode()
         if spec.algorithm == "gcra":
@@ -375,11 +372,29 @@ class RedisLimiter:
         finally:
             if probe:
                 self._probing = False
-        if probe and self._down and self._epoch == epoch:
+        if probe:
+            self._answered(epoch)
+        return Decision(bool(allowed), remaining, reset_us / 1e6, retry_us / 1e6, spec.limit)
+
+    def _may_ask(self) -> bool | None:
+        """Whether a decision may go to Redis now: None when it is skipped
+        (Redis is taken for down, and not yet due for a probe, or another
+        decision probes it), else whether this one is the probe."""
+        if not self._down:
+            return False
+        if self._probing or time.monotonic() < self._retry_at:
+            self.skipped += 1
+            return None
+        self._probing = True
+        return True
+
+    def _answered(self, epoch: int) -> None:
+        """A probe was answered: Redis is up again (unless it changed state
+        since the probe was sent)."""
+        if self._down and self._epoch == epoch:
             self._down = False
             self._epoch += 1
             log.info("rate limit store redis answers again; redis limits are enforced again")
-        return Decision(bool(allowed), remaining, reset_us / 1e6, retry_us / 1e6, spec.limit)
 
     @property
     def pipelined(self) -> bool:
@@ -390,13 +405,10 @@ class RedisLimiter:
         """`decide` without a coroutine (`pipelined` only): `cb` gets the
         decision, or None, once Redis answers (at once when it is skipped).
         The decision joins this turn's batch (`_send_batches`)."""
-        probe = False
-        if self._down:
-            if self._probing or time.monotonic() < self._retry_at:
-                self.skipped += 1
-                cb(None)
-                return
-            self._probing = probe = True
+        probe = self._may_ask()
+        if probe is None:
+            cb(None)
+            return
         batch = self._turn
         if not batch:
             asyncio.get_running_loop().call_soon(self._send_batches)
@@ -465,10 +477,8 @@ class RedisLimiter:
             for d in group:
                 d[2](None)
             return
-        if self._down and self._epoch == epoch and any(d[3] for d in group):
-            self._down = False
-            self._epoch += 1
-            log.info("rate limit store redis answers again; redis limits are enforced again")
+        if any(d[3] for d in group):
+            self._answered(epoch)
         for i, (_, spec, cb, _) in enumerate(group):
             j = 4 * i
             cb(
