@@ -118,7 +118,7 @@ async def main(n: int, profile: bool, obs: str = "metrics") -> None:
 
     flush = state.batcher.flush  # what the loop does once per turn
 
-    format_batch = access._format_batch if access is not None else None
+    format_batch = access.flush if access is not None else None
 
     def run(count: int) -> None:
         for i in range(count):
@@ -127,7 +127,7 @@ async def main(n: int, profile: bool, obs: str = "metrics") -> None:
             conn.data_received(RESPONSE)
             flush()
             if format_batch is not None and i % 256 == 255:
-                format_batch(False)
+                format_batch()
 
     run(1000)
     # As the worker does once it has started: what exists now (modules,

@@ -1,7 +1,7 @@
 """Certificate rotation under load, through a pair of real sidecars.
 
-`certificate_lifetime: 2m`: each sidecar's agent renews at about 70% of the
-remaining life (jittered), so a few minutes see two renewals on each side.
+`certificate_lifetime: 1m`: each sidecar's agent renews at about 70% of the
+remaining life (jittered), so some 90 seconds see two renewals on each side.
 Meanwhile requests flow both ways through the pair: `orders` calls
 `customers` over one client keep-alive connection (its sidecar keeps its
 mTLS connection to customers' sidecar in the pool), and `customers` calls
@@ -128,7 +128,7 @@ def presented_serial(server: SidecarProcess, client: SidecarProcess) -> str:
 def pair(
     tmp_path: Path,
 ) -> Iterator[tuple[SidecarProcess, SidecarProcess, dict[str, UpstreamServer]]]:
-    cp = ControlProcess(tmp_path / "cp", services=SERVICES, certificate_lifetime="2m")
+    cp = ControlProcess(tmp_path / "cp", services=SERVICES, certificate_lifetime="1m")
     apps = {name: UpstreamServer(name) for name in ("orders", "customers")}
     sidecars: list[SidecarProcess] = []
     try:

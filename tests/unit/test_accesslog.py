@@ -1,6 +1,8 @@
-"""`observability.accesslog` on its own: the line's fields from an ended
-exchange's, sampling, the queue's bound, and the writer thread writing to a
-real pipe, and flushing what is queued when it stops."""
+"""`observability.accesslog` and `logline` on their own: the line's fields
+from an ended exchange's, sampling, the queue's bound, whole-line writes
+within PIPE_BUF, and the access log's real process (`offload_main`) writing
+to a real pipe, flushing what is queued when it stops, and started again
+when it is killed."""
 
 from __future__ import annotations
 
@@ -11,8 +13,11 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from meshgate.config.schema import AccessLogConfig
 from meshgate.observability.accesslog import FIELDS, AccessLog
+from meshgate.observability.logline import LineFormatter, LineWriter
 
 
 def _exchange(status: int = 200, **fields: Any) -> SimpleNamespace:
@@ -43,7 +48,8 @@ def _exchange(status: int = 200, **fields: Any) -> SimpleNamespace:
 
 
 def _formatted(log: AccessLog) -> list[dict[str, Any]]:
-    return [json.loads(log.format(row)) for row in log.queue]
+    fmt = LineFormatter(log.offset)
+    return [json.loads(fmt.format(row)) for row in log.rows()]
 
 
 def test_a_line_has_every_field_from_the_exchange() -> None:
@@ -96,46 +102,124 @@ def test_sampling_applies_to_2xx_only_and_the_bound_drops() -> None:
     log.sample = 0.0
     for status in (200, 204, 299, 301, 404, 503):
         log.log(_exchange(status), 100.0, "")
-    assert [row[16] for row in log.queue] == [301, 404, 503]
+    assert [row[16] for row in log.rows()] == [301, 404, 503]
     log.queue.clear()
+    log.lines = 0
     log.sample = 0.25
     for _ in range(4000):
         log.log(_exchange(), 100.0, "")
-    assert 800 < len(log.queue) < 1200
+    assert 800 < log.lines < 1200 and len(log.rows()) == log.lines
     log.queue.clear()
+    log.lines = 0
     log.sample, log.bound = 1.0, 16
     for _ in range(20):
         log.log(_exchange(), 100.0, "")
-    assert len(log.queue) == 16 and log.dropped == 4
+    assert log.lines == 16 and log.dropped == 4
     assert log.samples() == {"meshgate_access_log_dropped_total": [[(), 4]]}
 
 
-def test_the_writer_writes_whole_lines_to_a_pipe_and_flushes_at_stop() -> None:
-    r, w = os.pipe()
+def _fifo_reader(path: str) -> tuple[threading.Thread, bytearray]:
+    """A reader of the named pipe at `path` (the access log's process
+    opens it by name, as it opens a file), until its writers are gone."""
+    os.mkfifo(path)
     got = bytearray()
-    sizes: list[int] = []
 
     def read() -> None:
-        while chunk := os.read(r, 1 << 20):
-            sizes.append(len(chunk))
-            got.extend(chunk)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while chunk := os.read(fd, 1 << 20):
+                got.extend(chunk)
+        finally:
+            os.close(fd)
 
     reader = threading.Thread(target=read)
     reader.start()
+    return reader, got
+
+
+def test_the_process_writes_whole_lines_to_a_pipe_and_flushes_at_stop(tmp_path: Any) -> None:
+    path = str(tmp_path / "log.fifo")
+    reader, got = _fifo_reader(path)
     log = AccessLog(time.monotonic)
-    log.configure(AccessLogConfig(path="-"))
-    log.fd = os.dup(w)  # (the "-" target, on a pipe of the test's)
-    os.close(w)
+    log.configure(AccessLogConfig(path=path))
     log.start()
-    for i in range(3000):
-        log.log(_exchange(request_id=b"%d" % i), 100.0, "")
-    log.stop()
+    try:
+        for i in range(3000):
+            log.log(_exchange(request_id=b"%d" % i), 100.0, "")
+            if i % 700 == 0:
+                log.flush()
+    finally:
+        log.stop()
     reader.join(10)
     lines = got.decode().splitlines()
     assert [json.loads(x)["request_id"] for x in lines] == [str(i) for i in range(3000)]
-    assert log.written == 3000 and log.unwritten == 0 and log.fd == -1
-    assert sum(sizes) == len(got)
-    os.close(r)
+    assert log.written == 3000 and log.unwritten == 0 and log.dropped == 0
+
+
+def test_a_killed_process_is_started_again_and_its_losses_counted(tmp_path: Any) -> None:
+    target = tmp_path / "access.log"
+    log = AccessLog(time.monotonic)
+    log.configure(AccessLogConfig(path=str(target)))
+    log.start()
+    try:
+        log.log(_exchange(request_id=b"before"), 100.0, "")
+        log.flush()
+        _wait(lambda: b"before" in target.read_bytes())
+        _wait(lambda: log.written == 1)  # (its report: what a killed one did not say is not known)
+        first = log.offload.proc
+        assert first is not None
+        first.kill()
+        first.wait(5)
+        _wait(lambda: log.offload.proc is not None and log.offload.proc is not first)
+        log.log(_exchange(request_id=b"after"), 100.0, "")
+        log.flush()
+        _wait(lambda: b"after" in target.read_bytes())
+    finally:
+        log.stop()
+    ids = [json.loads(x)["request_id"] for x in target.read_text().splitlines()]
+    assert ids == ["before", "after"]
+    assert log.written == 2 and log.unwritten == 0
+
+
+def test_a_path_that_cannot_be_opened_is_refused_at_configure(tmp_path: Any) -> None:
+    log = AccessLog(time.monotonic)
+    with pytest.raises(OSError):
+        log.configure(AccessLogConfig(path=str(tmp_path / "no" / "such" / "dir.log")))
+    assert not log.offload.running
+
+
+def test_a_stuck_process_makes_new_lines_drop_not_wait(tmp_path: Any) -> None:
+    """A target nobody reads: the process blocks, its pipe fills, and what
+    waits for it stays within `buffer_lines` (the rest dropped, counted)."""
+    path = str(tmp_path / "nobody.fifo")
+    os.mkfifo(path)
+    # Held open for reading, never read: the process's writes block once
+    # the pipe is full.
+    held = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    log = AccessLog(time.monotonic)
+    log.configure(AccessLogConfig(path=path, buffer_lines=2000))
+    log.start()
+    try:
+        ex = _exchange(authority=b"x" * 2000)
+        for _ in range(200):
+            for _ in range(1000):
+                log.log(ex, 100.0, "")
+            log.flush()
+            time.sleep(0.002)
+        assert log.dropped > 0
+        assert log.offload.backlog <= 2000 + 1000
+    finally:
+        log.stop(timeout=0.5)
+        os.close(held)
+    counted = log.samples()["meshgate_access_log_dropped_total"][0][1]
+    assert counted >= log.dropped > 0
+
+
+def _wait(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def test_a_hostile_host_stays_one_json_string() -> None:
@@ -158,7 +242,7 @@ def test_a_block_goes_to_a_pipe_in_writes_of_whole_lines_within_pipe_buf() -> No
 
     sent: list[bytes] = []
 
-    class Recording(AccessLog):
+    class Recording(LineWriter):
         def _send(self, fd: int, data: bytes) -> bool:
             sent.append(bytes(data))
             return super()._send(fd, data)
@@ -171,7 +255,7 @@ def test_a_block_goes_to_a_pipe_in_writes_of_whole_lines_within_pipe_buf() -> No
     reader = threading.Thread(target=lambda: _drain(r, got, len(block)))
     reader.start()
     try:
-        Recording(time.monotonic)._write(w, block)
+        Recording(w).write(block)
     finally:
         os.close(w)
         reader.join(10)

@@ -1,0 +1,239 @@
+"""The access log's lines: a row (`accesslog.AccessLog.log`'s tuple) made
+into one JSON line (`LineFormatter`), and lines written whole to a file or
+a pipe (`LineWriter`). Both run in the access log's own process
+(`offload_main`), never on a proxy's event loop.
+
+Lines never share a write with a part of another line: writes to a pipe
+are at most PIPE_BUF bytes of whole lines, which the kernel keeps whole
+between writers (a single line longer than PIPE_BUF, rare, may interleave
+on a pipe); to a regular file, an O_APPEND write lands whole at the end. So
+the lines of several workers, each with its own process, do not mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Sequence
+from select import PIPE_BUF
+from typing import Any
+
+import orjson
+
+__all__ = ["FIELDS", "ROW", "LineFormatter", "LineWriter", "open_target"]
+
+log = logging.getLogger("meshgate.accesslog")
+
+FILE_CHUNK = 64 * 1024
+
+FIELDS = (
+    "time",
+    "request_id",
+    "trace_id",
+    "direction",
+    "client",
+    "consumer",
+    "peer",
+    "method",
+    "authority",
+    "path",
+    "route",
+    "upstream",
+    "endpoint",
+    "status",
+    "duration_ms",
+    "upstream_ms",
+    "bytes_in",
+    "bytes_out",
+    "retries",
+    "reason",
+)
+"""The keys of a line, in order."""
+
+
+def open_target(path: str, base_dir: str | None = None) -> int:
+    """The file descriptor lines go to: stdout for `-`, stderr for
+    `stderr`, else the file (relative to `base_dir`), created if need be
+    and opened for appending. OSError when it cannot be opened."""
+    if path == "-":
+        return 1
+    if path == "stderr":
+        return 2
+    if base_dir is not None and not os.path.isabs(path):
+        path = os.path.join(base_dir, path)
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+def close_target(fd: int) -> None:
+    if fd > 2:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+_LINE = (
+    b'{"time":"%s.%03dZ","request_id":%s,"trace_id":%s,%s,"status":%d,"duration_ms":%.3f,'
+    b'"upstream_ms":%s,"bytes_in":%d,"bytes_out":%d,"retries":%d,"reason":%s}\n'
+)
+_MIDDLE = (
+    b'"direction":%s,"client":%s,"consumer":%s,"peer":%s,"method":%s,"authority":%s,'
+    b'"path":%s,"route":%s,"upstream":%s,"endpoint":%s'
+)
+_NULL = b"null"
+ROW = 21
+"""Values per line, as `accesslog.AccessLog.log` queues them."""
+_CACHE_MAX = 8192
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("latin-1")
+    return value if isinstance(value, str) else str(value)
+
+
+def _trace_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return format(value, "032x")
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+class LineFormatter:
+    """Rows into lines (see the module)."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.offset = offset
+        """The wall clock minus the monotonic clock the rows' times are on."""
+        self._seconds = -1
+        self._prefix = b""
+        self._json: dict[Any, bytes] = {}
+        self._middles: dict[tuple[Any, ...], bytes] = {}
+
+    def _str(self, value: Any) -> bytes:
+        """A field as JSON: null (None or empty), else a string (bytes read
+        as latin-1, anything else as its text), escaped by orjson, so a
+        client's quote or backslash stays inside it. Kept by value: most
+        fields repeat from line to line."""
+        got = self._json.get(value)
+        if got is not None:
+            return got
+        if value is None or value == "" or value == b"":
+            return _NULL
+        got = orjson.dumps(_text(value))
+        if len(self._json) > _CACHE_MAX:
+            self._json.clear()
+        self._json[value] = got
+        return got
+
+    def format(self, row: tuple[Any, ...]) -> bytes:
+        """One line, newline included: a template filled with each field
+        already in JSON. The fields from `direction` to `endpoint` repeat
+        from line to line (one client, one route): their part of the line
+        is made once and kept by their values."""
+        t_start = row[0]
+        seconds, millis = divmod(int((t_start + self.offset) * 1000), 1000)
+        if seconds != self._seconds:
+            self._seconds = seconds
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode()
+        middles = self._middles
+        middle = row[6:16]
+        part = middles.get(middle)
+        if part is None:
+            if len(middles) > _CACHE_MAX:
+                middles.clear()
+            part = middles[middle] = _MIDDLE % tuple(self._str(v) for v in middle)
+        trace_id = row[5]
+        started = row[2]
+        now = row[1]
+        reason = row[20]
+        return _LINE % (
+            self._prefix,
+            millis,
+            _NULL if row[4] is None else orjson.dumps(_text(row[4])),
+            _NULL if trace_id is None else orjson.dumps(_trace_id(trace_id)),
+            part,
+            row[16],
+            (now - t_start) * 1000,
+            b"%.3f" % ((now - row[3]) * 1000) if started else _NULL,
+            row[17],
+            row[18],
+            row[19] - 1 if started else 0,
+            self._str(reason),
+        )
+
+    def lines(self, values: Sequence[Any]) -> bytes:
+        """Rows, `ROW` values each one after the other, into one block of
+        lines; a row that cannot be read is skipped, and logged."""
+        fmt = self.format
+        out = []
+        for i in range(0, len(values) - ROW + 1, ROW):
+            try:
+                out.append(fmt(tuple(values[i : i + ROW])))
+            except (TypeError, ValueError, IndexError) as exc:
+                log.error("access log: a row could not be formatted: %s", exc)
+        return b"".join(out)
+
+
+class LineWriter:
+    """Blocks of whole lines to one file descriptor (see the module)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.written = 0
+        self.unwritten = 0
+        """Lines a write failed to send."""
+        self._error = False
+        self.limit = PIPE_BUF
+        self.retarget(fd)
+
+    def retarget(self, fd: int) -> None:
+        """Write to `fd` from now on (the old one is not closed here)."""
+        self.fd = fd
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            regular = False
+        self.limit = FILE_CHUNK if regular else PIPE_BUF
+
+    def write(self, block: bytes) -> None:
+        """Write whole lines: a regular file takes the block in writes of
+        up to FILE_CHUNK bytes, a pipe in writes of at most PIPE_BUF, each
+        cut after a newline (a single line longer than that goes alone)."""
+        fd = self.fd
+        limit = self.limit
+        size = len(block)
+        start = 0
+        while size - start > limit:
+            cut = block.rfind(b"\n", start, start + limit)
+            if cut < 0:
+                cut = block.find(b"\n", start + limit)  # one long line
+                if cut < 0:
+                    break
+            if not self._send(fd, block[start : cut + 1]):
+                self.unwritten += block.count(b"\n", start)
+                return
+            start = cut + 1
+        if start < size and not self._send(fd, block[start:] if start else block):
+            self.unwritten += block.count(b"\n", start)
+
+    def _send(self, fd: int, data: bytes) -> bool:
+        """Write all of `data`; False on an error (logged once until a
+        write succeeds): the caller counts the lines not written."""
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        except OSError as exc:
+            if not self._error:
+                self._error = True
+                log.error("access log: cannot write: %s", exc)
+            return False
+        self._error = False
+        self.written += data.count(b"\n")
+        return True
