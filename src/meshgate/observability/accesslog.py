@@ -167,10 +167,6 @@ class AccessLog:
         it cannot be started."""
         if self.offload.running:
             return
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None  # (handed over at `flush` and `stop` only)
         self.offload.start()
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
@@ -230,8 +226,12 @@ class AccessLog:
         )
         if self._timer is None:
             loop = self._loop
-            if loop is not None:
-                self._timer = loop.call_later(INTERVAL, self.flush)
+            if loop is None:
+                try:
+                    loop = self._loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    return  # (no loop: handed over at `flush` and `stop`)
+            self._timer = loop.call_later(INTERVAL, self.flush)
         elif n == WAKE_AT:
             self._timer.cancel()
             loop = self._loop

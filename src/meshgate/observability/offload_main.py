@@ -8,10 +8,11 @@ and once more at its end. KIND is:
 - `log`: the access log. Frames: `("log", path, offset)` (the target:
   `-`, `stderr` or an absolute path, opened for appending; sent again on
   every reload and reopen, so a rotated file is let go of) and
-  `("rows", [row, ...])` (formatted by `logline.LineFormatter`, written by
+  `("rows", [value, ...])` (`logline.ROW` values a line, formatted by `logline.LineFormatter`, written by
   `logline.LineWriter`). Counts: `written`, `unwritten`.
 - `trace`: the span export. Frames: `("trace", settings)` (a `spans.SpanSink`'s
-  arguments) and `("spans", [span, ...])` (`SpanSink.emit`'s arguments).
+  arguments) and `("spans", [value, ...])` (`SpanSink.emit`'s arguments,
+  `spanship.SPAN` of them a span).
   Counts: `exported`, `failed`, `dropped`. At the end of input, what is
   queued is exported (for the sink's timeout at most).
 
@@ -70,7 +71,7 @@ class _LogTask:
 
 class _TraceTask:
     def __init__(self) -> None:
-        from meshgate.observability.spans import SpanCounts
+        from meshgate.observability.spanship import SpanCounts
 
         self.counts_ = SpanCounts()
         self.sink: Any = None
@@ -78,18 +79,21 @@ class _TraceTask:
 
     def handle(self, kind: str, args: tuple[Any, ...]) -> None:
         if kind == "spans":
+            from meshgate.observability.spanship import SPAN
+
+            values = args[0]
             sink = self.sink
             if sink is None:
-                self.counts_.queue_dropped += len(args[0])
+                self.counts_.queue_dropped += len(values) // SPAN
                 return
             emit = sink.emit
-            for span in args[0]:
-                emit(*span)
+            for i in range(0, len(values) - SPAN + 1, SPAN):
+                emit(*values[i : i + SPAN])
         elif kind == "trace" and self.sink is None:
             from meshgate.observability.spans import SpanSink
 
             settings = dict(args[0])
-            self.timeout = float(settings.get("timeout", 10.0))
+            self.timeout = float(settings.pop("close_timeout", 5.0))
             self.sink = SpanSink(counts=self.counts_, **settings)
 
     def counts(self) -> dict[str, int]:

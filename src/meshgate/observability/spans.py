@@ -10,12 +10,13 @@ and end times, and handed to the processor (`SpanSink.emit`). The Tracer's
 path (a live Span, its attributes cleaned one by one, a lock, the span
 processors' dispatch) cost about 60 µs per span, on the event loop.
 
-The exporter runs on the processor's own thread; `SpanCounts` counts what
-it sent and what was dropped (export failures, a full queue, spans ended
-after shutdown), for `meshgate_trace_spans_total`. Each count is written
-by one thread only.
+It runs in the export process (`offload_main`'s `trace`), fed by the
+proxy's `spanship.SpanShipper`. The exporter runs on the processor's own
+thread; `SpanCounts` counts what it sent and what was dropped (export
+failures, a full queue, spans ended after shutdown), which that process
+reports to the proxy. Each count is written by one thread only.
 
-This module imports the SDK: `tracing` imports it when tracing is on only.
+This module imports the SDK: a proxy never does.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from meshgate.observability.spanship import SpanCounts
+
 __all__ = ["SpanCounts", "SpanSink"]
 
 SERVER = SpanKind.SERVER
@@ -44,23 +47,6 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 # (their number is meshgate's own, a dozen or so).
 _MAX_VALUE = 1024
 _OK = Status(StatusCode.UNSET)
-
-
-class SpanCounts:
-    """Spans sent and dropped, across reloads (one per process)."""
-
-    def __init__(self) -> None:
-        self.queue_dropped = 0  # pushed out of a full queue, or after shutdown (loop thread)
-        self.exported = 0  # (exporter thread)
-        self.failed = 0  # (exporter thread)
-
-    def samples(self) -> dict[str, list[Any]]:
-        return {
-            "meshgate_trace_spans_total": [
-                [("exported",), self.exported],
-                [("dropped",), self.failed + self.queue_dropped],
-            ]
-        }
 
 
 class _CountingExporter(SpanExporter):

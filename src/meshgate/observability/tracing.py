@@ -18,7 +18,8 @@ process) looks at each request head once (`Tracing.begin`):
   caller used, if it used B3.
 
 Spans are made when they end, with the ids already sent and explicit times
-(`spans.SpanSink.emit`): a client span per try (a try that failed and was
+(`spanship.SpanShipper.emit`, exported by `spans.SpanSink` in a process
+of its own): a client span per try (a try that failed and was
 retried ends there, `Trace.try_failed`; the last one ends with the
 exchange), then the server span (`Trace.end`, from the listener's
 observer, `RequestSeries.record`). Attributes follow the OpenTelemetry HTTP
@@ -49,7 +50,7 @@ from meshgate.observability.tracecontext import (
 
 if TYPE_CHECKING:
     from meshgate.config.tracing import TracingConfig
-    from meshgate.observability.spans import SpanCounts, SpanSink
+    from meshgate.observability.spanship import SpanCounts, SpanShipper
 
 __all__ = ["TRACE_HEADERS", "Trace", "Tracing"]
 
@@ -70,7 +71,7 @@ def _span_counts(hub: MetricsHub) -> SpanCounts:
     """A proxy's span counts (one across reloads), reported to its hub."""
     counts = _counts.get(hub)
     if counts is None:
-        from meshgate.observability.spans import SpanCounts
+        from meshgate.observability.spanship import SpanCounts
 
         counts = _counts[hub] = SpanCounts()
         hub.register("tracing", counts.samples)
@@ -112,8 +113,7 @@ class Tracing:
         max_batch: int = 512,
         hub: MetricsHub = HUB,
     ) -> None:
-        # The SDK is imported only when tracing is on.
-        from meshgate.observability.spans import SpanSink
+        from meshgate.observability.spanship import SpanShipper
 
         self.ratio = sample_ratio
         self.bound = int(sample_ratio * (1 << 64))
@@ -125,14 +125,20 @@ class Tracing:
         }
         if namespace:
             resource["service.namespace"] = namespace
-        self.sink: SpanSink = SpanSink(
-            endpoint=endpoint,
-            resource=resource,
-            counts=_span_counts(hub),
-            compression=compression,
-            timeout=timeout,
-            headers=headers,
-            schedule_delay=schedule_delay,
+        # The SDK runs in the export process (`spanship`), never here.
+        self.sink: SpanShipper = SpanShipper(
+            {
+                "endpoint": endpoint,
+                "resource": resource,
+                "compression": compression,
+                "timeout": timeout,
+                "headers": dict(headers or {}),
+                "schedule_delay": schedule_delay,
+                "max_queue": max_queue,
+                "max_batch": max_batch,
+                "close_timeout": 5.0,
+            },
+            _span_counts(hub),
             max_queue=max_queue,
             max_batch=max_batch,
         )
