@@ -8,8 +8,8 @@ and once more at its end. KIND is:
 - `log`: the access log. Frames: `("log", path, offset)` (the target:
   `-`, `stderr` or an absolute path, opened for appending; sent again on
   every reload and reopen, so a rotated file is let go of) and
-  `("rows", [value, ...])` (`logline.ROW` values a line, formatted by `logline.LineFormatter`, written by
-  `logline.LineWriter`). Counts: `written`, `unwritten`.
+  `("rows", [value, ...])` (`logline.ROW` values a line, formatted by
+  `logline.LineFormatter`, written by `logline.LineWriter`). Counts: `written`, `unwritten`.
 - `trace`: the span export. Frames: `("trace", settings)` (a `spans.SpanSink`'s
   arguments) and `("spans", [value, ...])` (`SpanSink.emit`'s arguments,
   `spanship.SPAN` of them a span).
