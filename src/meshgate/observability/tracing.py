@@ -35,6 +35,7 @@ import logging
 import os
 import socket
 import weakref
+from binascii import hexlify
 from random import getrandbits
 from time import monotonic, time_ns
 from typing import TYPE_CHECKING, Any
@@ -173,13 +174,20 @@ class Tracing:
                 if sampled:
                     ex.trace = Trace(self, ex, head, ctx.trace_id, ctx)
                 return
-        trace_id = getrandbits(128) or 1
+        # One draw for both ids: the trace id is its high 128 bits, the
+        # parent (span) id its low 64 (nonzero: the low bit set), and the
+        # unsampled header is their hex, in one C call.
+        r = getrandbits(192) | 1
+        trace_id = r >> 64
+        if not trace_id:
+            trace_id = 1
+            r |= 1 << 64
         if sampled is None:
             sampled = (trace_id & _LOW64) < self.bound
         if sampled:
             ex.trace = Trace(self, ex, head, trace_id, None)
         else:
-            ex.trace_head = b"traceparent: 00-%032x-%016x-00\r\n" % (trace_id, _new_id())
+            ex.trace_head = b"traceparent: 00-" + hexlify(r.to_bytes(24), b"-", -16) + b"-00\r\n"
 
     def failed(self) -> None:
         if not self.failed_once:
