@@ -22,6 +22,7 @@ target's processes spent per request (user + system, all threads, from
 and its ratio to `off`, with the spans the sink received. Writes bench/results/observability-*.json.
 
 Usage: python bench/observability.py [--duration 10] [--rounds 3] [--connections 64]
+       [--targets off,metrics,...] (a subset: nginx and off always run)
 Stdlib only (plus nginx and wrk on PATH).
 """
 
@@ -131,7 +132,18 @@ def main() -> int:
     p.add_argument("--pause", type=float, default=1.0)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--meshgate", default=None)
+    p.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help="a comma-separated subset (nginx and off are always run: the ratios' bases)",
+    )
     args = p.parse_args()
+    wanted = set(args.targets.split(",")) | {"nginx", "off"}
+    unknown = wanted - set(TARGETS)
+    if unknown:
+        p.error(f"--targets: unknown {sorted(unknown)}; known: {', '.join(TARGETS)}")
+    targets = tuple(t for t in TARGETS if t in wanted)
+    meshgates = {k: v for k, v in MESHGATES.items() if k in wanted}
     if min(args.duration, args.rounds, args.connections, args.threads) < 1:
         p.error("--duration, --rounds, --connections, --threads must be >= 1")
     cmdline = command_line()
@@ -169,7 +181,7 @@ def main() -> int:
             wait_http(procs["sink"], sink_port, "/", timeout=10)
             result["commands"] = {}
             admins: dict[str, int] = {}
-            for name, extra in MESHGATES.items():
+            for name, extra in meshgates.items():
                 workdir = tmp / name
                 workdir.mkdir()
                 port, admin = free_port(), free_port()
@@ -187,15 +199,15 @@ def main() -> int:
                 admins[name] = admin
                 paths[name] = "/api/plain/42"
                 result["commands"][name] = {"argv": shlex.join(argv), "config": cfg.read_text()}
-            for name in TARGETS:
+            for name in targets:
                 check("plain" if name in MESHGATES else name, ports[name], paths[name])
-            for name in TARGETS:
+            for name in targets:
                 log(f"warm-up {name}")
                 run_wrk(tools["wrk"], ports[name], paths[name],
                         argparse.Namespace(**{**vars(args), "duration": args.warmup}))  # fmt: skip
             for rnd in range(1, args.rounds + 1):
                 round_res: dict[str, Any] = {}
-                for name in TARGETS:
+                for name in targets:
                     for child in procs.values():
                         if not child.alive():
                             raise RuntimeError(f"{child.name} died:\n{child.log_tail()}")
@@ -219,7 +231,7 @@ def main() -> int:
             with urllib.request.urlopen(f"http://127.0.0.1:{sink_port}/", timeout=5) as resp:
                 result["otlp_exports"] = int(resp.read())
             lines = sum(
-                1 for name in MESHGATES if (tmp / name / "access.log").exists() for _ in
+                1 for name in meshgates if (tmp / name / "access.log").exists() for _ in
                 (tmp / name / "access.log").open("rb")
             )  # fmt: skip
             result["access_log_lines"] = lines
@@ -227,7 +239,7 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     summary: dict[str, dict[str, Any]] = {}
-    for name in TARGETS:
+    for name in targets:
         runs = [r[name] for r in result["rounds"]]
         summary[name] = {
             "rps": statistics.median(r["rps"] for r in runs),

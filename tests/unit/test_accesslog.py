@@ -10,6 +10,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -274,3 +275,44 @@ def _drain(fd: int, into: bytearray, size: int) -> None:
         if not data:
             return
         into += data
+
+
+def test_the_process_ends_when_its_proxy_is_killed_even_stuck_on_its_target(
+    tmp_path: Any,
+) -> None:
+    """The target is a named pipe nobody opens for reading: the access log's
+    process blocks opening it, where the end of its input cannot reach it.
+    Its proxy is killed (-9): it must not outlive it."""
+    import signal
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "nobody.fifo"
+    os.mkfifo(fifo)
+    script = (
+        "import sys, time\n"
+        "from meshgate.config.schema import AccessLogConfig\n"
+        "from meshgate.observability.accesslog import AccessLog\n"
+        "log = AccessLog(time.monotonic)\n"
+        f"log.configure(AccessLogConfig(path={str(fifo)!r}))\n"
+        "log.start()\n"
+        "print(log.offload.proc.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proxy = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert proxy.stdout is not None
+        child = int(proxy.stdout.readline())
+        _wait(lambda: Path(f"/proc/{child}/wchan").read_text() == "wait_for_partner")
+    finally:
+        proxy.send_signal(signal.SIGKILL)
+        proxy.wait(5)
+    _wait(lambda: not _alive(child), timeout=5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

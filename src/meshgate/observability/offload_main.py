@@ -17,7 +17,9 @@ and once more at its end. KIND is:
   queued is exported (for the sink's timeout at most).
 
 This process holds nothing but what it is sent: it was exec'd, not forked,
-so the proxy's sockets and keys are not in it.
+so the proxy's sockets and keys are not in it. It ends at the end of its
+input, or, should that not reach it (stuck opening or writing its target),
+within half a second of its parent's death.
 """
 
 from __future__ import annotations
@@ -122,7 +124,14 @@ class _Reporter:
                 os.write(self.fd, frame(counts))
 
     def run(self) -> None:
+        parent = os.getppid()
         while not self.done.wait(STATUS_EVERY):
+            if os.getppid() != parent:
+                # The proxy died (killed): this process may be stuck where
+                # its input's end cannot reach it (opening a named pipe
+                # nobody reads, writing to a full one). Nothing is left to
+                # report to.
+                os._exit(1)
             self.report()
 
 
