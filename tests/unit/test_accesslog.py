@@ -316,3 +316,20 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_processes_started_again_leak_no_descriptor(tmp_path: Any) -> None:
+    log = AccessLog(time.monotonic)
+    log.configure(AccessLogConfig(path=str(tmp_path / "access.log")))
+    log.start()
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            proc = log.offload.proc
+            assert proc is not None
+            proc.kill()
+            proc.wait(5)
+            _wait(lambda p=proc: log.offload.proc not in (None, p))  # type: ignore[misc]
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        log.stop()

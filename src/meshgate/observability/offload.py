@@ -57,6 +57,21 @@ RESPAWN_EVERY = 1.0
 """Seconds between two starts of a child that died."""
 ROUND = 0.1
 """Seconds the writer waits for frames before it looks at the child."""
+SAY_EVERY = 60.0
+"""Seconds between two logs of a child that died."""
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of a child: this one, with the directory this
+    meshgate was imported from first on its path, so that the child runs
+    the same code however this process found it."""
+    import meshgate
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(meshgate.__file__)))
+    env = dict(os.environ)
+    rest = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = root if not rest else root + os.pathsep + rest
+    return env
 
 
 def frame(obj: Any) -> bytes:
@@ -106,6 +121,7 @@ class Offload:
         self._fresh_config = False
         self._last_spawn = 0.0
         self._failed_spawn = False
+        self._last_said = -SAY_EVERY
         self._lock = threading.Lock()
 
     @property
@@ -195,6 +211,7 @@ class Offload:
                 pass_fds=(w,),
                 close_fds=True,
                 bufsize=0,
+                env=_child_env(),
             )
         except OSError:
             os.close(r)
@@ -246,9 +263,8 @@ class Offload:
         self._read_status()
         proc = self.proc
         if proc is not None and proc.poll() is not None:
-            if not self._stopping:
-                log.error("%s process: exited (%s); starting another", self.kind, proc.returncode)
-            self.proc = proc = None
+            self._discard(proc, f"exited ({proc.returncode})")
+            proc = None
         if proc is None:
             if self._stopping or time.monotonic() - self._last_spawn < RESPAWN_EVERY:
                 self._drop_frames()
@@ -282,15 +298,23 @@ class Offload:
             # The child died: what it did not take is lost; the next round
             # starts another.
             self._drop_frames()
-            with contextlib.suppress(OSError):
-                pipe.close()
             if proc.poll() is None:
                 proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(1.0)
-            if not self._stopping:
-                log.error("%s process: ended (%s); starting another", self.kind, proc.poll())
-            self.proc = None
+            self._discard(proc, f"ended ({proc.poll()})")
+
+    def _discard(self, proc: subprocess.Popen[bytes], what: str) -> None:
+        """A child that is gone: its pipe closed, and said (a child that
+        keeps dying at its start is said once a minute, not every second)."""
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        self.proc = None
+        now = time.monotonic()
+        if not self._stopping and now - self._last_said >= SAY_EVERY:
+            self._last_said = now
+            log.error("%s process: %s; starting another", self.kind, what)
 
     def _drop_frames(self) -> None:
         frames = self.frames
