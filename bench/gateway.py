@@ -23,7 +23,8 @@ and measures
   paced       bench/paced.py at 1,000 req/s (evenly spaced, latency from each
               request's scheduled instant), rounds interleaved: added p99 of
               meshgate-full over the direct call (< 2 ms)
-  memory      VmRSS of every meshgate worker at idle (after start) and
+  memory      VmRSS of every meshgate worker (and of its access-log and
+              span-export processes, apart) at idle (after start) and
               after the load (the goal: under 60 MB each)
 and prints markdown tables, writes bench/results/gateway-*.json.
 
@@ -195,12 +196,25 @@ def start_meshgate(
     return child, argv
 
 
-def workers_rss_mb(pid: int) -> list[float]:
-    """VmRSS of each meshgate process serving requests: the workers (the
-    master's children), or the process itself when it has none."""
+def _is_offload(pid: int) -> bool:
+    try:
+        return b"offload_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def workers_rss_mb(pid: int) -> dict[str, list[float]]:
+    """VmRSS of each meshgate process serving requests (`workers`: the
+    master's children, or the process itself when it has none), and of
+    each worker's access-log and span-export processes (`offload`)."""
     tree = process_tree(pid)
-    serving = [p for p in tree if p != pid] or [pid]
-    return [round((proc_status_kib(p, "VmRSS") or 0) / 1024, 1) for p in serving]
+    helpers = [p for p in tree if _is_offload(p)]
+    serving = [p for p in tree if p != pid and p not in helpers] or [pid]
+
+    def mb(pids: list[int]) -> list[float]:
+        return [round((proc_status_kib(p, "VmRSS") or 0) / 1024, 1) for p in pids]
+
+    return {"workers": mb(serving), "offload": mb(helpers)}
 
 
 # ---------------------------------------------------------------- measuring
