@@ -54,7 +54,7 @@ log = logging.getLogger("meshgate.accesslog")
 
 INTERVAL = 0.1
 """Seconds between two hand-overs of the queued lines."""
-WAKE_AT = 1024
+WAKE_AT = 4096
 """Lines waiting that are handed over before the interval is up."""
 STOP_TIMEOUT = 2.0
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import logging
 import marshal
 import os
@@ -57,6 +58,8 @@ RESPAWN_EVERY = 1.0
 """Seconds between two starts of a child that died."""
 ROUND = 0.1
 """Seconds the writer waits for frames before it looks at the child."""
+PIPE_SIZE = 1 << 20
+"""The child's input pipe, in bytes (Linux's default limit for a user)."""
 SAY_EVERY = 60.0
 """Seconds between two logs of a child that died."""
 
@@ -218,6 +221,12 @@ class Offload:
             os.close(w)
             raise
         os.close(w)
+        if proc.stdin is not None:
+            # A frame fits in the pipe whole (while the child keeps up): one
+            # write, not one per 64 KiB with the GIL taken back from the
+            # loop between them. The kernel may refuse (a user's limit).
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         os.set_blocking(r, False)
         self._read_status()  # (the last words of the one before)
         self._close_status()
