@@ -13,21 +13,22 @@ from meshgate.observability.tracing import Tracing
 TRACEPARENT = re.compile(rb"traceparent: 00-([0-9a-f]{32})-([0-9a-f]{16})-00\r\n")
 
 
-def _begin(tracing: Tracing, n: int) -> list[Any]:
+def _begin(ratio: float, n: int) -> list[Any]:
+    """Begin `n` requests without a context on a Tracing at `ratio`."""
+    tracing = Tracing(endpoint="http://127.0.0.1:9/v1/traces", service_name="t", sample_ratio=ratio)
     out = []
-    for _ in range(n):
-        ex = SimpleNamespace(trace=None, trace_head=b"", t_start=0.0)
-        tracing.begin(ex, SimpleNamespace(trace_headers=None, url=b"/", host=b"a"))
-        out.append(ex)
+    try:
+        for _ in range(n):
+            ex = SimpleNamespace(trace=None, trace_head=b"", t_start=0.0)
+            tracing.begin(ex, SimpleNamespace(trace_headers=None, url=b"/", host=b"a"))
+            out.append(ex)
+    finally:
+        tracing.close(0.5)
     return out
 
 
 def test_an_unsampled_request_carries_a_valid_new_context_each_time() -> None:
-    tracing = Tracing(endpoint="http://127.0.0.1:9/v1/traces", service_name="t", sample_ratio=0.0)
-    try:
-        exes = _begin(tracing, 2000)
-    finally:
-        tracing.close(0.5)
+    exes = _begin(0.0, 2000)
     assert all(ex.trace is None for ex in exes)
     found = [TRACEPARENT.fullmatch(ex.trace_head) for ex in exes]
     assert all(found), [ex.trace_head for ex, m in zip(exes, found, strict=True) if not m][:3]
@@ -39,11 +40,7 @@ def test_an_unsampled_request_carries_a_valid_new_context_each_time() -> None:
 
 
 def test_the_ratio_decides_on_the_trace_ids_low_64_bits() -> None:
-    tracing = Tracing(endpoint="http://127.0.0.1:9/v1/traces", service_name="t", sample_ratio=0.25)
-    try:
-        exes = _begin(tracing, 4000)
-    finally:
-        tracing.close(0.5)
+    exes = _begin(0.25, 4000)
     sampled = [ex for ex in exes if ex.trace is not None]
     assert 800 < len(sampled) < 1200
     bound = 1 << 62  # 0.25 of 2**64

@@ -47,6 +47,14 @@ local function clock(arg)
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+-- A batch's reply: four integers per decision, appended in order.
+local function push4(out, a, b, c, d)
+  local n = #out
+  out[n + 1] = a
+  out[n + 2] = b
+  out[n + 3] = c
+  out[n + 4] = d
+end
 """
 
 _GCRA = """
@@ -145,11 +153,7 @@ local now = clock(nil)
 local out = {}
 for i = 1, #KEYS do
   local a, b, c, d = gcra(KEYS[i], tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i]), now)
-  local n = #out
-  out[n + 1] = a
-  out[n + 2] = b
-  out[n + 3] = c
-  out[n + 4] = d
+  push4(out, a, b, c, d)
 end
 return out
 """
@@ -167,11 +171,7 @@ for i = 1, #KEYS do
   local j = 3 * i - 2
   local a, b, c, d = sliding(
     KEYS[i], tonumber(ARGV[j]), tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2]), now)
-  local n = #out
-  out[n + 1] = a
-  out[n + 2] = b
-  out[n + 3] = c
-  out[n + 4] = d
+  push4(out, a, b, c, d)
 end
 return out
 """
