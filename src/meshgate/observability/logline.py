@@ -130,51 +130,65 @@ class LineFormatter:
         self._json[value] = got
         return got
 
-    def format(self, row: tuple[Any, ...]) -> bytes:
-        """One line, newline included: a template filled with each field
-        already in JSON. The fields from `direction` to `endpoint` repeat
-        from line to line (one client, one route): their part of the line
-        is made once and kept by their values."""
-        t_start = row[0]
-        seconds, millis = divmod(int((t_start + self.offset) * 1000), 1000)
-        if seconds != self._seconds:
-            self._seconds = seconds
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode()
-        middles = self._middles
-        middle = row[6:16]
-        part = middles.get(middle)
-        if part is None:
-            if len(middles) > _CACHE_MAX:
-                middles.clear()
-            part = middles[middle] = _MIDDLE % tuple(self._str(v) for v in middle)
-        trace_id = row[5]
-        started = row[2]
-        now = row[1]
-        reason = row[20]
-        return _LINE % (
-            self._prefix,
-            millis,
-            _NULL if row[4] is None else orjson.dumps(_text(row[4])),
-            _NULL if trace_id is None else orjson.dumps(_trace_id(trace_id)),
-            part,
-            row[16],
-            (now - t_start) * 1000,
-            b"%.3f" % ((now - row[3]) * 1000) if started else _NULL,
-            row[17],
-            row[18],
-            row[19] - 1 if started else 0,
-            self._str(reason),
-        )
+    def format(self, row: Sequence[Any]) -> bytes:
+        """One row's line, newline included (ValueError if it cannot be read)."""
+        line = self.lines(row)
+        if not line:
+            raise ValueError("the row could not be formatted")
+        return line
 
     def lines(self, values: Sequence[Any]) -> bytes:
         """Rows, `ROW` values each one after the other, into one block of
-        lines; a row that cannot be read is skipped, and logged."""
-        fmt = self.format
-        out = []
+        lines; a row that cannot be read is skipped, and logged.
+
+        Each line is a template filled with each field already in JSON. The
+        fields from `direction` to `endpoint` repeat from line to line (one
+        client, one route): their part of the line is made once and kept by
+        their values. One loop, no call per row: this is the access log
+        process's whole work, on a core the proxy may share."""
+        out: list[bytes] = []
+        append = out.append
+        offset = self.offset
+        middles = self._middles
+        js = self._str
+        dumps = orjson.dumps
+        line = _LINE
+        null = _NULL
         for i in range(0, len(values) - ROW + 1, ROW):
             try:
-                out.append(fmt(tuple(values[i : i + ROW])))
-            except (TypeError, ValueError, IndexError) as exc:
+                t_start = values[i]
+                seconds, millis = divmod(int((t_start + offset) * 1000), 1000)
+                if seconds != self._seconds:
+                    self._seconds = seconds
+                    self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode()
+                middle = tuple(values[i + 6 : i + 16])
+                part = middles.get(middle)
+                if part is None:
+                    if len(middles) > _CACHE_MAX:
+                        middles.clear()
+                    part = middles[middle] = _MIDDLE % tuple(js(v) for v in middle)
+                request_id = values[i + 4]
+                trace_id = values[i + 5]
+                started = values[i + 2]
+                now = values[i + 1]
+                append(
+                    line
+                    % (
+                        self._prefix,
+                        millis,
+                        null if request_id is None else dumps(_text(request_id)),
+                        null if trace_id is None else dumps(_trace_id(trace_id)),
+                        part,
+                        values[i + 16],
+                        (now - t_start) * 1000,
+                        b"%.3f" % ((now - values[i + 3]) * 1000) if started else null,
+                        values[i + 17],
+                        values[i + 18],
+                        values[i + 19] - 1 if started else 0,
+                        js(values[i + 20]),
+                    )
+                )
+            except (TypeError, ValueError, IndexError, OverflowError) as exc:
                 log.error("access log: a row could not be formatted: %s", exc)
         return b"".join(out)
 
