@@ -333,3 +333,32 @@ def test_processes_started_again_leak_no_descriptor(tmp_path: Any) -> None:
         assert len(os.listdir("/proc/self/fd")) == before
     finally:
         log.stop()
+
+
+def test_a_block_of_rows_is_the_same_lines_as_each_row_alone_and_a_bad_row_is_skipped() -> None:
+    """`LineFormatter.lines` makes a block by columns; a block must hold
+    exactly each row's own line, whatever its ids (meshgate's, a client's
+    with a quote, none), trace id, try or reason, and a row it cannot read
+    must cost that row only."""
+    log = AccessLog(lambda: 100.0)
+    log.offset = 1_700_000_000.0
+    variants: list[dict[str, Any]] = [
+        {},
+        {"request_id": b'id"with\\quote'},
+        {"request_id": None, "trace": SimpleNamespace(trace_id=0x4BF92F35)},
+        {"started": 0.0, "cluster": None, "last_ep": None, "attempt": 0},
+        {"request_id": b"0af7651916cd43dd8448eb211c80319c", "consumer": None},
+        {"t_start": 101.9999, "started": 102.0, "try_t0": 102.0001},  # the next second
+    ]
+    for i, extra in enumerate(variants * 3):
+        log.log(_exchange(200 + i, **extra), 102.5, "" if i % 2 else "ratelimit")
+    fmt = LineFormatter(log.offset)
+    rows = log.rows()
+    alone = b"".join(fmt.format(row) for row in rows)
+    flat = [v for row in rows for v in row]
+    assert fmt.lines(flat) == alone == fmt._rows(flat)  # (by columns; row by row)
+    assert [json.loads(x)["status"] for x in alone.splitlines()] == list(range(200, 218))
+    bad = list(flat)
+    bad[4 * len(rows[0]) + 16] = "not a status"  # the fifth row's
+    got = [json.loads(x)["status"] for x in fmt.lines(bad).splitlines()]
+    assert got == [s for s in range(200, 218) if s != 204]
