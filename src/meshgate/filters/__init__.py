@@ -47,7 +47,7 @@ __all__ = [
 
 
 class ResponseHook(Protocol):
-    """A filter's response phase, for one request (`filters.transform.ResponseEdits`)."""
+    """A filter's response phase, for one request (`filters.header_edits.ResponseEdits`)."""
 
     def status(self, status: int) -> int:
         """The status the client gets for `status`."""
