@@ -122,7 +122,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from meshgate.http.router import normalize_path
+    from meshgate.http.paths import normalize_path
 
     if args.admin is not None:
         from meshgate.admin.client import explain_remote

@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from meshgate.config.schema import RouteConfig
-from meshgate.http.router import Router, normalize_path
+from meshgate.http.paths import normalize_path
+from meshgate.http.router import Router
 from meshgate.stream.stream import _split_host
 from support.fuzz import corpus, fuzz_settings
 

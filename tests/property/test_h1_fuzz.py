@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from meshgate.http.router import normalize_path
+from meshgate.http.paths import normalize_path
 from support.h1mem import (
     Harness,
     check_client_side,

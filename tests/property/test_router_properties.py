@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshgate.config.schema import RouteConfig
-from meshgate.http.router import Router, normalize_path
+from meshgate.http.paths import normalize_path
+from meshgate.http.router import Router
 
 HOSTS_CFG: list[Any] = [
     None,

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from meshgate.config.schema import RouteConfig
-from meshgate.http.router import Route, RouteMatch, Router, normalize_path
+from meshgate.http.paths import normalize_path
+from meshgate.http.router import Route, RouteMatch, Router
 
 Headers = Sequence[tuple[bytes, bytes]]
 

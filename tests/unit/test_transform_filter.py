@@ -19,7 +19,7 @@ from meshgate.filters.transform import (
     compile_template,
     compile_transform,
 )
-from meshgate.http.router import route_params
+from meshgate.http.paths import route_params
 
 Headers = list[tuple[bytes, bytes]]
 

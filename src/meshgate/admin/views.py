@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from meshgate.admin.hooks import HOOKS
 from meshgate.admin.identity import describe_identity
 from meshgate.config.schema import redact_url
-from meshgate.http.router import normalize_path
+from meshgate.http.paths import normalize_path
 from meshgate.observability.peers import gather
 
 if TYPE_CHECKING:

@@ -29,7 +29,9 @@ from meshgate.config.mesh import MeshConfig
 from meshgate.config.schema import Config, RouteConfig
 from meshgate.filters.transform import compile_transform
 from meshgate.handlers.aggregate import check_plan
-from meshgate.http.router import PathPattern, Router, parse_header_checks, route_params
+from meshgate.http.conditions import parse_header_checks
+from meshgate.http.paths import PathPattern, route_params
+from meshgate.http.router import Router
 from meshgate.transform.jsonmap import JsonMap
 
 __all__ = ["check_config", "load_config", "load_config_text", "load_mesh", "load_mesh_text"]

@@ -39,14 +39,9 @@ from typing import Any, Literal
 from meshgate.config.authz import PLAINTEXT, AuthzConfig, AuthzRule
 from meshgate.filters import FilterRequest, LocalReply
 from meshgate.filters.sources import SourceCounts, source_label
+from meshgate.http.conditions import HeaderCheck, header_ok, parse_header_checks
+from meshgate.http.paths import PathPattern, normalize_path
 from meshgate.http.problem import ProblemDetail
-from meshgate.http.router import (
-    HeaderCheck,
-    PathPattern,
-    header_ok,
-    normalize_path,
-    parse_header_checks,
-)
 
 __all__ = [
     "DENIALS_KEPT",

@@ -41,7 +41,7 @@ from meshgate.filters.fault import FaultFilter
 from meshgate.filters.ratelimit import RateLimitFilter
 from meshgate.filters.transform import compile_transform
 from meshgate.filters.xfcc import XfccFilter
-from meshgate.http.router import route_params
+from meshgate.http.paths import route_params
 from meshgate.ratelimit.local import SharedTable
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from meshgate.config.schema import FaultConfig
 from meshgate.filters import FilterRequest, FilterResult, LocalReply
-from meshgate.http.router import headers_match, parse_header_checks
+from meshgate.http.conditions import headers_match, parse_header_checks
 
 __all__ = ["FAULT_HEADER", "FaultFilter"]
 

@@ -41,8 +41,8 @@ from meshgate.handlers import (
 )
 from meshgate.handlers.transform import apply_edits
 from meshgate.http.headers import phrase
+from meshgate.http.paths import route_params
 from meshgate.http.problem import PROBLEM_BASE
-from meshgate.http.router import route_params
 from meshgate.transform.jsonmap import MISSING, NotJson, encode, lookup, parse_pointer, path_of
 from meshgate.upstream.client import UpstreamFailure, send
 

@@ -18,19 +18,7 @@ breaks exact ties (rule 5).
 4. A route with more `headers` matchers beats one with fewer.
 5. Config order.
 
-Path patterns
-=============
-`/`-separated segments: a literal; `*`, exactly one non-empty segment;
-`{name}`, one non-empty segment captured into `params`; `**`, zero or more
-trailing segments (last segment only), captured as `rest` without its leading
-slash. `/api/orders/**` matches `/api/orders`, `/api/orders/` and
-`/api/orders/7/items` (rest `''`, `''`, `'7/items'`).
-
-A trailing slash is significant for exact patterns: `/a` and `/a/` are
-distinct routes and `/a` does not match the request path `/a/` (give both, or
-use `/a/**`). A literal segment may not be `.` or `..`, may not be empty except
-as the trailing slash, and must already be in the form `normalize_path`
-produces (so that it can ever match).
+Path patterns and the request paths they match: see `meshgate.http.paths`.
 
 Hosts and headers
 =================
@@ -53,16 +41,6 @@ text, `{name}` and `{**}` compiled into pieces at load (`/legacy/**` with
 `/v2/{**}`: `/legacy/a/b` -> `/v2/a/b`, `/legacy` -> `/v2/`). The result
 always starts with `/`. A route may not set both.
 
-Requests
-========
-The engine calls `normalize_path()` on the raw request path (without its
-query) and answers 400 when it returns None; it then passes that normalized
-path both to `match()` and to `Route.upstream_path()`, so the gateway routes
-on the same bytes it forwards. `normalize_path` merges runs of `/` into one
-(as nginx's `merge_slashes` does): with `//` kept, `//admin/x` would miss an
-`/admin/**` route and reach a broader one while an upstream that merges
-slashes sees `/admin/x`.
-
 How match works
 ===============
 Routes are grouped by host entry (exact host, wildcard suffix, any host). In
@@ -77,381 +55,34 @@ checked at the terminal, and the search backtracks when none passes.
 
 from __future__ import annotations
 
-import itertools
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Generic, NamedTuple, TypeVar
 
 from meshgate.config.schema import RouteConfig
+from meshgate.http.conditions import (
+    _HOST_ANY,
+    _HOST_EXACT,
+    _HOST_WILD,
+    _headers_text,
+    _host_matches,
+    _host_rank,
+    _host_text,
+    _HostEntry,
+    _parse_hosts,
+    header_ok,
+    headers_match,
+    parse_header_checks,
+)
+from meshgate.http.paths import _parse_rewrite, _Pattern
+from meshgate.http.route_analysis import _analyze, _order_key
 
-__all__ = ["PathPattern", "Route", "RouteMatch", "Router", "normalize_path"]
+__all__ = ["Route", "RouteMatch", "Router"]
 
 T = TypeVar("T")
-
-# Path segment kinds, in precedence order (lower wins); a pattern's path rank
-# is the tuple of its segments' kinds followed by _END or _REST.
-_LIT = 0
-_PARAM = 1
-_END = 2
-_REST = 3
-
-# Host entry kinds, in precedence order.
-_HOST_EXACT = 0
-_HOST_WILD = 1
-_HOST_ANY = 2
-
-_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_PARAM_RE = re.compile(r"\{(" + _NAME_RE.pattern + r")\}")
-
-
-def route_params(path: str) -> frozenset[str]:
-    """The `{name}` parameters of a route's path pattern (what `match` puts
-    in `params`), for templates checked at load."""
-    return frozenset(_PARAM_RE.findall(path))
-
-
-_HOST_PORT_RE = re.compile(r"[^:\[\]]+:\d+")
-_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_CTL_RE = re.compile(r"[\x00-\x1f\x7f]")
-
-_HEX = "0123456789ABCDEFabcdef"
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-
-# A host entry: (kind, value). value is the host for _HOST_EXACT, the suffix
-# with its leading dot for _HOST_WILD ('.example.com'), '' for _HOST_ANY.
-_HostEntry = tuple[int, str]
-# A compiled header matcher: (lowercase name, exact value | True | False).
-HeaderCheck = tuple[bytes, bytes | bool]
-
-
-# --------------------------------------------------------------------------
-# normalize_path
-
-
-def normalize_path(raw: str) -> str | None:
-    """Normalize a raw request path (without its query), or None if invalid.
-
-    Invalid: not starting with '/', a raw control character (C0 or DEL), a
-    `%` not followed by two hex digits, or a `..` that would climb above the
-    root. An escaped control character (`%00`) is kept as an escape.
-    Percent-escapes of unreserved characters (ALPHA DIGIT - . _ ~) are
-    decoded; other escapes are kept, with uppercase hex (`%2f` -> `%2F`, so an
-    encoded slash is never a separator). Then `.` and `..` segments are
-    resolved as RFC 3986 remove_dot_segments does (also when written `%2e`),
-    and runs of `/` are merged into one. A trailing slash is kept.
-
-    Fast path: a path with no `%`, no `/.` and no `//` is returned as is.
-    """
-    if (
-        raw[:1] == "/"
-        and "%" not in raw
-        and "/." not in raw
-        and "//" not in raw
-        and raw.isprintable()
-    ):
-        return raw
-    return _normalize_slow(raw)
-
-
-def _normalize_slow(raw: str) -> str | None:
-    if raw[:1] != "/" or _CTL_RE.search(raw) is not None:
-        return None
-    if "%" in raw:
-        chunks = raw.split("%")
-        out = [chunks[0]]
-        for chunk in itertools.islice(chunks, 1, None):
-            if len(chunk) < 2 or chunk[0] not in _HEX or chunk[1] not in _HEX:
-                return None
-            ch = chr(int(chunk[:2], 16))
-            if ch in _UNRESERVED:
-                out.append(ch)
-            else:
-                out.append("%" + chunk[:2].upper())
-            out.append(chunk[2:])
-        path = "".join(out)
-    else:
-        path = raw
-    segments = path[1:].split("/")
-    last = len(segments) - 1
-    stack: list[str] = []
-    for i, seg in enumerate(segments):
-        if seg == ".":
-            if i == last:
-                stack.append("")
-        elif seg == "..":
-            if not stack:
-                return None
-            stack.pop()
-            if i == last:
-                stack.append("")
-        elif seg or i == last:
-            stack.append(seg)
-    return "/" + "/".join(stack)
 
 
 # --------------------------------------------------------------------------
 # compiled routes
-
-
-class _Pattern:
-    """A parsed path pattern."""
-
-    __slots__ = ("catch_all", "literal_prefix", "names", "params", "rank", "shape", "tokens")
-
-    def __init__(self, path: str, where: str) -> None:
-        tokens = path[1:].split("/")
-        shape: list[str | None] = []  # literal text, or None for a parameter
-        params: list[tuple[str, int]] = []
-        names: set[str] = set()
-        catch_all = False
-        last = len(tokens) - 1
-        for pos, tok in enumerate(tokens):
-            what = f"{where}: path {path!r} segment {pos + 1} {tok!r}"
-            if tok == "**":
-                if pos != last:
-                    raise ValueError(f"{what}: '**' is only allowed as the last segment")
-                catch_all = True
-            elif tok == "*":
-                shape.append(None)
-            elif tok.startswith("{") and tok.endswith("}"):
-                name = tok[1:-1]
-                if _NAME_RE.fullmatch(name) is None:
-                    raise ValueError(
-                        f"{what}: a parameter is {{name}} with a name of letters, digits "
-                        "and '_' not starting with a digit"
-                    )
-                if name in names:
-                    raise ValueError(f"{what}: parameter {{{name}}} appears twice")
-                names.add(name)
-                params.append((name, pos))
-                shape.append(None)
-            elif "*" in tok or "{" in tok or "}" in tok:
-                raise ValueError(
-                    f"{what}: '*', '**' and '{{name}}' must be a whole segment "
-                    "(partial-segment wildcards are not supported)"
-                )
-            elif tok == "" and pos != last:
-                raise ValueError(
-                    f"{what}: an empty segment ('//') can never match, request paths "
-                    "have runs of '/' merged"
-                )
-            elif tok in (".", ".."):
-                raise ValueError(f"{what}: a '.' or '..' segment can never match")
-            elif tok and normalize_path("/" + tok) != "/" + tok:
-                norm = normalize_path("/" + tok)
-                hint = f"; write {norm[1:]!r}" if norm is not None else ""
-                raise ValueError(
-                    f"{what}: can never match a normalized request path "
-                    f"(unreserved characters are decoded, escapes uppercased){hint}"
-                )
-            elif "?" in tok or "#" in tok:
-                raise ValueError(f"{what}: a path never contains '?' or '#'")
-            else:
-                shape.append(tok)
-        self.tokens = tuple(tokens)
-        self.shape = tuple(shape)
-        self.params = tuple(params)
-        self.names = frozenset(names)
-        self.catch_all = catch_all
-        kinds = [_PARAM if s is None else _LIT for s in shape]
-        kinds.append(_REST if catch_all else _END)
-        self.rank = tuple(kinds)
-        prefix: list[str] = []
-        for s in shape:
-            if s is None:
-                break
-            prefix.append(s)
-        self.literal_prefix = "/" + "/".join(prefix) if prefix else ""
-
-    @property
-    def static(self) -> bool:
-        return not self.catch_all and not self.params and None not in self.shape
-
-    def mismatch(self, segs: list[str]) -> str | None:
-        """Why the path (split into segments) does not match, or None."""
-        n = len(segs)
-        for pos, want in enumerate(self.shape):
-            tok = self.tokens[pos]
-            if pos >= n:
-                return f"path ends after segment {n}, pattern needs {tok!r} as segment {pos + 1}"
-            seg = segs[pos]
-            if want is None:
-                if not seg:
-                    return f"path segment {pos + 1} is empty, {tok!r} needs a value"
-            elif seg != want:
-                return f"path segment {pos + 1} {seg!r} != {want!r}"
-        k = len(self.shape)
-        if not self.catch_all and n > k:
-            return f"path segment {k + 1} {segs[k]!r} is extra: the pattern ends after segment {k}"
-        return None
-
-
-class PathPattern:
-    """A route-style path pattern on its own (an authorization rule's
-    `paths:`), parsed and refused by the same rules as a route's: it matches
-    exactly the request paths a route with this `path` (and nothing else)
-    would."""
-
-    __slots__ = ("catch_all", "shape", "static", "text")
-
-    def __init__(self, path: str, where: str) -> None:
-        if not path.startswith("/"):
-            raise ValueError(f"{where}: a path pattern starts with '/', found {path!r}")
-        pattern = _Pattern(path, where)
-        self.text = path
-        self.shape = pattern.shape
-        self.catch_all = pattern.catch_all
-        self.static = pattern.static
-        """All literal: it matches the one path equal to `text`."""
-
-    def match_segments(self, segs: Sequence[str]) -> bool:
-        """Whether a normalized path, as `path[1:].split('/')`, matches."""
-        shape = self.shape
-        n = len(segs)
-        if n < len(shape) or (n > len(shape) and not self.catch_all):
-            return False
-        for want, seg in zip(shape, segs, strict=False):
-            if want is None:
-                if not seg:
-                    return False
-            elif seg != want:
-                return False
-        return True
-
-    def matches(self, path: str) -> bool:
-        """Whether a normalized request path (no query) matches."""
-        return path[:1] == "/" and self.match_segments(path[1:].split("/"))
-
-
-def _parse_hosts(host: str | list[str] | None, where: str) -> tuple[_HostEntry, ...]:
-    if host is None:
-        return ((_HOST_ANY, ""),)
-    items = [host] if isinstance(host, str) else host
-    if not items:
-        raise ValueError(f"{where}: host is an empty list (omit host to match every host)")
-    entries: list[_HostEntry] = []
-    for item in items:
-        h = item.strip().lower()
-        if not h:
-            raise ValueError(f"{where}: host {item!r} is empty")
-        if h.startswith("*."):
-            suffix = h[1:]
-            if "*" in suffix or len(suffix) < 2:
-                raise ValueError(
-                    f"{where}: host {item!r}: a wildcard host is '*.' followed by a domain"
-                )
-            entry: _HostEntry = (_HOST_WILD, suffix)
-        elif "*" in h:
-            raise ValueError(
-                f"{where}: host {item!r}: '*' is only allowed as the first label ('*.example.com');"
-                " omit host to match every host"
-            )
-        elif _HOST_PORT_RE.fullmatch(h) is not None:
-            raise ValueError(f"{where}: host {item!r}: hosts are matched without the port")
-        else:
-            entry = (_HOST_EXACT, h)
-        if entry not in entries:
-            entries.append(entry)
-    return tuple(entries)
-
-
-def _host_rank(entry: _HostEntry) -> tuple[int, int]:
-    kind, value = entry
-    return (kind, -len(value) if kind == _HOST_WILD else 0)
-
-
-def _host_matches(entry: _HostEntry, host: str) -> bool:
-    kind, value = entry
-    if kind == _HOST_EXACT:
-        return host == value
-    if kind == _HOST_WILD:
-        return host.endswith(value) and len(host) > len(value)
-    return True
-
-
-def _host_text(entry: _HostEntry) -> str:
-    kind, value = entry
-    return value if kind == _HOST_EXACT else "*" + value if kind == _HOST_WILD else "*"
-
-
-def parse_header_checks(
-    headers: dict[str, str | bool] | None, where: str
-) -> tuple[HeaderCheck, ...]:
-    """`{X-Fault: "1", X-Debug: true}` -> ((b"x-fault", b"1"), (b"x-debug", True)):
-    exact value, `true` present, `false` absent. Routes and filters share it."""
-    if not headers:
-        return ()
-    checks: list[HeaderCheck] = []
-    seen: set[bytes] = set()
-    for name, want in headers.items():
-        if _TOKEN_RE.fullmatch(name) is None:
-            raise ValueError(f"{where}: headers: {name!r} is not a valid header name")
-        key = name.lower().encode("ascii")
-        if key in seen:
-            raise ValueError(f"{where}: headers: {name!r} is given twice (names ignore case)")
-        seen.add(key)
-        checks.append((key, want if isinstance(want, bool) else want.encode("utf-8")))
-    return tuple(checks)
-
-
-def header_ok(headers: Sequence[tuple[bytes, bytes]], name: bytes, want: bytes | bool) -> bool:
-    ln = len(name)
-    if isinstance(want, bool):
-        for n, _ in headers:
-            if len(n) == ln and (n == name or n.lower() == name):
-                return want
-        return not want
-    for n, v in headers:  # noqa: SIM110 - a plain loop, no generator, on the hot path
-        if v == want and len(n) == ln and (n == name or n.lower() == name):
-            return True
-    return False
-
-
-def headers_match(checks: tuple[HeaderCheck, ...], headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    """Every check holds (no checks: True)."""
-    for name, want in checks:  # noqa: SIM110 - hot path, no generator
-        if not header_ok(headers, name, want):
-            return False
-    return True
-
-
-def _parse_rewrite(template: str, pattern: _Pattern, where: str) -> tuple[tuple[int, str], ...]:
-    """`/orders/{id}/{**}` -> ((0, '/orders/'), (1, 'id'), (0, '/'), (2, ''))."""
-    pieces: list[tuple[int, str]] = []
-    pos = 0
-    while pos < len(template):
-        open_ = template.find("{", pos)
-        close = template.find("}", pos)
-        if open_ < 0:
-            if close >= 0:
-                raise ValueError(f"{where}: rewrite {template!r} has a '}}' without '{{'")
-            pieces.append((0, template[pos:]))
-            break
-        if close >= 0 and close < open_:
-            raise ValueError(f"{where}: rewrite {template!r} has a '}}' without '{{'")
-        if close < 0:
-            raise ValueError(f"{where}: rewrite {template!r} has a '{{' without '}}'")
-        if open_ > pos:
-            pieces.append((0, template[pos:open_]))
-        name = template[open_ + 1 : close]
-        if name == "**":
-            if not pattern.catch_all:
-                raise ValueError(
-                    f"{where}: rewrite {template!r} uses {{**}} but the path has no trailing '**'"
-                )
-            pieces.append((2, ""))
-        elif name in pattern.names:
-            pieces.append((1, name))
-        else:
-            known = ", ".join("{" + n + "}" for n, _ in pattern.params)
-            if pattern.catch_all:
-                known = f"{known}, {{**}}" if known else "{**}"
-            raise ValueError(
-                f"{where}: rewrite {template!r} uses {{{name}}}, which the path does not "
-                f"capture (it captures: {known or 'nothing'})"
-            )
-        pos = close + 1
-    return tuple(pieces)
 
 
 class Route(Generic[T]):
@@ -607,19 +238,6 @@ class Route(Generic[T]):
         return None
 
 
-def _headers_text(checks: Iterable[HeaderCheck]) -> str:
-    parts = []
-    for name, want in checks:
-        shown = name.decode("ascii")
-        if want is True:
-            parts.append(f"{shown} present")
-        elif want is False:
-            parts.append(f"{shown} absent")
-        else:
-            parts.append(f"{shown}={want.decode('utf-8', 'replace')}")
-    return ",".join(parts)
-
-
 class RouteMatch(NamedTuple, Generic[T]):
     route: Route[T]
     params: dict[str, str]
@@ -664,10 +282,6 @@ class _Node(Generic[T]):
             child.finish()
         if self.param is not None:
             self.param.finish()
-
-
-def _order_key(route: Route[T]) -> tuple[int, int, int]:
-    return route._order
 
 
 def _search(
@@ -965,187 +579,3 @@ def _match_text(route: Route[T], segs: list[str]) -> str:
     if pattern.catch_all:
         details.append(f"rest={'/'.join(segs[len(pattern.shape) :])!r}")
     return "matches" + (f" ({', '.join(details)})" if details else "")
-
-
-# --------------------------------------------------------------------------
-# load-time analysis
-
-_OTHER = object()  # a method or header value no route mentions
-_ABSENT = object()  # a header not sent
-_MAX_CASES = 4096
-
-
-def _covering(b: Route[T], before: list[Route[T]]) -> list[Route[T]] | None:
-    """Routes of `before` (same group and path shape as `b`, preceding it)
-    that together take every request `b` matches; None if some escape."""
-    if not before:
-        return None
-    # Abstract every request into one method and one state per header name,
-    # drawn from the values the routes mention plus "other" / "absent".
-    methods: list[object]
-    if b._methods is not None:
-        methods = [*sorted(b._methods)]
-    else:
-        mentioned = {m for a in before if a._methods is not None for m in a._methods}
-        methods = [*sorted(mentioned), _OTHER]
-    values: dict[bytes, set[bytes]] = {}
-    for r in (b, *before):
-        for name, want in r._header_checks:
-            bucket = values.setdefault(name, set())
-            if not isinstance(want, bool):
-                bucket.add(want)
-    own = dict(b._header_checks)
-    names = sorted(values)
-    domains: list[list[object]] = []
-    for name in names:
-        mine = own.get(name)
-        full: list[object] = [*sorted(values[name]), _OTHER]
-        if mine is None:
-            domains.append([*full, _ABSENT])
-        elif mine is True:
-            domains.append(full)
-        elif mine is False:
-            domains.append([_ABSENT])
-        else:
-            domains.append([mine])
-    size = len(methods)
-    for d in domains:
-        size *= len(d)
-    if size > _MAX_CASES:
-        # Too many combinations: settle for one route covering b on its own.
-        for a in before:
-            if _alone_covers(a, b):
-                return [a]
-        return None
-    takers: dict[int, Route[T]] = {}
-    for method in methods:
-        for states in itertools.product(*domains):
-            state = dict(zip(names, states, strict=True))
-            for a in before:
-                if _abstract_accepts(a, method, state):
-                    takers[a.index] = a
-                    break
-            else:
-                return None
-    return sorted(takers.values(), key=_order_key)
-
-
-def _abstract_accepts(a: Route[T], method: object, state: dict[bytes, object]) -> bool:
-    if a._methods is not None and method not in a._methods:
-        return False
-    for name, want in a._header_checks:
-        got = state[name]
-        if want is True:
-            if got is _ABSENT:
-                return False
-        elif want is False:
-            if got is not _ABSENT:
-                return False
-        elif got != want:
-            return False
-    return True
-
-
-def _alone_covers(a: Route[T], b: Route[T]) -> bool:
-    if a._methods is not None and (b._methods is None or not b._methods <= a._methods):
-        return False
-    own = dict(b._header_checks)
-    for name, want in a._header_checks:
-        have = own.get(name)
-        if have is None:
-            return False
-        if want is True:
-            if have is False:
-                return False
-        elif have != want:
-            return False
-    return True
-
-
-def _overlap(a: Route[T], b: Route[T]) -> bool:
-    """Whether some request (one value per header) satisfies both routes'
-    methods and headers."""
-    if a._methods is not None and b._methods is not None and not a._methods & b._methods:
-        return False
-    other = dict(b._header_checks)
-    for name, want in a._header_checks:
-        have = other.get(name)
-        if have is None or have == want:
-            continue
-        if want is False or have is False:
-            return False
-        if want is not True and have is not True:
-            return False
-    return True
-
-
-def _same_conditions(a: Route[T], b: Route[T]) -> bool:
-    return (
-        set(a._hosts) == set(b._hosts)
-        and a._pattern.shape == b._pattern.shape
-        and a._catch_all == b._catch_all
-        and a._methods == b._methods
-        and dict(a._header_checks) == dict(b._header_checks)
-    )
-
-
-def _label(route: Route[T]) -> str:
-    return f"routes[{route.index}] ({route.describe()})"
-
-
-def _analyze(routes: Sequence[Route[T]], groups: list[tuple[_HostEntry, _Group[T]]]) -> list[str]:
-    dead: dict[int, dict[_HostEntry, list[Route[T]]]] = {}
-    ties: dict[tuple[int, int], None] = {}
-    for entry, group in groups:
-        by_shape: dict[tuple[object, ...], list[Route[T]]] = {}
-        for route in group.members:
-            shape = (route._pattern.shape, route._catch_all)
-            by_shape.setdefault(shape, []).append(route)
-        for same in by_shape.values():
-            same.sort(key=_order_key)
-            for j, b in enumerate(same):
-                before = same[:j]
-                takers = _covering(b, before)
-                if takers is not None:
-                    dead.setdefault(b.index, {})[entry] = takers
-                    continue
-                for a in before:
-                    if a._order[:2] == b._order[:2] and _overlap(a, b):
-                        ties[(b.index, a.index)] = None
-    out: list[str] = []
-    for route in routes:
-        lost = dead.get(route.index)
-        if not lost:
-            continue
-        takers = sorted({a.index: a for ts in lost.values() for a in ts}.values(), key=_order_key)
-        if len(lost) == len(route._hosts):
-            text = ", ".join(_label(a) for a in takers)
-            msg = f"{_label(route)} is unreachable: every request it matches is taken by {text}"
-            dups = [a for a in takers if _same_conditions(a, route)]
-            if dups:
-                msg += f" (it duplicates routes[{dups[0].index}])"
-            out.append(msg)
-        else:
-            for entry, ts in lost.items():
-                text = ", ".join(_label(a) for a in ts)
-                out.append(
-                    f"{_label(route)}: its host {_host_text(entry)!r} never reaches it, "
-                    f"every such request is taken by {text}"
-                )
-    for b_index, a_index in ties:
-        if b_index in dead and len(dead[b_index]) == len(routes[b_index]._hosts):
-            continue
-        a, b = routes[a_index], routes[b_index]
-        out.append(
-            f"{_label(b)} overlaps {_label(a)} with equal precedence: requests that match "
-            f"both go to routes[{a.index}] only because it comes first in the config"
-        )
-    names: dict[str, Route[T]] = {}
-    for route in routes:
-        name = route.config.name
-        if name is None:
-            continue
-        first = names.setdefault(name, route)
-        if first is not route:
-            out.append(f"routes[{route.index}] has the same name {name!r} as routes[{first.index}]")
-    return out

@@ -31,7 +31,7 @@ import httptools
 from meshgate.filters import FilterRequest, LocalReply
 from meshgate.handlers import BufferedRequest, Handler, HandlerResponse
 from meshgate.http.headers import REQUEST_OWN, REQUEST_WRITTEN
-from meshgate.http.router import normalize_path
+from meshgate.http.paths import normalize_path
 from meshgate.observability.tracecontext import TRACE_HEADERS
 from meshgate.protocol.api import PAUSE_BUFFER, PAUSE_DONE, Framing, RequestHead
 from meshgate.stream.exchange import ProxyExchange
