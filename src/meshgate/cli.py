@@ -221,6 +221,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 1
         if fd > 2:
             os.close(fd)
+    from meshgate.engine.listener import address_in_use
+
+    for field, address in (("listen", config.listen), ("admin", config.admin)):
+        if address is not None and address_in_use(address):
+            # (Its workers would share it through SO_REUSEPORT: `address_in_use`.)
+            print(
+                f"{args.config}: {field}: {address.host or '*'}:{address.port} is in use "
+                "(another meshgate, or another program, listens there)",
+                file=sys.stderr,
+            )
+            return 1
     history = Generations()
     history.loaded(config, text, path)
     workers = args.workers or config.workers

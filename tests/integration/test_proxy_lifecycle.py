@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from support.client import curl, curl_popen, fetch, http_get, wait_until
+from support.client import curl, curl_popen, fetch, free_port, http_get, wait_until
 from support.proxy import ProxyProcess, Stack, run_meshgate, socket_owners, upstream_block
 from support.upstream import UpstreamServer
 
@@ -334,6 +334,35 @@ def test_refuses_to_start_on_invalid_config(tmp_path: Path) -> None:
     proc = run_meshgate("run", "-c", str(path))
     assert proc.returncode != 0
     assert f"{path}:4" in proc.stderr, proc.stderr
+
+
+def test_a_second_gateway_on_an_address_in_use_is_refused(
+    stack: Stack, upstream: UpstreamServer, tmp_path: Path
+) -> None:
+    """Workers share their port with SO_REUSEPORT. A second `meshgate run`
+    on the same listen or admin address must not join the first (the
+    kernel would split the connections between two gateways, each with its
+    own config): it exits at once, naming the address, and the first goes
+    on serving every request."""
+    first = stack.proxy(routed_to("a", upstream))
+    cases = {
+        "listen": (first.port, free_port()),
+        "admin": (free_port(), first.admin_port),
+    }
+    for field, (listen, admin) in cases.items():
+        path = tmp_path / f"second-{field}.yaml"
+        path.write_text(
+            f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\n"
+            f"upstreams:\n  a:\n    endpoints: [127.0.0.1:{upstream.port}]\n"
+            "routes:\n- {path: /svc/**, upstream: a}\n"
+        )
+        proc = run_meshgate("run", "-c", str(path), timeout=20)
+        taken = listen if field == "listen" else admin
+        assert proc.returncode == 1, proc.stderr
+        assert f"{field}: 127.0.0.1:{taken} is in use" in proc.stderr, proc.stderr
+    statuses = Counter(fetch(first.url("/svc/x")).status for _ in range(20))
+    assert statuses == Counter({200: 20}), statuses
+    assert first.alive
 
 
 def test_reloaded_limits_apply_to_open_keepalive_connections(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import ssl
@@ -30,7 +31,15 @@ from typing import Literal, Protocol
 from meshgate.config.schema import Address
 from meshgate.observability.hub import HUB, MetricsHub
 
-__all__ = ["ROLES", "ListenerSpec", "Role", "Serving", "bind_socket", "start_listener"]
+__all__ = [
+    "ROLES",
+    "ListenerSpec",
+    "Role",
+    "Serving",
+    "address_in_use",
+    "bind_socket",
+    "start_listener",
+]
 
 log = logging.getLogger("meshgate.server")
 
@@ -65,6 +74,36 @@ def bind_socket(address: Address, *, reuse_port: bool = True) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def address_in_use(address: Address) -> bool:
+    """Another socket already listens on `address` (never for port 0).
+
+    A gateway's workers share their port with SO_REUSEPORT, which would
+    let a second `meshgate run` on the same address join the first: the
+    kernel would split the connections between two gateways, each with its
+    own config. So, before anything binds, one socket without
+    SO_REUSEPORT tries the address: only a free one (or one held by
+    connections in TIME_WAIT) takes it. Other bind errors are not judged
+    here: the listener's own bind reports them."""
+    if not address.port:
+        return False
+    try:
+        infos = socket.getaddrinfo(
+            address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError:
+        return False
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 class Serving(Protocol):
