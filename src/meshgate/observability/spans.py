@@ -36,6 +36,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from meshgate.observability import otlp_encode
 from meshgate.observability.spanship import SpanCounts
 
 __all__ = ["SpanCounts", "SpanSink"]
@@ -109,6 +110,9 @@ class SpanSink:
             headers=dict(headers or {}),
         )
         self.exporter = _CountingExporter(exporter, counts)
+        # The exporter's encoding, made from cached pieces where it can be
+        # (`otlp_encode`): checked against the SDK's own first.
+        otlp_encode.install(self._samples())
         self.processor = BatchSpanProcessor(
             self.exporter,
             max_queue_size=max_queue,
@@ -142,6 +146,35 @@ class SpanSink:
             self.pushed_out += 1
             counts.queue_dropped += 1
         self.handed += 1
+        self.processor.on_end(
+            self.span(
+                name,
+                server,
+                trace_id,
+                span_id,
+                parent_id,
+                remote_parent,
+                attributes,
+                start_ns,
+                end_ns,
+                error,
+            )
+        )
+
+    def span(
+        self,
+        name: str,
+        server: bool,
+        trace_id: int,
+        span_id: int,
+        parent_id: int,
+        remote_parent: bool,
+        attributes: dict[str, Any],
+        start_ns: int,
+        end_ns: int,
+        error: str | None,
+    ) -> ReadableSpan:
+        """The SDK's span for `emit`'s arguments."""
         context = SpanContext(trace_id, span_id, is_remote=False, trace_flags=_SAMPLED)
         parent = (
             SpanContext(trace_id, parent_id, is_remote=remote_parent, trace_flags=_SAMPLED)
@@ -153,20 +186,34 @@ class SpanSink:
             # SDK's span limits would.
             if type(value) is str and len(value) > _MAX_VALUE:
                 attributes[key] = value[:_MAX_VALUE]
-        self.processor.on_end(
-            ReadableSpan(
-                name,
-                context=context,
-                parent=parent,
-                resource=self.resource,
-                attributes=attributes,
-                kind=SERVER if server else CLIENT,
-                status=_OK if error is None else Status(StatusCode.ERROR, error),
-                start_time=start_ns,
-                end_time=end_ns,
-                instrumentation_scope=self.scope,
-            )
+        return ReadableSpan(
+            name,
+            context=context,
+            parent=parent,
+            resource=self.resource,
+            attributes=attributes,
+            kind=SERVER if server else CLIENT,
+            status=_OK if error is None else Status(StatusCode.ERROR, error),
+            start_time=start_ns,
+            end_time=end_ns,
+            instrumentation_scope=self.scope,
         )
+
+    def _samples(self) -> list[ReadableSpan]:
+        """Spans as `emit` makes them, for `otlp_encode.install`'s check."""
+        attrs: dict[str, Any] = {
+            "http.request.method": "GET",
+            "url.path": "/api/é/" + "x" * 200,
+            "server.port": 8080,
+            "meshgate.try": 2,
+            "meshgate.sampled": True,
+            "meshgate.ratio": 0.5,
+        }
+        return [
+            self.span("GET /a/**", True, 1 << 100, 7, 9, True, dict(attrs), 1, 2**63, None),
+            self.span("GET", False, 1 << 100, 8, 7, False, dict(attrs), 3, 4, "timeout"),
+            self.span("", True, 5, 6, 0, False, {}, 0, 0, None),
+        ]
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued (for at most `timeout` seconds), then stop.
