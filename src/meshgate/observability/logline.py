@@ -204,7 +204,7 @@ class LineFormatter:
                         part = middles[key] = _MIDDLE % tuple(js(v) for v in key)
                     mids[i] = part
         ups = list(map(b"%.3f".__mod__, map(mul, map(sub, nows, values[3::ROW]), repeat(1000.0))))
-        if 0.0 in started:
+        if not all(started):
             for i, s in enumerate(started):
                 if not s:
                     ups[i] = _NULL
