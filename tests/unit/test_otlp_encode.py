@@ -30,13 +30,13 @@ def _sink() -> SpanSink:
 def _spans(sink: SpanSink, n: int, seed: int) -> list[Any]:
     rnd = random.Random(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         attrs: dict[str, Any] = {
             "http.request.method": rnd.choice(["GET", "POST", "_OTHER"]),
             "url.path": rnd.choice(["/", "/api/orders/7", "/é/" + "x" * rnd.randrange(300)]),
             "server.port": rnd.choice([80, 8080, 65535]),
             "http.response.status_code": rnd.choice([200, 404, 503]),
-            "meshgate.request_id": "%032x" % rnd.getrandbits(128),
+            "meshgate.request_id": f"{rnd.getrandbits(128):032x}",
             "meshgate.retries": rnd.randrange(3),
             "meshgate.sampled": rnd.random() < 0.5,
             "meshgate.ratio": rnd.random(),
