@@ -1,2 +1,3 @@
-"""Credential verification used by the auth filter: `jwt` (JWT verification,
-JWKS fetch and refresh) and `jwtcache` (the tokens it verified)."""
+"""Credential verification used by the auth filter: `jwt` (JWT verification),
+`jwtkeys` (its keys and their algorithms), `jwks` (the JWKS key set, its fetch
+and refresh) and `jwtcache` (the tokens it verified)."""

@@ -2,7 +2,8 @@
 
 `JwtVerifier` checks a bearer token against the keys its config names: an
 HMAC secret, a PEM public key (inline or a file), and/or a JWKS fetched over
-http(s) and refreshed in the background.
+http(s) and refreshed in the background. The keys and their algorithms are
+`auth.jwtkeys`; the JWKS key set, its fetch and refresh, `auth.jwks`.
 
 Security rules, all enforced here rather than left to a library default:
 
@@ -27,10 +28,6 @@ whenever the key set changes; `exp`/`nbf` are checked again on every hit), so
 a client that repeats its token costs a dict lookup instead of an RSA
 verification.
 
-An unknown `kid` makes `verify()` raise `UnknownKeyId` when a JWKS refetch is
-allowed right now; `verify_async()` then refetches (single-flight, at most once
-per `jwks_refetch_interval`) and verifies again.
-
 Entry-level `scopes` and `required_claims` are *not* applied by `verify()`:
 the caller applies them with `check_claims()` (as it does for a route's).
 """
@@ -42,56 +39,34 @@ import base64
 import binascii
 import contextlib
 import logging
-import random
 import re
 import time
-import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from email.message import Message
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    PublicFormat,
-    load_pem_public_key,
-)
-from jwt import PyJWK
-from jwt.algorithms import Algorithm, get_default_algorithms
 from jwt.exceptions import PyJWTError
 
+from meshgate.auth.jwks import JwksKeySet, _loggable, _NoDowngrade
 from meshgate.auth.jwtcache import TokenCache
+from meshgate.auth.jwtkeys import (
+    _ALGORITHMS,
+    ASYMMETRIC_ALGORITHMS,
+    HMAC_ALGORITHMS,
+    MAX_CANDIDATES,
+    _der,
+    _Key,
+    _load_pem,
+    _public_key_algorithms,
+    _read,
+)
 from meshgate.config.schema import JwtAuthConfig
 
 __all__ = ["AuthError", "JwtVerifier", "UnknownKeyId"]
 
 log = logging.getLogger("meshgate.auth")
-
-HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
-RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
-EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-ASYMMETRIC_ALGORITHMS = (*RSA_ALGORITHMS, "ES256", "ES384", "ES512", "EdDSA")
-
-# One shared, stateless instance per algorithm name; "none" is left out.
-_ALGORITHMS: dict[str, Algorithm] = {
-    name: algorithm
-    for name, algorithm in get_default_algorithms().items()
-    if name in HMAC_ALGORITHMS or name in ASYMMETRIC_ALGORITHMS
-}
-_JWK_CURVES = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
-
-MIN_RSA_BITS = 2048
-MAX_CANDIDATES = 8
-"""Keys tried for a token without `kid` (they all accept its algorithm)."""
-MAX_JWKS_BYTES = 1 << 20
-MAX_JWKS_KEYS = 100
 
 _JWS_RE = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]*)")
 
@@ -136,113 +111,6 @@ class UnknownKeyId(AuthError):
 
 def _invalid(description: str) -> AuthError:
     return AuthError(401, "invalid_token", description)
-
-
-@dataclass(frozen=True, slots=True)
-class _Key:
-    kid: str | None
-    key: Any
-    """bytes (HMAC) or a cryptography public key."""
-    algorithms: frozenset[str]
-    label: str
-    fingerprint: bytes
-
-
-class _Skip(Exception):
-    """A JWKS entry that is not used; the message says why."""
-
-
-# ---------------------------------------------------------------------------
-# keys
-
-
-def _describe(key: Any) -> str:
-    if isinstance(key, rsa.RSAPublicKey):
-        return f"an RSA {key.key_size}-bit key"
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return f"an EC {key.curve.name} key"
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return "an Ed25519 key"
-    if isinstance(key, ed448.Ed448PublicKey):
-        return "an Ed448 key"
-    return f"a {type(key).__name__}"
-
-
-def _public(key: Any) -> Any:
-    """The public half of a key (a JWKS may, wrongly, publish private keys)."""
-    if isinstance(
-        key,
-        rsa.RSAPrivateKey
-        | ec.EllipticCurvePrivateKey
-        | ed25519.Ed25519PrivateKey
-        | ed448.Ed448PrivateKey,
-    ):
-        return key.public_key()
-    return key
-
-
-def _compatible(key: Any) -> tuple[str, ...]:
-    """Every supported algorithm that can verify with `key`."""
-    if isinstance(key, rsa.RSAPublicKey):
-        return RSA_ALGORITHMS
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        alg = EC_ALGORITHMS.get(key.curve.name)
-        return (alg,) if alg else ()
-    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
-        return ("EdDSA",)
-    return ()
-
-
-def _public_key_algorithms(key: Any, accepted: frozenset[str] | None) -> frozenset[str]:
-    """The algorithms `key` is used with; ValueError when it cannot be used."""
-    compatible = _compatible(key)
-    if not compatible:
-        raise ValueError(f"{_describe(key)} cannot verify any supported JWT algorithm")
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
-        raise ValueError(f"{_describe(key)} is too short (at least {MIN_RSA_BITS} bits)")
-    algorithms = frozenset(compatible if accepted is None else accepted.intersection(compatible))
-    if not algorithms:
-        raise ValueError(
-            f"{_describe(key)} fits none of the accepted algorithms "
-            f"({', '.join(sorted(accepted or ()))}); it needs one of {', '.join(compatible)}"
-        )
-    for name in algorithms:  # PyJWT's own type and curve checks
-        try:
-            _ALGORITHMS[name].prepare_key(key)
-        except (PyJWTError, TypeError, ValueError) as exc:
-            raise ValueError(f"{_describe(key)} cannot be used with {name}: {exc}") from None
-    return algorithms
-
-
-def _der(key: Any) -> bytes:
-    der: bytes = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    return der
-
-
-def _load_pem(data: bytes, what: str) -> Any:
-    if b"PRIVATE KEY-----" in data:
-        raise ValueError(
-            f"{what} holds a private key; give the gateway the public key only "
-            "(openssl pkey -in key.pem -pubout)"
-        )
-    try:
-        if b"-----BEGIN CERTIFICATE-----" in data:
-            return x509.load_pem_x509_certificate(data).public_key()
-        return load_pem_public_key(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise ValueError(
-            f"{what} is not a PEM public key (-----BEGIN PUBLIC KEY-----) or certificate"
-        ) from None
-
-
-def _read(path_text: str, base_dir: Path | None, what: str) -> bytes:
-    path = Path(path_text).expanduser()
-    if not path.is_absolute() and base_dir is not None:
-        path = base_dir / path
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -298,43 +166,11 @@ def _one_of(value: str | list[str] | None) -> frozenset[str] | None:
     return frozenset([value] if isinstance(value, str) else value)
 
 
-def _loggable(url: str) -> str:
-    """`url` without credentials or query (they may hold a secret)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = host if parts.port is None else f"{host}:{parts.port}"
-    except ValueError:
-        return "<jwks_url>"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-class _NoDowngrade(urllib.request.HTTPRedirectHandler):
-    """Follows redirects, but never from https to http."""
-
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: Message,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        if req.full_url.lower().startswith("https:") and not newurl.lower().startswith("https:"):
-            raise urllib.error.HTTPError(
-                req.full_url, code, "refusing a redirect from https to http", headers, fp
-            )
-        return super().redirect_request(req, fp, code, msg, headers, newurl)  # type: ignore[arg-type]
-
-
 # ---------------------------------------------------------------------------
 # the verifier
 
 
-class JwtVerifier:
+class JwtVerifier(JwksKeySet):
     """Verifies bearer tokens for one `type: jwt` entry (see the module doc)."""
 
     def __init__(self, name: str, cfg: JwtAuthConfig, *, base_dir: Path | None = None) -> None:
@@ -619,203 +455,3 @@ class JwtVerifier:
         if refetch and self._refetch_allowed():
             return UnknownKeyId(401, "invalid_token", description)
         return _invalid(description)
-
-    def _refetch_allowed(self) -> bool:
-        return self._jwks_url is not None and (
-            self._inflight is not None or time.monotonic() >= self._refetch_at
-        )
-
-    # -- key sets -----------------------------------------------------------
-
-    @staticmethod
-    def _index_by_alg(keys: Iterable[_Key]) -> dict[str, tuple[_Key, ...]]:
-        index: dict[str, list[_Key]] = {}
-        for key in keys:
-            for alg in key.algorithms:
-                index.setdefault(alg, []).append(key)
-        return {alg: tuple(found[:MAX_CANDIDATES]) for alg, found in index.items()}
-
-    def _install(self, keys: Sequence[_Key]) -> bool:
-        """Use `keys` as the JWKS key set; False when it did not change."""
-        fingerprint = tuple(sorted(k.fingerprint for k in keys))
-        if fingerprint == self._jwks_fingerprint:
-            return False
-        by_kid: dict[str, list[_Key]] = {}
-        for key in keys:
-            if key.kid is not None:
-                by_kid.setdefault(key.kid, []).append(key)
-        self._jwks = tuple(keys)
-        self._jwks_fingerprint = fingerprint
-        self._by_kid = {kid: tuple(found) for kid, found in by_kid.items()}
-        self._by_alg = self._index_by_alg([*self._static, *keys])
-        self.cache.clear()
-        return True
-
-    def _load_jwk(self, jwk: Any) -> _Key | None:
-        """A signing key from one JWKS entry; None for a key that is not for
-        signatures; _Skip for an unusable one."""
-        if not isinstance(jwk, dict):
-            raise _Skip("not a JSON object")
-        use = jwk.get("use")
-        if use is not None and use != "sig":
-            return None
-        ops = jwk.get("key_ops")
-        if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
-            return None
-        kid = jwk.get("kid")
-        if kid is not None and not isinstance(kid, str):
-            raise _Skip("its kid is not a string")
-        alg = jwk.get("alg")
-        if alg is not None and (
-            not isinstance(alg, str) or alg not in _ALGORITHMS or alg in HMAC_ALGORITHMS
-        ):
-            raise _Skip(f"its alg {alg!r} is not a supported signature algorithm")
-        kty = jwk.get("kty")
-        build: str | None
-        if kty == "RSA":
-            build = alg or "RS256"
-        elif kty == "EC":
-            crv = jwk.get("crv")
-            build = alg or (_JWK_CURVES.get(crv) if isinstance(crv, str) else None)
-            if build is None:
-                raise _Skip(f"its curve {crv!r} is not supported")
-        elif kty == "OKP":
-            build = alg or "EdDSA"
-        elif kty == "oct":
-            raise _Skip("symmetric (oct) keys are not accepted from a JWKS")
-        else:
-            raise _Skip(f"its key type {kty!r} is not supported")
-        try:
-            key = _public(PyJWK(jwk, build).key)
-        except Exception as exc:
-            raise _Skip(f"the key cannot be loaded: {str(exc)[:200]}") from None
-        accepted = self._configured
-        if alg is not None:
-            accepted = frozenset([alg]) if accepted is None else accepted & {alg}
-        try:
-            algorithms = _public_key_algorithms(key, accepted)
-        except ValueError as exc:
-            raise _Skip(str(exc)) from None
-        label = f"JWKS kid {kid!r}" if kid is not None else "JWKS key without kid"
-        tag = orjson.dumps([kid, sorted(algorithms)])
-        return _Key(kid, key, algorithms, label, tag + _der(key))
-
-    def _parse_jwks(self, body: bytes) -> list[_Key]:
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise ValueError("the JWKS is not valid JSON") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
-            raise ValueError('the JWKS is not a JSON object with a "keys" array')
-        entries: list[Any] = doc["keys"]
-        if len(entries) > MAX_JWKS_KEYS:
-            log.warning(
-                "jwt %s: the JWKS has %d keys; only the first %d are used",
-                self.name,
-                len(entries),
-                MAX_JWKS_KEYS,
-            )
-        keys: list[_Key] = []
-        for i, jwk in enumerate(entries[:MAX_JWKS_KEYS]):
-            try:
-                key = self._load_jwk(jwk)
-            except _Skip as exc:
-                kid = jwk.get("kid") if isinstance(jwk, dict) else None
-                what = f"kid {kid!r}" if isinstance(kid, str) else f"#{i}"
-                log.warning("jwt %s: JWKS key %s skipped: %s", self.name, what, exc)
-                continue
-            if key is not None:
-                keys.append(key)
-        if not keys:
-            raise ValueError("the JWKS has no usable signing key")
-        return keys
-
-    def _apply_jwks(self, body: bytes) -> int:
-        """Parse and install a JWKS document; the number of keys in use.
-        ValueError (and no change) when it has no usable key."""
-        keys = self._parse_jwks(body)
-        if self._install(keys):
-            kids = ", ".join(sorted(k.kid or "-" for k in keys))
-            log.info("jwt %s: JWKS loaded, %d signing keys (kid %s)", self.name, len(keys), kids)
-        return len(keys)
-
-    # -- fetching -----------------------------------------------------------
-
-    def _download(self) -> bytes:
-        """Runs in a worker thread."""
-        assert self._jwks_url is not None
-        request = urllib.request.Request(
-            self._jwks_url,
-            headers={
-                "Accept": "application/jwk-set+json, application/json",
-                "User-Agent": "meshgate",
-            },
-        )
-        try:
-            response = self._opener.open(request, timeout=self.cfg.jwks_timeout)
-        except urllib.error.HTTPError as exc:
-            exc.close()  # it holds the connection
-            raise ValueError(f"HTTP status {exc.code}") from None
-        with response:
-            status = getattr(response, "status", 200)
-            if status != 200:
-                raise ValueError(f"HTTP status {status}")
-            body: bytes = response.read(MAX_JWKS_BYTES + 1)
-        if len(body) > MAX_JWKS_BYTES:
-            raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
-        return body
-
-    async def _fetch(self) -> None:
-        self.fetches += 1
-        try:
-            body = await asyncio.wait_for(
-                asyncio.to_thread(self._download), self.cfg.jwks_timeout + 1.0
-            )
-            self._apply_jwks(body)
-            self._last_fetch_ok = True
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._last_fetch_ok = False
-            reason = (
-                "timed out"
-                if isinstance(exc, TimeoutError)
-                else f"{type(exc).__name__}: {str(exc)[:200]}"
-            )
-            log.warning(
-                "jwt %s: JWKS fetch from %s failed (%s); keeping the last good set (%d keys)",
-                self.name,
-                self._jwks_label,
-                reason,
-                len(self._jwks),
-            )
-        finally:
-            if self._inflight is asyncio.current_task():
-                self._inflight = None
-
-    def _shared_fetch(self) -> asyncio.Task[None]:
-        """The fetch in flight, or a new one."""
-        task = self._inflight
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._fetch())
-            self._inflight = task
-        return task
-
-    async def _refetch(self) -> None:
-        """Refetch for an unknown kid: join the fetch in flight, or start one
-        unless one started less than jwks_refetch_interval ago."""
-        if self._inflight is None:
-            now = time.monotonic()
-            if now < self._refetch_at:
-                return
-            self._refetch_at = now + self.cfg.jwks_refetch_interval
-        await asyncio.shield(self._shared_fetch())
-
-    async def _refresh_loop(self) -> None:
-        while True:
-            period = self.cfg.jwks_refresh
-            if not self._last_fetch_ok:  # retry sooner while the IdP is failing
-                period = min(period, self.cfg.jwks_refetch_interval)
-            await asyncio.sleep(period * random.uniform(0.9, 1.1))
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._shared_fetch())
