@@ -24,12 +24,9 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from opentelemetry.exporter.otlp.proto.common._internal import (
-    _encode_instrumentation_scope,
-    _encode_resource,
-)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, SpanFlags
 from opentelemetry.trace import SpanKind
 
@@ -86,6 +83,10 @@ def _value(value: Any) -> AnyValue:
     if kind is float:
         return AnyValue(double_value=value)
     raise TypeError(kind)
+
+
+def _pairs(attributes: Any) -> list[KeyValue]:
+    return [KeyValue(key=k, value=_value(v)) for k, v in (attributes or {}).items()]
 
 
 class _Unsupported(Exception):
@@ -148,8 +149,11 @@ class SpanEncoder:
         key = (id(resource), id(scope))
         got = self._heads.get(key)
         if got is None or got[2] is not resource or got[3] is not scope:
-            res = _field(b"\x0a", _encode_resource(resource).SerializeToString())
-            scope_pb = _encode_instrumentation_scope(scope).SerializeToString()
+            res_pb = Resource(attributes=_pairs(resource.attributes)).SerializeToString()
+            res = _field(b"\x0a", res_pb)
+            scope_pb = InstrumentationScope(
+                name=scope.name, version=scope.version, attributes=_pairs(scope.attributes)
+            ).SerializeToString()
             got = (res, _field(b"\x0a", scope_pb), resource, scope)
             if len(self._heads) >= 16:
                 self._heads.clear()

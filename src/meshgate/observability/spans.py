@@ -21,6 +21,7 @@ This module imports the SDK: a proxy never does.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,8 +37,9 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from meshgate.observability import otlp_encode
 from meshgate.observability.spanship import SpanCounts
+
+log = logging.getLogger("meshgate.tracing")
 
 __all__ = ["SpanCounts", "SpanSink"]
 
@@ -112,7 +114,12 @@ class SpanSink:
         self.exporter = _CountingExporter(exporter, counts)
         # The exporter's encoding, made from cached pieces where it can be
         # (`otlp_encode`): checked against the SDK's own first.
-        otlp_encode.install(self._samples())
+        try:
+            from meshgate.observability import otlp_encode
+        except ImportError:  # (an SDK without the protobuf classes it writes)
+            log.warning("the fast span encoder cannot be used; the SDK's encodes")
+        else:
+            otlp_encode.install(self._samples())
         self.processor = BatchSpanProcessor(
             self.exporter,
             max_queue_size=max_queue,
