@@ -362,3 +362,7 @@ def test_a_block_of_rows_is_the_same_lines_as_each_row_alone_and_a_bad_row_is_sk
     bad[4 * len(rows[0]) + 16] = "not a status"  # the fifth row's
     got = [json.loads(x)["status"] for x in fmt.lines(bad).splitlines()]
     assert got == [s for s in range(200, 218) if s != 204]
+    with pytest.raises(ValueError, match="could not be formatted"):
+        fmt.format(bad[4 * len(rows[0]) : 5 * len(rows[0])])
+    with pytest.raises(ValueError, match="21 values"):
+        fmt.format(flat[:20])

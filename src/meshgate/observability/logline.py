@@ -141,11 +141,14 @@ class LineFormatter:
         return got
 
     def format(self, row: Sequence[Any]) -> bytes:
-        """One row's line, newline included (ValueError if it cannot be read)."""
-        line = self.lines(row)
-        if not line:
-            raise ValueError("the row could not be formatted")
-        return line
+        """One row's line, newline included (ValueError if it cannot be
+        read; not logged: the caller has the error)."""
+        if len(row) != ROW:
+            raise ValueError(f"a row has {ROW} values, not {len(row)}")
+        try:
+            return self._columns(row, 1)
+        except (TypeError, ValueError, IndexError, OverflowError, KeyError) as exc:
+            raise ValueError(f"the row could not be formatted: {exc}") from exc
 
     def lines(self, values: Sequence[Any]) -> bytes:
         """Rows, `ROW` values each one after the other, into one block of
