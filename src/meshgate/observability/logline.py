@@ -90,6 +90,8 @@ _MIDDLE = (
     b'"path":%s,"route":%s,"upstream":%s,"endpoint":%s'
 )
 _NULL = b"null"
+_NULLS = {None: _NULL, "": _NULL, b"": _NULL}
+"""The values a line writes as null (`LineFormatter._str`), known at once."""
 ROW = 21
 """Values per line, as `accesslog.AccessLog.log` queues them."""
 _CACHE_MAX = 8192
@@ -119,7 +121,7 @@ class LineFormatter:
         """The wall clock minus the monotonic clock the rows' times are on."""
         self._seconds = -1
         self._prefix = b""
-        self._json: dict[Any, bytes] = {}
+        self._json: dict[Any, bytes] = dict(_NULLS)
         self._middles: dict[tuple[Any, ...], bytes] = {}
         self._prefixes: dict[int, bytes] = {}
         """The time's text to the second, by second (`_columns`)."""
@@ -137,6 +139,7 @@ class LineFormatter:
         got = orjson.dumps(_text(value))
         if len(self._json) > _CACHE_MAX:
             self._json.clear()
+            self._json.update(_NULLS)
         self._json[value] = got
         return got
 
