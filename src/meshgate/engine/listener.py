@@ -26,7 +26,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from meshgate.config.schema import Address
 from meshgate.observability.hub import HUB, MetricsHub
@@ -54,8 +54,9 @@ SNIFF_PENDING = 1024
 oldest waits no longer (a client that sends nothing holds no slot long)."""
 
 
-def bind_socket(address: Address, *, reuse_port: bool = True) -> socket.socket:
-    """A listening TCP socket for `address`, shared with SO_REUSEPORT."""
+def _tcp_socket(address: Address) -> tuple[socket.socket, Any]:
+    """A TCP socket for `address`, with the options every listener's has
+    (SO_REUSEADDR, dual-stack IPv6), and the address to bind it to."""
     infos = socket.getaddrinfo(
         address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
@@ -63,10 +64,20 @@ def bind_socket(address: Address, *, reuse_port: bool = True) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, sockaddr
+
+
+def bind_socket(address: Address, *, reuse_port: bool = True) -> socket.socket:
+    """A listening TCP socket for `address`, shared with SO_REUSEPORT."""
+    sock, sockaddr = _tcp_socket(address)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
         sock.listen(4096)
         sock.setblocking(False)
@@ -89,16 +100,10 @@ def address_in_use(address: Address) -> bool:
     if not address.port:
         return False
     try:
-        infos = socket.getaddrinfo(
-            address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        probe, sockaddr = _tcp_socket(address)
     except OSError:
         return False
-    family, _, _, _, sockaddr = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    with probe:
         try:
             probe.bind(sockaddr)
         except OSError as exc:
