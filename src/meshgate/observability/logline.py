@@ -92,6 +92,8 @@ _MIDDLE = (
 _NULL = b"null"
 _NULLS = {None: _NULL, "": _NULL, b"": _NULL}
 """The values a line writes as null (`LineFormatter._str`), known at once."""
+_UNREADABLE = (TypeError, ValueError, IndexError, OverflowError, KeyError)
+"""What `LineFormatter._columns` raises for a row it cannot read."""
 ROW = 21
 """Values per line, as `accesslog.AccessLog.log` queues them."""
 _CACHE_MAX = 8192
@@ -131,11 +133,9 @@ class LineFormatter:
         as latin-1, anything else as its text), escaped by orjson, so a
         client's quote or backslash stays inside it. Kept by value: most
         fields repeat from line to line."""
-        got = self._json.get(value)
+        got = self._json.get(value)  # (None and empty: `_NULLS`, always there)
         if got is not None:
             return got
-        if value is None or value == "" or value == b"":
-            return _NULL
         got = orjson.dumps(_text(value))
         if len(self._json) > _CACHE_MAX:
             self._json.clear()
@@ -150,7 +150,7 @@ class LineFormatter:
             raise ValueError(f"a row has {ROW} values, not {len(row)}")
         try:
             return self._columns(row, 1)
-        except (TypeError, ValueError, IndexError, OverflowError, KeyError) as exc:
+        except _UNREADABLE as exc:
             raise ValueError(f"the row could not be formatted: {exc}") from exc
 
     def lines(self, values: Sequence[Any]) -> bytes:
@@ -166,7 +166,7 @@ class LineFormatter:
         if n and len(values) == n * ROW:
             try:
                 return self._columns(values, n)
-            except (TypeError, ValueError, IndexError, OverflowError, KeyError):
+            except _UNREADABLE:
                 pass
         return self._rows(values)
 

@@ -130,11 +130,12 @@ class SpanEncoder:
         kind = type(value)
         if kind not in (str, bool, int, float):
             raise _Unsupported
-        if key in self._once:
-            if kind is str:
-                return _field(b"\x4a", _string_pair(key, value))
-            return _field(b"\x4a", KeyValue(key=key, value=_value(value)).SerializeToString())
+        once = key in self._once
+        if once and kind is str:
+            return _field(b"\x4a", _string_pair(key, value))
         got = _field(b"\x4a", KeyValue(key=key, value=_value(value)).SerializeToString())
+        if once:
+            return got
         seen = self._misses[key] = self._misses.get(key, 0) + 1
         if seen > _ONCE:
             self._once.add(key)

@@ -127,21 +127,9 @@ class SpanSink:
             max_export_batch_size=max_batch,
         )
 
-    def emit(
-        self,
-        name: str,
-        server: bool,
-        trace_id: int,
-        span_id: int,
-        parent_id: int,
-        remote_parent: bool,
-        attributes: dict[str, Any],
-        start_ns: int,
-        end_ns: int,
-        error: str | None,
-    ) -> None:
-        """One finished span (a server span, else a client one), with its
-        ids, parent (0: none) and times."""
+    def emit(self, *span: Any) -> None:
+        """One finished span: `span`'s arguments (a server span, else a
+        client one, with its ids, parent (0: none) and times)."""
         counts = self.counts
         if self.closed:
             counts.queue_dropped += 1
@@ -153,20 +141,7 @@ class SpanSink:
             self.pushed_out += 1
             counts.queue_dropped += 1
         self.handed += 1
-        self.processor.on_end(
-            self.span(
-                name,
-                server,
-                trace_id,
-                span_id,
-                parent_id,
-                remote_parent,
-                attributes,
-                start_ns,
-                end_ns,
-                error,
-            )
-        )
+        self.processor.on_end(self.span(*span))
 
     def span(
         self,
